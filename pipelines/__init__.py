@@ -1,0 +1,3 @@
+from .pipeline_diffscm import DiffSCMPipeline, DiffSCMPipelineOutput
+
+__all__ = ["DiffSCMPipeline", "DiffSCMPipelineOutput"]

@@ -1,0 +1,26 @@
+from setuptools import setup
+
+setup(
+    name="diffscm",
+    version="0.1.0",
+    description="Counterfactual images with diffusion models (Diff-SCM) as a Hugging Face diffusers extension",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    package_dir={"diffscm": "src/diffscm", "diffscm.pipelines": "pipelines"},
+    packages=["diffscm", "diffscm.models", "diffscm.pipelines"],
+    install_requires=[
+        "torch>=2.1",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "accelerate>=0.30",
+        "datasets>=2.19",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.23",
+        "numpy",
+        "Pillow",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "ruff"]},
+)

@@ -1,0 +1,3 @@
+from .anticausal import AntiCausalClassifier, AntiCausalClassifierOutput
+
+__all__ = ["AntiCausalClassifier", "AntiCausalClassifierOutput"]
