@@ -8,8 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    package_dir={"diffscm": "src/diffscm", "diffscm.pipelines": "pipelines"},
-    packages=["diffscm", "diffscm.models", "diffscm.pipelines"],
+    package_dir={"diffscm": "src/diffscm", "diffscm.pipelines": "pipelines", "diffscm.model_cards": "model_cards"},
+    packages=["diffscm", "diffscm.models", "diffscm.pipelines", "diffscm.model_cards"],
+    package_data={"diffscm.model_cards": ["*.md"]},
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.30",

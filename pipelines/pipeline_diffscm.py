@@ -1,8 +1,8 @@
 """Diff-SCM (Sanchez & Tsaftaris, CLeaR 2022): counterfactual images by DDIM abduction and guided intervention."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import PIL.Image
@@ -39,7 +39,7 @@ class DiffSCMPipelineOutput(BaseOutput):
 
 
 def ddim_step(sample: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
-    """Deterministic DDIM move from noise level `alpha_from` (alpha-bar) to `alpha_to`; its own inverse when swapped."""
+    """Deterministic DDIM move from alpha-bar `alpha_from` to `alpha_to`; its own inverse when the two are swapped."""
     pred_original = (sample - math.sqrt(1 - alpha_from) * eps) / math.sqrt(alpha_from)
     return math.sqrt(alpha_to) * pred_original + math.sqrt(1 - alpha_to) * eps
 
@@ -108,7 +108,7 @@ class DiffSCMPipeline(DiffusionPipeline):
         Returns:
             `torch.Tensor` `(B, C, H, W)`, float32: the abducted noise, at the intervention's first timestep.
         """
-        num_inference_steps = num_inference_steps or self.config.num_inference_steps
+        num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
         refinements = _default(abduction_refinement_steps, self.config.abduction_refinement_steps)
         if not isinstance(refinements, int) or refinements < 0:
             raise ValueError(f"`abduction_refinement_steps` must be an integer >= 0, got {refinements!r}.")
@@ -152,7 +152,7 @@ class DiffSCMPipeline(DiffusionPipeline):
                 a returned `"sample"` replaces the current one.
         """
         guidance_scale = _default(guidance_scale, self.config.guidance_scale)
-        num_inference_steps = num_inference_steps or self.config.num_inference_steps
+        num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
         self.check_guidance(guidance_scale, eta)
         self.check_noise(noise)
         if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
@@ -171,7 +171,7 @@ class DiffSCMPipeline(DiffusionPipeline):
                 eps = eps - guidance_scale * math.sqrt(1 - alpha_t) * self.log_likelihood_gradient(sample, t, target)
             sample = self.denoising_step(sample, eps, alpha_t, alpha_prev, eta, generator)
             if callback_on_step_end is not None:
-                callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                callback_kwargs = {name: {"sample": sample}[name] for name in callback_on_step_end_tensor_inputs}
                 sample = callback_on_step_end(self, i, t, callback_kwargs).pop("sample", sample)
 
         if output_type == "latent":
@@ -226,7 +226,7 @@ class DiffSCMPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
         guidance_scale = _default(guidance_scale, self.config.guidance_scale)
-        num_inference_steps = num_inference_steps or self.config.num_inference_steps
+        num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
         self.check_guidance(guidance_scale, eta)
 
         # 1. Abduction: u = DDIM^-1(x_0), once per factual image.

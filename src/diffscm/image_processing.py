@@ -61,7 +61,7 @@ def _numpy_to_channels_first(array: np.ndarray) -> torch.Tensor:
         array = array[None]
     if array.ndim != 4:
         raise ValueError(f"A numpy image must be (H, W), (H, W, C) or (B, H, W, C); got shape {array.shape}.")
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+    return torch.tensor(array).permute(0, 3, 1, 2)
 
 
 def _to_unit_range(tensor: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ def _to_unit_range(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.float()
         if not torch.isfinite(tensor).all():
             raise ValueError("The image contains NaN or infinite pixel values.")
-        low, high = 0.0, 1.0
+        low, high = 0, 1
     else:
         low, high = 0, 255
     if tensor.min() < low - 1e-3 or tensor.max() > high + 1e-3:

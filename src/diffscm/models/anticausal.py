@@ -68,7 +68,7 @@ class AntiCausalClassifier(ModelMixin, ConfigMixin):
 
         self.down_blocks = nn.ModuleList()
         in_ch = block_out_channels[0]
-        for i, (block_type, out_ch) in enumerate(zip(down_block_types, block_out_channels)):
+        for i, (block_type, out_ch) in enumerate(zip(down_block_types, block_out_channels, strict=True)):
             self.down_blocks.append(
                 get_down_block(
                     block_type,

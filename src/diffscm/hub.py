@@ -1,0 +1,102 @@
+"""Sharing pipelines: training records, model cards from `model_cards/` templates, and uploads to the Hub."""
+
+import importlib.resources
+import json
+import math
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+TEMPLATE = "diffscm_pipeline.md"
+
+
+def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_dir: str):
+    """`training.json` in the pipeline folder: both commands, the split, the speeds and the classifier's accuracy."""
+    unet_run = _read_json(unet_run_dir, "training_args.json")
+    classifier_run = _read_json(classifier_run_dir, "training_args.json")
+    record = {
+        "commands": [unet_run["command"], classifier_run["command"]],
+        "unet_seconds_per_step": round(unet_run["seconds_per_step"], 3),
+        "classifier_seconds_per_step": round(classifier_run["seconds_per_step"], 3),
+        "split": _read_json(classifier_run_dir, "split.json"),
+        "classifier_accuracy": _read_json(classifier_run_dir, "heldout_accuracy.json"),
+    }
+    (Path(pipeline_dir) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def write_model_card(pipeline_dir: str, repo_id: str | None = None, evaluation: str | None = None) -> ModelCard:
+    """Render `README.md` of a pipeline folder from its configs and `training.json` (and an evaluation section)."""
+    folder = Path(pipeline_dir)
+    record = _read_json(folder, "training.json")
+    unet, classifier = _read_json(folder / "unet", "config.json"), _read_json(folder / "classifier", "config.json")
+    scheduler, index = (
+        _read_json(folder / "scheduler", "scheduler_config.json"),
+        _read_json(folder, "model_index.json"),
+    )
+    split = record["split"]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        tags=["diffscm", "counterfactual", "causality", "diffusion", "image-to-image"],
+        datasets=[split["source"]] if "/" in split["source"] else None,
+        pipeline_tag="image-to-image",
+    )
+    template = importlib.resources.files("diffscm.model_cards").joinpath(TEMPLATE)
+    card = ModelCard.from_template(
+        card_data,
+        template_str=template.read_text(encoding="utf-8"),
+        model_name=folder.name,
+        repo_id=repo_id or str(folder),
+        parent="label",
+        unet_params=f"{_count_params(folder / 'unet'):,}",
+        classifier_params=f"{_count_params(folder / 'classifier'):,}",
+        resolution=unet["sample_size"],
+        channels=unet["in_channels"],
+        num_classes=classifier["num_classes"],
+        num_train_timesteps=scheduler["num_train_timesteps"],
+        beta_schedule=scheduler["beta_schedule"],
+        guidance_scale=index["guidance_scale"],
+        num_inference_steps=index["num_inference_steps"],
+        abduction_refinement_steps=index["abduction_refinement_steps"],
+        data_source=split["source"],
+        num_images=split["num_images"],
+        num_train=split["num_train"],
+        num_heldout=split["num_heldout"],
+        split_seed=split["split_seed"],
+        evaluation=evaluation,
+        **{k: record[k] for k in ("commands", "unet_seconds_per_step", "classifier_seconds_per_step")},
+        classifier_accuracy=record["classifier_accuracy"],
+    )
+    card.save(folder / "README.md")
+    return card
+
+
+def push_to_hub(pipeline_dir: str, repo_id: str | None, token: str | None = None, private: bool = False) -> str:
+    """Create (or reuse) the model repo and upload the pipeline folder; returns the repo URL."""
+    if not repo_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/diffscm-mnist).")
+    write_model_card(pipeline_dir, repo_id=repo_id, evaluation=_evaluation_section(pipeline_dir))
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
+    api.upload_folder(repo_id=repo_id, folder_path=pipeline_dir, commit_message="Upload DiffSCMPipeline")
+    return str(url)
+
+
+def _evaluation_section(pipeline_dir: str) -> str | None:
+    path = Path(pipeline_dir) / "evaluation.md"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def _count_params(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    (weights,) = model_dir.glob("*.safetensors")
+    with safe_open(weights, framework="pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+
+
+def _read_json(folder, name: str) -> dict:
+    path = Path(folder) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing.")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,222 @@
+"""What both training scripts share: arguments, data, Accelerator set-up, crash-safe checkpoints and resume."""
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+
+from .data import BUNDLED_MNIST, images_to_tensor, load_image_dataset, split_dataset
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments common to `train_unet.py` and `train_classifier.py` (names follow diffusers' examples)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=None, help=f"Built-in data set: {BUNDLED_MNIST!r} (the default).")
+    data.add_argument("--dataset_name", default=None, help="A Hugging Face Hub data set id, e.g. ylecun/mnist.")
+    data.add_argument("--train_data_dir", default=None, help="An imagefolder tree or a Morpho-MNIST folder.")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--label_column", default="label")
+    data.add_argument("--cache_dir", default=None)
+    data.add_argument("--resolution", type=int, default=28, help="Smaller images are zero-padded, larger resized.")
+    data.add_argument("--num_channels", type=int, default=1, choices=(1, 3))
+    data.add_argument("--holdout_size", type=float, default=500, help="Held-out images (count, or fraction < 1).")
+    data.add_argument("--split_seed", type=int, default=0, help="Seed of the recorded train/held-out split.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", required=True)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=64)
+    train.add_argument("--max_train_steps", type=int, default=1000)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=1e-3)
+    train.add_argument("--lr_scheduler", default="cosine")
+    train.add_argument("--lr_warmup_steps", type=int, default=100)
+    train.add_argument("--adam_weight_decay", type=float, default=0.0)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--use_ema", action="store_true", help="Keep EMA weights and export them.")
+    train.add_argument("--ema_max_decay", type=float, default=0.999)
+    train.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"))
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
+    train.add_argument("--report_to", default="tensorboard" if importlib.util.find_spec("tensorboard") else None)
+    return parser
+
+
+def check_training_args(args: argparse.Namespace):
+    """Fail fast, before any model is built, on arguments that cannot work."""
+    if args.train_data_dir and not os.path.isdir(args.train_data_dir):
+        raise SystemExit(f"error: --train_data_dir {args.train_data_dir!r} is not a folder.")
+    if args.dataset not in (None, BUNDLED_MNIST):
+        raise SystemExit(
+            f"error: unknown --dataset {args.dataset!r}; use {BUNDLED_MNIST!r}, --dataset_name or --train_data_dir."
+        )
+    for name in (
+        "train_batch_size",
+        "max_train_steps",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "resolution",
+    ):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}.")
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=project,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    set_seed(args.seed)
+    return accelerator
+
+
+def load_split(args: argparse.Namespace):
+    """The train / held-out `DatasetDict` and its record (source, seed, held-out source indices)."""
+    ds = load_image_dataset(
+        args.dataset, args.dataset_name, args.train_data_dir, args.image_column, args.label_column, args.cache_dir
+    )
+    holdout = int(args.holdout_size) if args.holdout_size >= 1 else args.holdout_size
+    split = split_dataset(ds, holdout, seed=args.split_seed)
+    source = args.dataset_name or args.train_data_dir or args.dataset or BUNDLED_MNIST
+    record = {
+        "source": source,
+        "num_images": len(ds),
+        "num_train": len(split["train"]),
+        "num_heldout": len(split["heldout"]),
+        "split_seed": args.split_seed,
+        "heldout_indices": sorted(split["heldout"]["source_index"]),
+    }
+    return split, record
+
+
+def make_dataloader(dataset, args: argparse.Namespace, shuffle: bool = True) -> DataLoader:
+    def transform(batch):
+        return {
+            "pixel_values": images_to_tensor(batch["image"], args.num_channels, args.resolution),
+            "labels": torch.as_tensor(batch["label"]),
+        }
+
+    return DataLoader(
+        dataset.with_transform(transform),
+        batch_size=args.train_batch_size,
+        shuffle=shuffle,
+        num_workers=args.dataloader_num_workers,
+        drop_last=shuffle and len(dataset) >= args.train_batch_size,
+    )
+
+
+def batches_from(accelerator: Accelerator, dataloader: DataLoader, start_step: int, accumulation: int):
+    """Endless stream of batches that continues a resumed run where its checkpoint left the data."""
+    epoch, skip = divmod(start_step * accumulation, len(dataloader))
+    while True:
+        if hasattr(dataloader, "set_epoch"):
+            dataloader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        epoch, skip = epoch + 1, 0
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int):
+    """Write `checkpoint-{step}` atomically (save to a temporary folder, then rename) and prune old ones."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    if args.checkpoints_total_limit is not None:
+        existing = list_checkpoints(args.output_dir)
+        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(old)
+    final = Path(args.output_dir) / f"checkpoint-{step}"
+    partial = Path(args.output_dir) / f".checkpoint-{step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    accelerator.save_state(str(partial))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    logger.info(f"Saved {final}")
+
+
+def list_checkpoints(output_dir: str) -> list[Path]:
+    """Complete checkpoints, oldest first; half-written ones (still `.partial`) never match."""
+    folder = Path(output_dir)
+    found = [p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def maybe_resume(accelerator: Accelerator, args: argparse.Namespace) -> int:
+    """Restore models, optimizer, LR schedule, EMA and RNG from a checkpoint; returns the step to continue from."""
+    if not args.resume_from_checkpoint:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            logger.info("No checkpoint to resume from; starting a new run.")
+            return 0
+        path = found[-1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+        if not CHECKPOINT_PATTERN.match(path.name) or not path.is_dir():
+            raise SystemExit(f"error: {path} is not a checkpoint-N folder.")
+    accelerator.load_state(str(path))
+    step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
+    logger.info(f"Resumed from {path} at step {step}")
+    return step
+
+
+def optimizer_and_schedule(model: torch.nn.Module, args: argparse.Namespace):
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * args.gradient_accumulation_steps,
+        num_training_steps=args.max_train_steps * args.gradient_accumulation_steps,
+    )
+    return optimizer, lr_scheduler
+
+
+def training_command(script: str) -> str:
+    """The command line that reproduces this run, as recorded in model cards."""
+    return f"accelerate launch training_scripts/{script} " + shlex.join(sys.argv[1:])
+
+
+def record_run(args: argparse.Namespace, script: str, steps_run: int, seconds: float):
+    """`training_args.json`: the reproducing command, the arguments and the measured seconds per step.
+
+    A rerun that only exports (nothing left to train) keeps the speed measured by the run that trained."""
+    path = Path(args.output_dir) / "training_args.json"
+    if steps_run:
+        seconds_per_step = seconds / steps_run
+    elif path.is_file():
+        seconds_per_step = json.loads(path.read_text())["seconds_per_step"]
+    else:
+        seconds_per_step = None
+    record = {"command": training_command(script), "seconds_per_step": seconds_per_step, "args": vars(args)}
+    write_json(path, record)
+    return seconds_per_step
+
+
+def write_json(path: str | Path, data: dict):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,95 @@
+"""Tiny components and a briefly trained pipeline on synthetic two-class images, all on the CPU and offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
+
+from diffscm import AntiCausalClassifier, DiffSCMPipeline  # noqa: E402
+
+torch.set_num_threads(1)  # the tiny test models are slower with more threads
+
+
+def tiny_unet(channels: int = 1, size: int = 8) -> UNet2DModel:
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    )
+
+
+def tiny_classifier(channels: int = 1, size: int = 8, num_classes: int = 2) -> AntiCausalClassifier:
+    return AntiCausalClassifier(
+        sample_size=size,
+        in_channels=channels,
+        num_classes=num_classes,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+
+
+def tiny_pipeline(channels: int = 1, size: int = 8, num_classes: int = 2, **config) -> DiffSCMPipeline:
+    torch.manual_seed(0)
+    pipe = DiffSCMPipeline(
+        tiny_unet(channels, size),
+        DDIMScheduler(clip_sample=False),
+        tiny_classifier(channels, size, num_classes),
+        **config,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def two_class_images(num: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0: a bright 3x3 blob in the top-left quarter of an 8x8 image; class 1: in the bottom-right quarter."""
+    labels = torch.randint(0, 2, (num,), generator=generator)
+    images = torch.full((num, 1, 8, 8), -1.0)
+    offsets = torch.randint(0, 2, (num, 2), generator=generator)
+    brightness = torch.rand(num, generator=generator) * 0.5 + 0.5
+    for i in range(num):
+        row, col = (offsets[i] + 4 * labels[i] + (1 - labels[i])).tolist()
+        images[i, 0, row : row + 3, col : col + 3] = 2 * brightness[i] - 1
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def trained_pipeline() -> DiffSCMPipeline:
+    """A tiny UNet and anti-causal classifier trained for a few seconds: a well-posed DDIM inversion to test."""
+    pipe = tiny_pipeline()
+    generator = torch.Generator().manual_seed(0)
+    scheduler = pipe.scheduler
+    for model, steps in ((pipe.unet, 300), (pipe.classifier, 150)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(steps):
+            clean, labels = two_class_images(32, generator)
+            noise = torch.randn(clean.shape, generator=generator)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=generator)
+            noisy = scheduler.add_noise(clean, noise, t)
+            if model is pipe.unet:
+                loss = F.mse_loss(model(noisy, t).sample, noise)
+            else:
+                loss = F.cross_entropy(model(noisy, t).logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval().requires_grad_(False)
+    return pipe
+
+
+@pytest.fixture
+def factual_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out synthetic images in [0, 1] (diffusers' convention for tensors) and their labels."""
+    images, labels = two_class_images(6, torch.Generator().manual_seed(123))
+    return (images + 1) / 2, labels

@@ -1,0 +1,204 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import tiny_pipeline
+from diffusers import DDPMScheduler
+
+from diffscm import DiffSCMPipeline
+
+
+def l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().mean().item()
+
+
+def test_null_intervention_reconstructs_and_improves_with_steps(trained_pipeline, factual_images):
+    images, labels = factual_images
+    errors = {}
+    for steps in (5, 20, 50):
+        out = trained_pipeline(images, labels, guidance_scale=0, num_inference_steps=steps, output_type="pt")
+        errors[steps] = l1(out.images, images)
+    assert errors[50] < errors[20] < errors[5]
+    assert errors[50] < 0.01  # on the [0, 1] scale: under 2.6 grey levels
+
+
+def test_exact_abduction_refinement_reduces_reconstruction_error(trained_pipeline, factual_images):
+    images, labels = factual_images
+    plain = trained_pipeline(images, labels, guidance_scale=0, num_inference_steps=10, output_type="pt")
+    refined = trained_pipeline(
+        images, labels, guidance_scale=0, num_inference_steps=10, abduction_refinement_steps=3, output_type="pt"
+    )
+    assert l1(refined.images, images) < 0.6 * l1(plain.images, images)
+
+
+def test_guidance_raises_log_likelihood_of_the_target(trained_pipeline, factual_images):
+    images, labels = factual_images
+    target = 1 - labels
+    null = trained_pipeline(images, target, guidance_scale=0, num_inference_steps=20, output_type="pt")
+    guided = trained_pipeline(images, target, guidance_scale=5, num_inference_steps=20, output_type="pt")
+    assert np.log(guided.target_probabilities).mean() > np.log(null.target_probabilities).mean() + 1
+    assert (guided.target_probabilities > 0.5).mean() >= 0.5
+    assert not torch.allclose(guided.images, null.images)
+
+
+def test_one_abduction_serves_every_target(trained_pipeline, factual_images):
+    images, _ = factual_images
+    everything = trained_pipeline(images[:2], "all", num_inference_steps=8, guidance_scale=3, output_type="pt")
+    assert everything.images.shape == (4, 1, 8, 8)
+    assert everything.targets.tolist() == [0, 1, 0, 1]
+    one = trained_pipeline(images[1:2], 1, num_inference_steps=8, guidance_scale=3, output_type="pt")
+    torch.testing.assert_close(everything.images[3], one.images[0], atol=1e-5, rtol=0)
+    as_array = trained_pipeline(images[:2], [[1], [0]], num_inference_steps=8, guidance_scale=3, output_type="pt")
+    torch.testing.assert_close(as_array.images, everything.images[[1, 2]], atol=1e-5, rtol=0)
+
+
+def test_batch_matches_single_images(trained_pipeline, factual_images):
+    images, labels = factual_images
+    batch = trained_pipeline(images[:3], [1, 0, 1], num_inference_steps=6, guidance_scale=2, output_type="pt")
+    for i, target in enumerate([1, 0, 1]):
+        single = trained_pipeline(images[i], target, num_inference_steps=6, guidance_scale=2, output_type="pt")
+        torch.testing.assert_close(batch.images[i], single.images[0], atol=1e-5, rtol=0)
+
+
+def test_abduct_then_intervene_equals_call(trained_pipeline, factual_images):
+    images, _ = factual_images
+    noise = trained_pipeline.abduct(images, num_inference_steps=6, strength=0.5)
+    assert noise.dtype == torch.float32 and noise.shape == images.shape
+    manual = trained_pipeline.intervene(noise, 1, guidance_scale=2, num_inference_steps=6, strength=0.5)
+    called = trained_pipeline(images, 1, guidance_scale=2, num_inference_steps=6, strength=0.5, output_type="pt")
+    torch.testing.assert_close(manual, called.images)
+
+
+def test_stochastic_intervention_is_reproducible_with_a_generator(trained_pipeline, factual_images):
+    images, labels = factual_images
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return trained_pipeline(images, labels, num_inference_steps=5, eta=1.0, generator=generator, output_type="pt")
+
+    assert torch.equal(run(0).images, run(0).images)
+    assert not torch.allclose(run(0).images, run(1).images)
+
+
+def test_deterministic_without_eta(trained_pipeline, factual_images):
+    images, labels = factual_images
+    first = trained_pipeline(images, labels, num_inference_steps=5, output_type="pt")
+    second = trained_pipeline(images, labels, num_inference_steps=5, output_type="pt")
+    assert torch.equal(first.images, second.images)
+
+
+def test_output_types_and_diagnostics(trained_pipeline, factual_images):
+    images, labels = factual_images
+    kwargs = dict(num_inference_steps=3, return_reconstruction=True, return_noise=True)
+    pil = trained_pipeline(images, labels, **kwargs)
+    assert len(pil.images) == 6 and all(isinstance(im, PIL.Image.Image) and im.mode == "L" for im in pil.images)
+    assert pil.images[0].size == (8, 8) and len(pil.reconstructions) == 6
+    array = trained_pipeline(images, labels, output_type="np", **kwargs)
+    assert array.images.shape == (6, 8, 8, 1) and 0 <= array.images.min() and array.images.max() <= 1
+    tensor = trained_pipeline(images, labels, output_type="pt", **kwargs)
+    assert tensor.images.shape == (6, 1, 8, 8) and tensor.noise.shape == (6, 1, 8, 8)
+    assert (
+        tensor.target_probabilities.shape == (6,)
+        and ((0 <= tensor.target_probabilities) & (tensor.target_probabilities <= 1)).all()
+    )
+    np.testing.assert_allclose(np.asarray(pil.images[0]) / 255, array.images[0, ..., 0], atol=1 / 255)
+    as_tuple = trained_pipeline(images, labels, num_inference_steps=3, output_type="pt", return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], tensor.images)
+
+
+def test_callback_sees_and_can_replace_every_step(trained_pipeline, factual_images):
+    images, labels = factual_images
+    seen = []
+
+    def callback(pipe, step, timestep, kwargs):
+        seen.append((step, timestep))
+        return {"sample": torch.zeros_like(kwargs["sample"])}
+
+    out = trained_pipeline(images, labels, num_inference_steps=4, callback_on_step_end=callback, output_type="pt")
+    assert [step for step, _ in seen] == [0, 1, 2, 3]
+    assert [t for _, t in seen] == sorted((t for _, t in seen), reverse=True)
+    assert torch.allclose(out.images, torch.full_like(out.images, 0.5))
+
+
+def test_save_load_round_trip_keeps_outputs_and_defaults(tmp_path, factual_images):
+    pipe = tiny_pipeline(guidance_scale=2.5, num_inference_steps=4, abduction_refinement_steps=1)
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffSCMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.guidance_scale == 2.5 and loaded.config.num_inference_steps == 4
+    assert loaded.config.abduction_refinement_steps == 1
+    images, labels = factual_images
+    assert torch.equal(pipe(images, labels, output_type="pt").images, loaded(images, labels, output_type="pt").images)
+
+
+def test_rgb_16x16_model_takes_grey_and_rgb_input():
+    pipe = tiny_pipeline(channels=3, size=16, num_classes=3)
+    rgb = PIL.Image.new("RGB", (16, 16), (200, 30, 90))
+    out = pipe([rgb, PIL.Image.new("L", (16, 16), 128)], target=[2, 0], num_inference_steps=3, output_type="np")
+    assert out.images.shape == (2, 16, 16, 3) and np.isfinite(out.images).all()
+
+
+def test_low_precision_unet_keeps_abduction_in_float32(factual_images):
+    pipe = tiny_pipeline()
+    pipe.unet.to(torch.bfloat16)
+    noise = pipe.abduct(factual_images[0], num_inference_steps=3)
+    assert noise.dtype == torch.float32 and torch.isfinite(noise).all()
+
+
+def test_a_ddpm_scheduler_is_read_as_ddim():
+    pipe = tiny_pipeline()
+    pipe = DiffSCMPipeline(pipe.unet, DDPMScheduler(), pipe.classifier)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"target": 2}, ValueError, r"class indices in \[0, 1\]"),
+        ({"target": -1}, ValueError, "class indices"),
+        ({"target": [0, 1]}, ValueError, "one per image"),
+        ({"target": 0.5}, TypeError, "integer class indices"),
+        ({"target": "three"}, ValueError, "'all'"),
+        ({"target": 0, "guidance_scale": -1.0}, ValueError, "guidance_scale"),
+        ({"target": 0, "guidance_scale": float("nan")}, ValueError, "guidance_scale"),
+        ({"target": 0, "num_inference_steps": 0}, ValueError, "num_inference_steps"),
+        ({"target": 0, "num_inference_steps": 2000}, ValueError, "num_inference_steps"),
+        ({"target": 0, "strength": 0.0}, ValueError, "strength"),
+        ({"target": 0, "abduction_refinement_steps": -1}, ValueError, "abduction_refinement_steps"),
+        ({"target": 0, "eta": 2.0}, ValueError, "eta"),
+        ({"target": 0, "output_type": "latent"}, ValueError, "output_type"),
+        ({"target": 0, "callback_on_step_end_tensor_inputs": ["latents"]}, ValueError, "tensor_inputs"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, error, message):
+    pipe = tiny_pipeline()
+    with pytest.raises(error, match=message):
+        pipe(torch.rand(3, 1, 8, 8), num_inference_steps=kwargs.pop("num_inference_steps", 2), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (torch.full((1, 1, 8, 8), float("nan")), "NaN"),
+        (torch.rand(1, 2, 8, 8), "2 channels"),
+    ],
+)
+def test_bad_images_are_rejected(image, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline()(image, target=0, num_inference_steps=2)
+
+
+def test_bad_noise_is_rejected():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="from `abduct`"):
+        pipe.intervene(torch.randn(2, 1, 4, 4), 0, num_inference_steps=2)
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.intervene(torch.full((2, 1, 8, 8), float("nan")), 0, num_inference_steps=2)
+    with pytest.raises(ValueError, match="one target per noise sample"):
+        pipe.intervene(torch.randn(2, 1, 8, 8), "all", num_inference_steps=2)
+
+
+def test_mismatched_components_are_rejected():
+    small, large = tiny_pipeline(size=8), tiny_pipeline(size=16)
+    with pytest.raises(ValueError, match="sample_size"):
+        DiffSCMPipeline(small.unet, small.scheduler, large.classifier)
