@@ -1,6 +1,8 @@
 """Diff-SCM (Sanchez & Tsaftaris, CLeaR 2022): counterfactual images by DDIM abduction and guided intervention."""
 
+import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +13,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
 
 from diffscm.image_processing import PipelineImageInput, preprocess_images
 from diffscm.models.anticausal import AntiCausalClassifier
@@ -85,6 +88,34 @@ class DiffSCMPipeline(DiffusionPipeline):
             abduction_refinement_steps=abduction_refinement_steps,
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiffSCMPipeline":
+        """
+        Load a DiffSCMPipeline folder or Hub id (resolved with `snapshot_download`, which also serves the local cache
+        offline; diffusers' own download step refuses non-diffusers component libraries).
+
+        Args:
+            pretrained_model_name_or_path: a folder written by `save_pretrained` or a Hub model id.
+            kwargs: `torch_dtype`; `revision`, `cache_dir`, `token`, `local_files_only` for the download; any other
+                keyword overrides a recorded default (`guidance_scale`, `num_inference_steps`, ...) or a component.
+        """
+        download = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        folder = _local_folder(str(pretrained_model_name_or_path), download)
+        config = _read_pipeline_config(folder)
+        components = {
+            "unet": lambda: UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
+            "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
+            "classifier": lambda: AntiCausalClassifier.from_pretrained(folder, subfolder="classifier"),
+        }
+        for name, load in components.items():
+            if name not in kwargs:
+                kwargs[name] = load()
+        defaults = {k: v for k, v in config.items() if not k.startswith("_") and k not in components}
+        pipe = cls(**(defaults | kwargs))
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
 
     @torch.no_grad()
     def abduct(
@@ -353,6 +384,33 @@ def _check_components(unet: UNet2DModel, scheduler: DDIMScheduler, classifier: A
                 f"The UNet and the anti-causal classifier disagree on {name}: "
                 f"{unet.config[name]} vs {classifier.config[name]}."
             )
+
+
+def _local_folder(name_or_path: str, download: dict) -> str:
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"{name_or_path!r} is not a pipeline folder (and not a Hub id).")
+    return snapshot_download(name_or_path, **download)
+
+
+def _read_pipeline_config(folder: str) -> dict:
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} is not a DiffSCMPipeline folder: it has no model_index.json.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is corrupt: {error}") from error
+    class_name = config.get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, list) else class_name
+    missing = {"unet", "scheduler", "classifier"} - set(config)
+    if class_name != DiffSCMPipeline.__name__ or missing:
+        raise ValueError(
+            f"{folder} holds a {class_name} pipeline, not a DiffSCMPipeline (with unet, scheduler and classifier)."
+        )
+    return config
 
 
 def _default(value, default):

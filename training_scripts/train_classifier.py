@@ -201,6 +201,7 @@ def export_pipeline(classifier: AntiCausalClassifier, scheduler: DDIMScheduler, 
         abduction_refinement_steps=args.abduction_refinement_steps,
     )
     pipe.save_pretrained(args.pipeline_output_dir)
+    hub.add_remote_code(args.pipeline_output_dir)
     hub.write_training_record(args.pipeline_output_dir, args.unet_model_name_or_path, args.output_dir)
     hub.write_model_card(args.pipeline_output_dir)
     logger.info(f"Saved the DiffSCMPipeline to {args.pipeline_output_dir}")

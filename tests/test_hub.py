@@ -1,0 +1,118 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_pipeline
+
+from diffscm import DiffSCMPipeline, hub
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def shared_folder(tmp_path_factory):
+    """A saved tiny pipeline with its code shipped for trust_remote_code."""
+    folder = tmp_path_factory.mktemp("shared") / "diffscm-tiny"
+    tiny_pipeline(size=16, guidance_scale=2.0, num_inference_steps=3).save_pretrained(folder)
+    hub.add_remote_code(folder)
+    return folder
+
+
+def hub_cache_with(folder, tmp_path, repo_id="someone/diffscm-tiny"):
+    """A Hugging Face cache directory laid out as the Hub client leaves it after a download."""
+    repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.parent.mkdir()
+    subprocess.run(["cp", "-r", str(folder), str(snapshot)], check=True)
+    return tmp_path / "hub"
+
+
+def run_python(code: str, **env) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=os.environ | {"HF_HUB_OFFLINE": "1"} | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_folder_with_remote_code_still_loads_with_diffscm(shared_folder):
+    pipe = DiffSCMPipeline.from_pretrained(shared_folder)
+    assert isinstance(pipe, DiffSCMPipeline) and pipe.config.guidance_scale == 2.0
+    assert json.loads((shared_folder / "model_index.json").read_text())["_class_name"][0] == "pipeline_diffscm"
+    assert DiffSCMPipeline.from_pretrained(shared_folder, guidance_scale=7.0).config.guidance_scale == 7.0
+
+
+def test_hub_id_resolves_from_the_offline_cache(shared_folder, tmp_path):
+    cache = hub_cache_with(shared_folder, tmp_path)
+    out = run_python(
+        """
+        import torch
+        from diffscm import DiffSCMPipeline
+        pipe = DiffSCMPipeline.from_pretrained("someone/diffscm-tiny")
+        pipe.set_progress_bar_config(disable=True)
+        print(pipe(torch.rand(1, 1, 16, 16), 1, output_type="pt").images.shape)
+        """,
+        HF_HUB_CACHE=str(cache),
+    )
+    assert "torch.Size([1, 1, 16, 16])" in out
+
+
+def test_plain_diffusers_loads_the_hub_id_with_trust_remote_code(shared_folder, tmp_path):
+    cache = hub_cache_with(shared_folder, tmp_path)
+    out = run_python(
+        """
+        import sys, torch
+        sys.modules["diffscm"] = None  # diffscm is not installed for this user
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained("someone/diffscm-tiny", trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(torch.rand(2, 1, 16, 16), [0, 1], output_type="pt")
+        print(type(pipe).__name__, tuple(out.images.shape), pipe.config.guidance_scale)
+        """,
+        HF_HUB_CACHE=str(cache),
+    )
+    assert "DiffSCMPipeline (2, 1, 16, 16) 2.0" in out
+
+
+def test_unknown_hub_id_offline_fails_clearly(tmp_path):
+    with pytest.raises(Exception, match="(?i)offline|cannot find|not found|local"):
+        DiffSCMPipeline.from_pretrained("nobody/nothing-here", cache_dir=str(tmp_path))
+
+
+def test_missing_folder_and_foreign_folders_are_rejected(tmp_path, shared_folder):
+    with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
+        DiffSCMPipeline.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no model_index.json"):
+        DiffSCMPipeline.from_pretrained(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": []}))
+    with pytest.raises(ValueError, match="not a DiffSCMPipeline"):
+        DiffSCMPipeline.from_pretrained(tmp_path)
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        DiffSCMPipeline.from_pretrained(tmp_path)
+
+
+def test_corrupt_weights_are_rejected(tmp_path, shared_folder):
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(shared_folder), str(broken)], check=True)
+    weights = broken / "classifier" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(OSError, match="Unable to load weights"):
+        DiffSCMPipeline.from_pretrained(broken)
+
+
+def test_loaded_pipeline_matches_the_saved_one(shared_folder):
+    pipe = DiffSCMPipeline.from_pretrained(shared_folder)
+    again = DiffSCMPipeline.from_pretrained(shared_folder)
+    image = torch.rand(1, 1, 16, 16)
+    assert torch.equal(pipe(image, 0, output_type="pt").images, again(image, 0, output_type="pt").images)
