@@ -9,10 +9,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     package_dir={"diffscm": "src/diffscm", "diffscm.pipelines": "pipelines", "diffscm.model_cards": "model_cards"},
-    packages=["diffscm", "diffscm.models", "diffscm.pipelines", "diffscm.model_cards"],
+    packages=["diffscm", "diffscm.models", "diffscm.evaluation", "diffscm.pipelines", "diffscm.model_cards"],
     package_data={"diffscm.model_cards": ["*.md"]},
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.6",
         "diffusers>=0.30",
         "transformers>=4.40",
         "accelerate>=0.30",
@@ -22,6 +22,8 @@ setup(
         "numpy",
         "Pillow",
         "tqdm",
+        "mlxtend",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={"test": ["pytest", "ruff", "mlxtend"]},
+    entry_points={"console_scripts": ["diffscm = diffscm.cli:main"]},
 )

@@ -10,18 +10,13 @@ folder with its model card (`--pipeline_output_dir`).
 """
 
 import argparse
-import copy
 import json
 import logging
-import math
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from diffscm import AntiCausalClassifier, DiffSCMPipeline, hub, training
 
@@ -59,13 +54,17 @@ def load_schedule(args: argparse.Namespace) -> DDIMScheduler:
     """The UNet run's noise schedule; a resumed run refuses a schedule that changed under it."""
     scheduler = DDIMScheduler.from_pretrained(args.unet_model_name_or_path, subfolder="scheduler")
     recorded = os.path.join(args.output_dir, "noise_schedule.json")
-    schedule = {k: scheduler.config[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
+    schedule = schedule_of(scheduler)
     if os.path.isfile(recorded) and json.load(open(recorded)) != schedule:
         raise SystemExit(
             f"error: the UNet's noise schedule {schedule} disagrees with the one this classifier was trained on "
             f"({recorded}); train the classifier again for this UNet."
         )
     return scheduler
+
+
+def schedule_of(scheduler: DDIMScheduler) -> dict:
+    return {k: scheduler.config[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
 
 
 @torch.no_grad()
@@ -93,71 +92,34 @@ def main(args: argparse.Namespace):
     split, split_record = training.load_split(args)
     check_same_split(args, split_record)
     dataloader = training.make_dataloader(split["train"], args)
-    num_classes = args.num_classes or len(set(split["train"]["label"]))
-
     classifier = AntiCausalClassifier(
         sample_size=args.resolution,
         in_channels=args.num_channels,
-        num_classes=num_classes,
+        num_classes=args.num_classes or len(set(split["train"]["label"])),
         down_block_types=("DownBlock2D",) * len(args.block_out_channels),
         block_out_channels=tuple(args.block_out_channels),
         layers_per_block=args.layers_per_block,
         norm_num_groups=min(8, args.block_out_channels[0]),
     )
-    ema = EMAModel(
-        classifier.parameters(),
-        decay=args.ema_max_decay,
-        model_cls=AntiCausalClassifier,
-        model_config=classifier.config,
+    classifier, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(
+        accelerator, classifier, dataloader, args
     )
-    optimizer, lr_scheduler = training.optimizer_and_schedule(classifier, args)
-    classifier, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-        classifier, optimizer, dataloader, lr_scheduler
-    )
-    if args.use_ema:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     if accelerator.is_main_process:
-        schedule = {k: scheduler.config[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
-        training.write_json(os.path.join(args.output_dir, "noise_schedule.json"), schedule)
+        training.write_json(os.path.join(args.output_dir, "noise_schedule.json"), schedule_of(scheduler))
         training.write_json(os.path.join(args.output_dir, "split.json"), split_record)
         accelerator.init_trackers("train_classifier", config={k: str(v) for k, v in vars(args).items()})
 
-    first_step = training.maybe_resume(accelerator, args)
-    batches = training.batches_from(accelerator, dataloader, first_step, args.gradient_accumulation_steps)
-    train_steps = scheduler.config.num_train_timesteps
-    progress = tqdm(range(first_step, args.max_train_steps), disable=not accelerator.is_local_main_process)
-    started = time.perf_counter()
-    for step in progress:
-        for _ in range(args.gradient_accumulation_steps):
-            batch = next(batches)
-            clean, labels = batch["pixel_values"], batch["labels"]
-            with accelerator.accumulate(classifier):
-                timesteps = torch.randint(0, train_steps, (clean.shape[0],), device=clean.device)
-                noisy = scheduler.add_noise(clean, torch.randn_like(clean), timesteps)
-                loss = F.cross_entropy(classifier(noisy, timesteps).logits.float(), labels)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(classifier.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"The loss became {loss.item()} at step {step}; lower --learning_rate.")
-        if args.use_ema:
-            ema.step(classifier.parameters())
-        done = step + 1
-        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-        progress.set_postfix(**logs)
-        accelerator.log(logs, step=done)
-        if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
-            training.save_checkpoint(accelerator, args, done)
+    def compute_loss(model, batch):
+        clean, labels = batch["pixel_values"], batch["labels"]
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+        noisy = scheduler.add_noise(clean, torch.randn_like(clean), timesteps)
+        return F.cross_entropy(model(noisy, timesteps).logits.float(), labels)
 
-    accelerator.wait_for_everyone()
+    steps, seconds = training.train(
+        accelerator, args, classifier, optimizer, lr_scheduler, dataloader, compute_loss, ema
+    )
     if accelerator.is_main_process:
-        final = copy.deepcopy(accelerator.unwrap_model(classifier)).float().eval()
-        if args.use_ema:
-            ema.copy_to(final.parameters())
+        final = training.trained_model(accelerator, classifier, ema)
         final.save_pretrained(os.path.join(args.output_dir, "classifier"))
         heldout = training.make_dataloader(split["heldout"], args, shuffle=False)
         accuracy = heldout_accuracy(final, heldout, scheduler, accelerator.device)
@@ -166,9 +128,7 @@ def main(args: argparse.Namespace):
         )
         print("held-out accuracy of p_phi(label | x_t, t):")
         print("\n".join(f"  t = {t:4d}: {acc:.3f}" for t, acc in accuracy.items()))
-        training.record_run(
-            args, "train_classifier.py", args.max_train_steps - first_step, time.perf_counter() - started
-        )
+        training.record_run(args, "train_classifier.py", steps, seconds)
         export_pipeline(final, scheduler, args)
     accelerator.end_training()
 

@@ -7,18 +7,13 @@ sample grids under `samples/` and resumable `checkpoint-N/` folders.
 """
 
 import argparse
-import copy
 import logging
-import math
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
-from tqdm.auto import tqdm
 
 from diffscm import training
 
@@ -70,15 +65,10 @@ def main(args: argparse.Namespace):
     accelerator = training.make_accelerator(args)
     split, split_record = training.load_split(args)
     dataloader = training.make_dataloader(split["train"], args)
-
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
-    unet = build_unet(args)
-    ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, model_cls=UNet2DModel, model_config=unet.config)
-    optimizer, lr_scheduler = training.optimizer_and_schedule(unet, args)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
-    if args.use_ema:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    unet, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(
+        accelerator, build_unet(args), dataloader, args
+    )
     if accelerator.is_main_process:
         # The scheduler goes first so that the anti-causal classifier can train on this schedule in parallel.
         DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False).save_pretrained(
@@ -87,53 +77,25 @@ def main(args: argparse.Namespace):
         training.write_json(os.path.join(args.output_dir, "split.json"), split_record)
         accelerator.init_trackers("train_unet", config={k: str(v) for k, v in vars(args).items()})
 
-    first_step = training.maybe_resume(accelerator, args)
-    batches = training.batches_from(accelerator, dataloader, first_step, args.gradient_accumulation_steps)
-    progress = tqdm(range(first_step, args.max_train_steps), disable=not accelerator.is_local_main_process)
-    started = time.perf_counter()
-    for step in progress:
-        for _ in range(args.gradient_accumulation_steps):
-            clean = next(batches)["pixel_values"]
-            with accelerator.accumulate(unet):
-                noise = torch.randn_like(clean)
-                timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), device=clean.device)
-                noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-                loss = F.mse_loss(unet(noisy, timesteps).sample.float(), noise)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"The loss became {loss.item()} at step {step}; lower --learning_rate.")
-        if args.use_ema:
-            ema.step(unet.parameters())
-        done = step + 1
-        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-        progress.set_postfix(**logs)
-        accelerator.log(logs, step=done)
-        if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
-            training.save_checkpoint(accelerator, args, done)
-        if accelerator.is_main_process and (done % args.save_images_steps == 0 or done == args.max_train_steps):
-            save_samples(export_unet(accelerator, unet, ema, args), noise_scheduler, args, done)
+    def compute_loss(model, batch):
+        clean = batch["pixel_values"]
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), device=clean.device)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        return F.mse_loss(model(noisy, timesteps).sample.float(), noise)
 
-    accelerator.wait_for_everyone()
+    def write_samples(step):
+        if accelerator.is_main_process and (step % args.save_images_steps == 0 or step == args.max_train_steps):
+            save_samples(training.trained_model(accelerator, unet, ema), noise_scheduler, args, step)
+
+    steps, seconds = training.train(
+        accelerator, args, unet, optimizer, lr_scheduler, dataloader, compute_loss, ema, after_step=write_samples
+    )
     if accelerator.is_main_process:
-        export_unet(accelerator, unet, ema, args).save_pretrained(os.path.join(args.output_dir, "unet"))
-        seconds_per_step = training.record_run(
-            args, "train_unet.py", args.max_train_steps - first_step, time.perf_counter() - started
-        )
-        logger.info(f"Saved the UNet to {args.output_dir}/unet ({seconds_per_step:.3f} s/step)")
+        training.trained_model(accelerator, unet, ema).save_pretrained(os.path.join(args.output_dir, "unet"))
+        seconds_per_step = training.record_run(args, "train_unet.py", steps, seconds)
+        logger.info(f"Saved the UNet to {args.output_dir}/unet ({seconds_per_step} s/step)")
     accelerator.end_training()
-
-
-def export_unet(accelerator, unet, ema, args) -> UNet2DModel:
-    """A standalone copy of the trained UNet, with the EMA weights when --use_ema."""
-    unet = copy.deepcopy(accelerator.unwrap_model(unet)).float()
-    if args.use_ema:
-        ema.copy_to(unet.parameters())
-    return unet.eval()
 
 
 if __name__ == "__main__":

@@ -1,20 +1,26 @@
 """What both training scripts share: arguments, data, Accelerator set-up, crash-safe checkpoints and resume."""
 
 import argparse
+import copy
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shlex
 import shutil
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .data import BUNDLED_MNIST, images_to_tensor, load_image_dataset, split_dataset
 
@@ -81,6 +87,8 @@ def check_training_args(args: argparse.Namespace):
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
     accelerator = Accelerator(
+        # Without a GPU, `accelerate launch --multi_gpu --num_processes N` must still start N gloo processes.
+        cpu=not torch.accelerator.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
@@ -90,6 +98,9 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     set_seed(args.seed)
+    logger.info(
+        f"{accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}"
+    )
     return accelerator
 
 
@@ -183,6 +194,71 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace) -> int:
     return step
 
 
+def prepare_model(accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, args: argparse.Namespace):
+    """AdamW, the LR schedule and (with --use_ema) an EMA of the weights, prepared and registered for checkpoints."""
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(model.parameters(), decay=args.ema_max_decay, model_cls=type(model), model_config=model.config)
+    optimizer, lr_scheduler = optimizer_and_schedule(model, args)
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    return model, optimizer, dataloader, lr_scheduler, ema
+
+
+def train(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    optimizer,
+    lr_scheduler,
+    dataloader: DataLoader,
+    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor],
+    ema: EMAModel | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> tuple[int, float]:
+    """The training loop every script shares: resume, accumulate, clip, EMA, log, checkpoint.
+
+    Returns the number of steps this run made and the seconds they took."""
+    first_step = maybe_resume(accelerator, args)
+    batches = batches_from(accelerator, dataloader, first_step, args.gradient_accumulation_steps)
+    progress = tqdm(range(first_step, args.max_train_steps), disable=not accelerator.is_local_main_process)
+    started = time.perf_counter()
+    for step in progress:
+        for _ in range(args.gradient_accumulation_steps):
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, next(batches))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"The loss became {loss.item()} at step {step}; lower --learning_rate.")
+        if ema is not None:
+            ema.step(model.parameters())
+        done = step + 1
+        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+        progress.set_postfix(**logs)
+        accelerator.log(logs, step=done)
+        if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
+            save_checkpoint(accelerator, args, done)
+        if after_step is not None:
+            after_step(done)
+    accelerator.wait_for_everyone()
+    return args.max_train_steps - first_step, time.perf_counter() - started
+
+
+def trained_model(accelerator: Accelerator, model: torch.nn.Module, ema: EMAModel | None) -> torch.nn.Module:
+    """A standalone float32 copy of the trained model in eval mode, with the EMA weights when there are some."""
+    model = copy.deepcopy(accelerator.unwrap_model(model)).float()
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    return model.eval()
+
+
 def optimizer_and_schedule(model: torch.nn.Module, args: argparse.Namespace):
     from diffusers.optimization import get_scheduler
 
@@ -201,7 +277,7 @@ def training_command(script: str) -> str:
     return f"accelerate launch training_scripts/{script} " + shlex.join(sys.argv[1:])
 
 
-def record_run(args: argparse.Namespace, script: str, steps_run: int, seconds: float):
+def record_run(args: argparse.Namespace, script: str, steps_run: int, seconds: float) -> float | None:
     """`training_args.json`: the reproducing command, the arguments and the measured seconds per step.
 
     A rerun that only exports (nothing left to train) keeps the speed measured by the run that trained."""
@@ -209,12 +285,16 @@ def record_run(args: argparse.Namespace, script: str, steps_run: int, seconds: f
     if steps_run:
         seconds_per_step = seconds / steps_run
     elif path.is_file():
-        seconds_per_step = json.loads(path.read_text())["seconds_per_step"]
+        seconds_per_step = read_json(path)["seconds_per_step"]
     else:
         seconds_per_step = None
     record = {"command": training_command(script), "seconds_per_step": seconds_per_step, "args": vars(args)}
     write_json(path, record)
     return seconds_per_step
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
 
 
 def write_json(path: str | Path, data: dict):

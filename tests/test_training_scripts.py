@@ -1,0 +1,174 @@
+"""The training scripts end to end through `accelerate launch`: tiny models, a few steps, offline."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from diffscm import DiffSCMPipeline
+from diffscm.data import load_image_dataset, split_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_UNET = ["--resolution", "16", "--block_out_channels", "8", "16", "--train_batch_size", "16"]
+TINY_CLASSIFIER = ["--resolution", "16", "--block_out_channels", "8", "16", "--train_batch_size", "16"]
+
+
+def launch(script: str, *args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    command += ["--multi_gpu"] if processes > 1 else ["--num_machines", "1", "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", str(ROOT / "training_scripts" / script), *args]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "unet"
+    launch(
+        "train_unet.py", "--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--save_images_steps", "4", "--use_ema", *TINY_UNET,
+    )  # fmt: skip
+    return out
+
+
+def test_unet_run_writes_model_schedule_split_and_samples(unet_run):
+    for path in ("unet/config.json", "scheduler/scheduler_config.json", "split.json", "samples/step-000004.png"):
+        assert (unet_run / path).is_file(), path
+    assert json.loads((unet_run / "scheduler/scheduler_config.json").read_text())["clip_sample"] is False
+    split = json.loads((unet_run / "split.json").read_text())
+    assert split["source"] == "mnist-bundled" and split["num_heldout"] == 500 and split["num_train"] == 4500
+    record = json.loads((unet_run / "training_args.json").read_text())
+    assert record["command"].startswith("accelerate launch training_scripts/train_unet.py --output_dir")
+    assert record["seconds_per_step"] > 0
+
+
+def test_resume_after_a_crash_finishes_the_same_number_of_steps(unet_run, tmp_path):
+    run = tmp_path / "unet"
+    subprocess.run(["cp", "-r", str(unet_run), str(run)], check=True)
+    (run / ".checkpoint-6.partial").mkdir()  # a checkpoint whose write was killed: never "latest"
+    result = launch(
+        "train_unet.py", "--output_dir", str(run), "--max_train_steps", "6", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "2", "--save_images_steps", "100", "--use_ema", "--resume_from_checkpoint",
+        "latest", *TINY_UNET,
+    )  # fmt: skip
+    assert "Resumed from" in result.stderr and "checkpoint-4 at step 4" in result.stderr
+    assert "2/2" in result.stderr  # the progress bar runs steps 5 and 6 only
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_classifier_run_exports_a_loadable_pipeline_with_a_model_card(unet_run, tmp_path):
+    out, pipeline_dir = tmp_path / "classifier", tmp_path / "pipeline"
+    result = launch(
+        "train_classifier.py", "--unet_model_name_or_path", str(unet_run), "--output_dir", str(out),
+        "--pipeline_output_dir", str(pipeline_dir), "--max_train_steps", "3", "--checkpointing_steps", "3",
+        "--guidance_scale", "4.5", "--num_inference_steps", "3", *TINY_CLASSIFIER,
+    )  # fmt: skip
+    assert "held-out accuracy of p_phi(label | x_t, t):" in result.stdout
+    accuracy = json.loads((out / "heldout_accuracy.json").read_text())
+    assert list(accuracy)[0] == "0" and list(accuracy)[-1] == "999"
+    pipe = DiffSCMPipeline.from_pretrained(pipeline_dir)
+    assert pipe.config.guidance_scale == 4.5 and pipe.unet.config.sample_size == 16
+    assert pipe.classifier.config.num_classes == 10
+    card = (pipeline_dir / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card and "- diffscm" in card
+    assert "accelerate launch training_scripts/train_unet.py" in card
+    assert "accelerate launch training_scripts/train_classifier.py" in card
+    assert "| 999 |" in card and "holds out 500" in card
+
+
+def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
+    out = tmp_path / "unet"
+    result = launch(
+        "train_unet.py", "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
+        "--save_images_steps", "100", *TINY_UNET, processes=2,
+    )  # fmt: skip
+    assert "2 process(es), DistributedType.MULTI_CPU" in result.stderr
+    assert (out / "unet" / "config.json").is_file() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def write_imagefolder(root: Path, per_class: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            PIL.Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
+
+
+def test_imagefolder_data_trains_rgb(tmp_path):
+    data = write_imagefolder(tmp_path / "data")
+    out = tmp_path / "unet"
+    launch(
+        "train_unet.py", "--train_data_dir", str(data), "--output_dir", str(out), "--num_channels", "3",
+        "--holdout_size", "2", "--max_train_steps", "2", "--save_images_steps", "100", *TINY_UNET,
+    )  # fmt: skip
+    assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 3
+
+
+def write_idx(path: Path, array: np.ndarray):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(size.to_bytes(4, "big") for size in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_morphomnist_folder_loads_with_morphometry(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(5))
+    rows = "\n".join(f"{i},{1.5 + i},{100 + i}" for i in range(5))
+    (tmp_path / "t10k-morpho.csv").write_text("index,thickness,intensity\n" + rows + "\n")
+    ds = load_image_dataset(train_data_dir=str(tmp_path))
+    assert len(ds) == 5 and ds[3]["label"] == 3 and ds[3]["thickness"] == pytest.approx(4.5)
+    assert np.array_equal(np.asarray(ds[2]["image"]), images[2])
+    split = split_dataset(ds, 2, seed=0)
+    assert len(split["heldout"]) == 2 and set(split["heldout"]["source_index"]).isdisjoint(
+        split["train"]["source_index"]
+    )
+
+
+def test_shared_morphomnist_folder_when_present():
+    folder = ROOT.parent / "shared" / "data" / "morphomnist"
+    if not folder.is_dir():
+        pytest.skip("../shared/data/morphomnist is not beside this checkout")
+    ds = load_image_dataset(train_data_dir=str(folder))
+    assert len(ds) == 10_000 and set(ds.column_names) >= {"image", "label", "thickness", "intensity"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train_data_dir", "/no/such/folder"], "is not a folder"),
+        (["--dataset", "cifar-bundled"], "unknown --dataset"),
+        (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
+    ],
+)
+def test_bad_arguments_fail_fast(tmp_path, args, message):
+    result = launch("train_unet.py", "--output_dir", str(tmp_path / "out"), *args, check=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_classifier_refuses_a_schedule_or_split_that_disagrees_with_the_unet(unet_run, tmp_path):
+    out = tmp_path / "classifier"
+    out.mkdir()
+    (out / "noise_schedule.json").write_text(json.dumps({"num_train_timesteps": 100}))
+    common = ["--unet_model_name_or_path", str(unet_run), "--max_train_steps", "1", *TINY_CLASSIFIER]
+    result = launch("train_classifier.py", "--output_dir", str(out), *common, check=False)
+    assert result.returncode != 0 and "disagrees with the one this classifier was trained on" in result.stderr
+    result = launch(
+        "train_classifier.py", "--output_dir", str(tmp_path / "c2"), "--split_seed", "5", *common, check=False
+    )
+    assert result.returncode != 0 and "differs from the UNet run's" in result.stderr
+    result = launch(
+        "train_classifier.py", "--output_dir", str(out), "--unet_model_name_or_path", str(tmp_path), check=False
+    )
+    assert result.returncode != 0 and "has no scheduler/" in result.stderr
