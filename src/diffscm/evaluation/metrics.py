@@ -96,7 +96,8 @@ def knee(scales: dict, tolerance: float = 0.01) -> float:
 
 def summary_table(result: dict) -> str:
     lines = [
-        "| guidance scale | oracle flip rate | L1 to factual (grey levels) | UNet NFE / cf | classifier grads / cf | s / cf |",
+        "| guidance scale | oracle flip rate | L1 to factual (grey levels) | UNet NFE / cf | classifier grads / cf "
+        "| s / cf |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in result["scales"].values():

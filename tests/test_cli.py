@@ -1,0 +1,100 @@
+"""The `diffscm` command with tiny models: demo, counterfactual, evaluate, and their error messages."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+from conftest import tiny_pipeline
+
+from diffscm.cli import main
+from diffscm.evaluation import DigitOracle
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny 28x28, 10-class pipeline with a recorded held-out split, and a tiny oracle."""
+    root = tmp_path_factory.mktemp("models")
+    pipe = tiny_pipeline(size=28, num_classes=10, num_inference_steps=2, guidance_scale=1.0)
+    pipe.save_pretrained(root / "pipeline")
+    split = {"source": "mnist-bundled", "heldout_indices": [3, 10, 42]}
+    (root / "pipeline" / "training.json").write_text(json.dumps({"split": split}))
+    DigitOracle(channels=(4, 8)).save_pretrained(root / "oracle")
+    return root / "pipeline", root / "oracle"
+
+
+def test_demo_writes_grid_and_oracle_table(model_dirs, tmp_path, capsys):
+    pipeline_dir, oracle_dir = model_dirs
+    out = tmp_path / "demo"
+    main(["demo", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--num-digits", "3", "--out", str(out)])
+    grid = PIL.Image.open(out / "counterfactuals.png")
+    assert grid.size == (12 * 28 * 3, 14 + 3 * 28 * 3)  # columns: x, null, do(0..9); three rows
+    table = (out / "oracle.md").read_text()
+    assert table.count("\n| ") == 4 and "| label | x | null | do(0) |" in table
+    assert str(out / "counterfactuals.png") in capsys.readouterr().out
+
+
+def test_counterfactual_command_writes_one_file_per_target(model_dirs, tmp_path):
+    pipeline_dir, _ = model_dirs
+    rgb = tmp_path / "seven.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(rgb)
+    grey = tmp_path / "one.jpg"
+    PIL.Image.new("L", (28, 28), 20).save(grey)
+    out = tmp_path / "cf"
+    main(["counterfactual", str(rgb), str(grey), "--target", "all", "--model", str(pipeline_dir), "--out", str(out)])
+    assert sorted(p.name for p in out.glob("seven_do*.png")) == [f"seven_do{k}.png" for k in range(10)]
+    assert len(list(out.glob("one_do*.png"))) == 10
+    main(
+        [
+            "counterfactual",
+            str(grey),
+            "--target",
+            "3",
+            "--model",
+            str(pipeline_dir),
+            "--out",
+            str(out),
+            "--reconstruction",
+        ]
+    )
+    assert PIL.Image.open(out / "one_do3.png").size == (28, 28) and (out / "one_null.png").is_file()
+
+
+def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
+    pipeline_dir, oracle_dir = model_dirs
+    out = tmp_path / "eval"
+    main([
+        "evaluate", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--num-samples", "3",
+        "--guidance-scales", "0", "2", "--out", str(out), "--quiet",
+    ])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 3 and set(metrics["scales"]) == {"0.0", "2.0"}
+    entry = metrics["scales"]["2.0"]
+    assert entry["nfe_per_counterfactual"] == 4 and entry["classifier_gradients_per_counterfactual"] == 2
+    assert metrics["scales"]["0.0"]["classifier_gradients_per_counterfactual"] == 0
+    assert 0 <= entry["flip_rate"] <= 1 and metrics["null_intervention"]["l1_grey_levels"] >= 0
+    assert "| guidance scale |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["counterfactual", "missing.png", "--target", "1"], "no such image file"),
+        (["counterfactual", "{text}", "--target", "1"], "cannot read"),
+        (["counterfactual", "{image}", "--target", "12"], "class in 0..9"),
+        (["counterfactual", "{image}", "--target", "three"], "class in 0..9"),
+        (["counterfactual", "{image}", "--target", "1", "--model", "{tmp}"], "not a DiffSCMPipeline"),
+        (["counterfactual", "{image}", "--target", "1", "--steps", "0"], "num_inference_steps"),
+        (["evaluate", "--num-samples", "0"], "--num-samples"),
+    ],
+)
+def test_errors_are_clear(model_dirs, tmp_path, capsys, argv, message):
+    text, image = tmp_path / "notes.png", tmp_path / "digit.png"
+    text.write_text("not an image")
+    PIL.Image.new("L", (28, 28)).save(image)
+    argv = [arg.format(text=text, image=image, tmp=tmp_path) for arg in argv]
+    if argv[0] == "counterfactual" and "--model" not in argv:
+        argv += ["--model", str(model_dirs[0])]
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv + ["--out", str(tmp_path / "out")])
+    assert message in str(excinfo.value)
