@@ -17,7 +17,7 @@ def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     pipe = tiny_pipeline(size=28, num_classes=10, num_inference_steps=2, guidance_scale=1.0)
     pipe.save_pretrained(root / "pipeline")
-    split = {"source": "mnist-bundled", "heldout_indices": [3, 10, 42]}
+    split = {"source": "mnist-bundled", "heldout_indices": [3, 10, 42, 1000, 1001]}
     (root / "pipeline" / "training.json").write_text(json.dumps({"split": split}))
     DigitOracle(channels=(4, 8)).save_pretrained(root / "oracle")
     return root / "pipeline", root / "oracle"
@@ -65,7 +65,7 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
     out = tmp_path / "eval"
     main([
         "evaluate", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--num-samples", "3",
-        "--guidance-scales", "0", "2", "--out", str(out), "--quiet",
+        "--guidance-scales", "0", "2", "--composition-cycles", "2", "--out", str(out), "--quiet",
     ])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 3 and set(metrics["scales"]) == {"0.0", "2.0"}
@@ -73,7 +73,10 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
     assert entry["nfe_per_counterfactual"] == 4 and entry["classifier_gradients_per_counterfactual"] == 2
     assert metrics["scales"]["0.0"]["classifier_gradients_per_counterfactual"] == 0
     assert 0 <= entry["flip_rate"] <= 1 and metrics["null_intervention"]["l1_grey_levels"] >= 0
-    assert "| guidance scale |" in (out / "report.md").read_text()
+    assert set(metrics["composition"]) == {"cycles_1", "cycles_2"} and metrics["reversibility"]["guidance_scale"] == 2
+    assert "frechet_distance" in entry["realism"] and "kid" in entry["realism"]
+    report = (out / "report.md").read_text()
+    assert "| guidance scale |" in report and "Composition after 2 null-intervention cycle(s)" in report
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ def demo(args: argparse.Namespace):
 
     pipe = load_pipeline(args.model, args)
     oracle = DigitOracle.from_pretrained(args.oracle or default_checkpoint(DEFAULT_ORACLE)).eval()
-    digits = heldout_digits(pipe, load_bundled_mnist(), args.num_digits)
+    digits = one_per_class(heldout_digits(pipe, load_bundled_mnist(), 500), args.num_digits)
     images, labels = [row["image"] for row in digits], [row["label"] for row in digits]
     num_classes = pipe.classifier.config.num_classes
     print(f"Counterfactuals of {len(images)} held-out digits under do(digit = 0..{num_classes - 1}) ...")
@@ -84,6 +84,15 @@ def heldout_digits(pipe, dataset, count: int):
     if not indices:
         raise SystemExit(f"error: {record} holds no held-out split; pass images to `diffscm counterfactual` instead.")
     return [dataset[i] for i in indices[:count]]
+
+
+def one_per_class(rows: list[dict], count: int) -> list[dict]:
+    """Up to `count` rows with distinct labels in label order (then the remaining rows in order)."""
+    first = {}
+    for row in rows:
+        first.setdefault(row["label"], row)
+    distinct = [first[label] for label in sorted(first)]
+    return (distinct + [row for row in rows if row not in distinct])[:count]
 
 
 def image_grid(columns: torch.Tensor, headers: list[str], scale: int = 3) -> PIL.Image.Image:

@@ -17,6 +17,7 @@ def add_evaluate_command(commands):
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--refinement", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random targets.")
+    parser.add_argument("--composition-cycles", type=int, default=10, help="Null-intervention cycles (0: skip).")
     parser.add_argument("--out", default="diffscm-evaluation")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=evaluate)
@@ -26,7 +27,14 @@ def evaluate(args: argparse.Namespace):
     from diffscm.cli import DEFAULT_ORACLE, default_checkpoint, heldout_digits, load_pipeline
     from diffscm.data import load_bundled_mnist
     from diffscm.evaluation import DigitOracle
-    from diffscm.evaluation.metrics import evaluate_counterfactuals, knee, summary_table, to_unit_tensor
+    from diffscm.evaluation.metrics import (
+        composition,
+        evaluate_counterfactuals,
+        knee,
+        reversibility,
+        summary_table,
+        to_unit_tensor,
+    )
 
     if args.num_samples < 1:
         raise SystemExit("error: --num-samples must be >= 1.")
@@ -37,7 +45,16 @@ def evaluate(args: argparse.Namespace):
     images = to_unit_tensor([row["image"] for row in digits])
     labels = torch.tensor([row["label"] for row in digits])
     scales = args.guidance_scales or [pipe.config.guidance_scale]
-    result = evaluate_counterfactuals(pipe, oracle, images, labels, scales, args.steps, args.refinement, args.seed)
+    options = {"steps": args.steps, "refinement": args.refinement}
+    result, _, counterfactuals = evaluate_counterfactuals(
+        pipe, oracle, images, labels, scales, seed=args.seed, **options
+    )
+    default_scale = pipe.config.guidance_scale if pipe.config.guidance_scale in scales else scales[-1]
+    result["reversibility"] = reversibility(
+        pipe, oracle, images, counterfactuals[default_scale], labels, default_scale, **options
+    )
+    if args.composition_cycles:
+        result["composition"] = composition(pipe, oracle, images, args.composition_cycles, **options)
     result["model"] = str(pipe.config._name_or_path)
     oracle_record = Path(oracle_dir) / "oracle.json"
     if oracle_record.is_file():

@@ -59,6 +59,19 @@ class DigitOracle(ModelMixin, ConfigMixin):
         """Logits of p(y | x_0) for images in [-1, 1]."""
         return self.head(F.adaptive_avg_pool2d(self.features(sample), 1))
 
+    def stage_features(self, sample: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map after each convolution stage (for perceptual distances and embeddings)."""
+        maps = []
+        for layer in self.features:
+            sample = layer(sample)
+            if isinstance(layer, nn.MaxPool2d):
+                maps.append(sample)
+        return maps
+
+    def embed(self, sample: torch.Tensor) -> torch.Tensor:
+        """The pooled last-stage features: the space in which realism (Frechet distance, KID) is measured."""
+        return F.adaptive_avg_pool2d(self.features(sample), 1).flatten(1)
+
 
 def random_affine(
     images: torch.Tensor, degrees: float = 10.0, translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1)

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from diffscm.evaluation import DigitOracle
+from diffscm.evaluation.metrics import (
+    count_calls,
+    frechet_distance,
+    grey_level_l1,
+    kernel_inception_distance,
+    knee,
+    perceptual_distance,
+    random_other_targets,
+)
+
+
+def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
+    features = torch.randn(400, 4, generator=torch.Generator().manual_seed(0)).double()
+    assert frechet_distance(features, features) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(features + 2, features) == pytest.approx(16, rel=1e-3)  # ||mu shift||^2 = 4 * 2^2
+
+
+def test_kid_separates_distributions():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 8, generator=generator).double(), torch.randn(300, 8, generator=generator).double()
+    assert abs(kernel_inception_distance(a, b)) < 0.05
+    assert kernel_inception_distance(a + 1, b) > 10 * abs(kernel_inception_distance(a, b))
+
+
+def test_perceptual_distance_and_l1():
+    oracle = DigitOracle(channels=(4, 8)).eval()
+    images = torch.rand(3, 1, 28, 28)
+    assert perceptual_distance(oracle, images, images) == pytest.approx(0, abs=1e-6)
+    assert perceptual_distance(oracle, images, 1 - images) > 0
+    assert grey_level_l1(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)) == pytest.approx(255)
+
+
+def test_random_other_targets_never_equal_the_label():
+    labels = torch.arange(10).repeat(50)
+    targets = random_other_targets(labels, 10)
+    assert (targets != labels).all() and set(targets.tolist()) == set(range(10))
+
+
+def test_knee_is_the_smallest_scale_near_the_best_flip_rate():
+    scales = {str(s): {"guidance_scale": s, "flip_rate": f} for s, f in [(1, 0.5), (5, 0.975), (10, 0.98), (20, 0.96)]}
+    assert knee(scales) == 5
+
+
+def test_count_calls_counts_samples():
+    layer = torch.nn.Linear(2, 2)
+    with count_calls(layer) as calls:
+        layer(torch.zeros(3, 2))
+        layer(torch.zeros(5, 2))
+    assert calls["samples"] == 8
