@@ -281,8 +281,9 @@ class DiffSCMPipeline(DiffusionPipeline):
         reconstructions = None
         if return_reconstruction:
             reconstructions = self.intervene(
-                noise, 0, guidance_scale=0.0, num_inference_steps=num_inference_steps, strength=strength
-            )
+                noise, 0, guidance_scale=0.0, num_inference_steps=num_inference_steps, strength=strength,
+                output_type="latent",
+            )  # fmt: skip
             reconstructions = self.image_processor.postprocess(reconstructions, output_type=output_type)
 
         probabilities = self.target_probabilities(counterfactuals, targets.flatten())

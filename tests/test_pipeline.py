@@ -102,6 +102,8 @@ def test_output_types_and_diagnostics(trained_pipeline, factual_images):
         and ((0 <= tensor.target_probabilities) & (tensor.target_probabilities <= 1)).all()
     )
     np.testing.assert_allclose(np.asarray(pil.images[0]) / 255, array.images[0, ..., 0], atol=1 / 255)
+    null = trained_pipeline(images, labels, guidance_scale=0, num_inference_steps=3, output_type="pt")
+    torch.testing.assert_close(tensor.reconstructions, null.images)
     as_tuple = trained_pipeline(images, labels, num_inference_steps=3, output_type="pt", return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], tensor.images)
 
