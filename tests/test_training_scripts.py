@@ -12,7 +12,9 @@ import PIL.Image
 import pytest
 
 from diffscm import DiffSCMPipeline
+from diffscm.cli import main
 from diffscm.data import load_image_dataset, split_dataset
+from diffscm.evaluation import DigitOracle
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = ["--resolution", "16", "--block_out_channels", "8", "16", "--train_batch_size", "16"]
@@ -83,6 +85,13 @@ def test_classifier_run_exports_a_loadable_pipeline_with_a_model_card(unet_run, 
     assert "accelerate launch training_scripts/train_unet.py" in card
     assert "accelerate launch training_scripts/train_classifier.py" in card
     assert "| 999 |" in card and "holds out 500" in card
+
+    oracle_dir = tmp_path / "oracle"
+    DigitOracle(channels=(4,)).save_pretrained(oracle_dir)
+    evaluate = ["evaluate", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--num-samples", "2"]
+    main([*evaluate, "--composition-cycles", "1", "--out", str(tmp_path / "eval"), "--quiet", "--write-model-card"])
+    card = (pipeline_dir / "README.md").read_text()
+    assert "## Evaluation" in card and "| guidance scale | oracle flip rate |" in card
 
 
 def test_two_processes_train_and_only_the_main_one_writes(tmp_path):

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from diffscm import training
+from diffscm import hub, training
 from diffscm.evaluation import DigitOracle, random_affine
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def main(args: argparse.Namespace):
         record = training.read_json(os.path.join(args.output_dir, "training_args.json"))
         report = {"heldout_accuracy": heldout_accuracy, "command": record["command"], "split": split_record}
         training.write_json(os.path.join(args.export_dir, "oracle.json"), report)
+        hub.write_oracle_card(args.export_dir)
         print(f"held-out accuracy of the oracle: {heldout_accuracy:.4f} ({split_record['num_heldout']} images)")
     accelerator.end_training()
 

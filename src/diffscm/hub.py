@@ -8,6 +8,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 TEMPLATE = "diffscm_pipeline.md"
+ORACLE_TEMPLATE = "oracle.md"
 PIPELINE_MODULE = "pipeline_diffscm"
 CLASSIFIER_MODULE = "anticausal"
 
@@ -52,8 +53,8 @@ def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_d
     (Path(pipeline_dir) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def write_model_card(pipeline_dir: str, repo_id: str | None = None, evaluation: str | None = None) -> ModelCard:
-    """Render `README.md` of a pipeline folder from its configs and `training.json` (and an evaluation section)."""
+def write_model_card(pipeline_dir: str, repo_id: str | None = None) -> ModelCard:
+    """Render `README.md` of a pipeline folder from its configs, `training.json` and `evaluation.md` when present."""
     folder = Path(pipeline_dir)
     record = _read_json(folder, "training.json")
     unet, classifier = _read_json(folder / "unet", "config.json"), _read_json(folder / "classifier", "config.json")
@@ -69,10 +70,9 @@ def write_model_card(pipeline_dir: str, repo_id: str | None = None, evaluation: 
         datasets=[split["source"]] if "/" in split["source"] else None,
         pipeline_tag="image-to-image",
     )
-    template = importlib.resources.files("diffscm.model_cards").joinpath(TEMPLATE)
     card = ModelCard.from_template(
         card_data,
-        template_str=template.read_text(encoding="utf-8"),
+        template_str=_template(TEMPLATE),
         model_name=folder.name,
         repo_id=repo_id or str(folder),
         parent="label",
@@ -91,9 +91,30 @@ def write_model_card(pipeline_dir: str, repo_id: str | None = None, evaluation: 
         num_train=split["num_train"],
         num_heldout=split["num_heldout"],
         split_seed=split["split_seed"],
-        evaluation=evaluation,
+        evaluation=_evaluation_section(folder),
         **{k: record[k] for k in ("commands", "unet_seconds_per_step", "classifier_seconds_per_step")},
         classifier_accuracy=record["classifier_accuracy"],
+    )
+    card.save(folder / "README.md")
+    return card
+
+
+def write_oracle_card(oracle_dir: str, repo_id: str | None = None) -> ModelCard:
+    """Render `README.md` of an oracle folder from its `oracle.json` (command, split, held-out accuracy)."""
+    folder = Path(oracle_dir)
+    record = _read_json(folder, "oracle.json")
+    card_data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=["diffscm", "evaluation", "oracle"])
+    card = ModelCard.from_template(
+        card_data,
+        template_str=_template(ORACLE_TEMPLATE),
+        model_name=folder.name,
+        repo_id=repo_id or str(folder),
+        num_params=f"{_count_params(folder):,}",
+        heldout_accuracy=record["heldout_accuracy"],
+        num_heldout=record["split"]["num_heldout"],
+        split_seed=record["split"]["split_seed"],
+        source=record["split"]["source"],
+        command=record["command"],
     )
     card.save(folder / "README.md")
     return card
@@ -103,15 +124,19 @@ def push_to_hub(pipeline_dir: str, repo_id: str | None, token: str | None = None
     """Create (or reuse) the model repo and upload the pipeline folder; returns the repo URL."""
     if not repo_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/diffscm-mnist).")
-    write_model_card(pipeline_dir, repo_id=repo_id, evaluation=_evaluation_section(pipeline_dir))
+    write_model_card(pipeline_dir, repo_id=repo_id)
     api = HfApi(token=token)
     url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=pipeline_dir, commit_message="Upload DiffSCMPipeline")
     return str(url)
 
 
-def _evaluation_section(pipeline_dir: str) -> str | None:
-    path = Path(pipeline_dir) / "evaluation.md"
+def _template(name: str) -> str:
+    return importlib.resources.files("diffscm.model_cards").joinpath(name).read_text(encoding="utf-8")
+
+
+def _evaluation_section(pipeline_dir: Path) -> str | None:
+    path = pipeline_dir / "evaluation.md"
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
 

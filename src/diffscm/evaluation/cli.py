@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ def add_evaluate_command(commands):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random targets.")
     parser.add_argument("--composition-cycles", type=int, default=10, help="Null-intervention cycles (0: skip).")
     parser.add_argument("--out", default="diffscm-evaluation")
+    parser.add_argument("--write-model-card", action="store_true", help="Put the report into the model's card.")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=evaluate)
 
@@ -33,8 +35,8 @@ def evaluate(args: argparse.Namespace):
         knee,
         reversibility,
         summary_table,
-        to_unit_tensor,
     )
+    from diffscm.image_processing import preprocess_images
 
     if args.num_samples < 1:
         raise SystemExit("error: --num-samples must be >= 1.")
@@ -42,7 +44,8 @@ def evaluate(args: argparse.Namespace):
     oracle_dir = args.oracle or default_checkpoint(DEFAULT_ORACLE)
     oracle = DigitOracle.from_pretrained(oracle_dir).eval()
     digits = heldout_digits(pipe, load_bundled_mnist(), args.num_samples)
-    images = to_unit_tensor([row["image"] for row in digits])
+    config = pipe.unet.config
+    images = (preprocess_images([row["image"] for row in digits], config.in_channels, config.sample_size) + 1) / 2
     labels = torch.tensor([row["label"] for row in digits])
     scales = args.guidance_scales or [pipe.config.guidance_scale]
     options = {"steps": args.steps, "refinement": args.refinement}
@@ -67,3 +70,13 @@ def evaluate(args: argparse.Namespace):
     (Path(args.out) / "report.md").write_text(report)
     print(report)
     print(f"Wrote {args.out}/metrics.json and {args.out}/report.md")
+    if args.write_model_card:
+        from diffscm import hub
+
+        if not os.path.isdir(result["model"]):
+            raise SystemExit(f"error: --write-model-card needs a local pipeline folder, not {result['model']!r}.")
+        command = "diffscm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else "diffscm evaluate"
+        section = f"Measured with `{command}`:\n\n{report}"
+        (Path(result["model"]) / "evaluation.md").write_text(section)
+        hub.write_model_card(result["model"])
+        print(f"Updated the model card {result['model']}/README.md")

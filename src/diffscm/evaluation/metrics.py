@@ -215,8 +215,3 @@ def summary_table(result: dict) -> str:
     lines.append(f"- Oracle accuracy on the factual digits: {result['oracle_accuracy_on_factuals']:.3f}.")
     lines.append("- Realism is measured in the oracle's feature space (Inception weights cannot be downloaded here).")
     return "\n".join(lines) + "\n"
-
-
-def to_unit_tensor(images) -> torch.Tensor:
-    """PIL digits -> float `(N, 1, H, W)` in [0, 1]."""
-    return torch.from_numpy(np.stack([np.asarray(img, dtype=np.float32) / 255 for img in images]))[:, None]
