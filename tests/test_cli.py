@@ -1,6 +1,10 @@
 """The `diffscm` command with tiny models: demo, counterfactual, evaluate, and their error messages."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -101,3 +105,21 @@ def test_errors_are_clear(model_dirs, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as excinfo:
         main(argv + ["--out", str(tmp_path / "out")])
     assert message in str(excinfo.value)
+
+
+def test_benchmark_script_writes_ratios(model_dirs, tmp_path):
+    pipeline_dir, oracle_dir = model_dirs
+    out = tmp_path / "benchmarks.md"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_settings.py"
+    command = [sys.executable, str(script), "--model", str(pipeline_dir), "--oracle", str(oracle_dir)]
+    command += ["--num-samples", "2", "--reuse-samples", "1", "--out", str(out)]
+    subprocess.run(
+        command, check=True, capture_output=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    )
+    table = out.read_text()
+    assert "(a) paper: 1000 + 1000 steps" in table and "| 2000 |" in table  # 1000 inversion + 1000 guided NFE
+    assert "(b) official code" in table and "| 150 |" in table  # 75 + 75 steps at strength 0.75
+    assert "one abduction shared by the 10 targets" in table
+    data = json.loads(out.with_suffix(".json").read_text())
+    reuse = data["reuse"]
+    assert reuse["one_abduction_nfe_per_cf"] < reuse["separate_calls_nfe_per_cf"]

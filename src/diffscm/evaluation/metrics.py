@@ -40,7 +40,7 @@ def grey_level_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().mean().item() * 255
 
 
-def evaluate_counterfactuals(pipe, oracle, images, labels, scales, steps=None, refinement=None, seed=0):
+def evaluate_counterfactuals(pipe, oracle, images, labels, scales, steps=None, refinement=None, seed=0, strength=1.0):
     """
     Effectiveness (oracle flip rate to a random other target) and realism per guidance scale, and the null
     intervention (oracle keeps the label; L1 in grey levels), all from one abduction per image; plus the UNet and
@@ -54,15 +54,18 @@ def evaluate_counterfactuals(pipe, oracle, images, labels, scales, steps=None, r
 
     with count_calls(pipe.unet) as unet_calls:
         started = time.perf_counter()
-        noise = pipe.abduct(images, num_inference_steps=steps, abduction_refinement_steps=refinement)
+        noise = pipe.abduct(
+            images, num_inference_steps=steps, strength=strength, abduction_refinement_steps=refinement
+        )
         abduction_seconds = time.perf_counter() - started
     abduction_nfe = unet_calls["samples"] / count
 
-    null = pipe.intervene(noise, labels, guidance_scale=0.0, num_inference_steps=steps)
+    null = pipe.intervene(noise, labels, guidance_scale=0.0, num_inference_steps=steps, strength=strength)
     null_predictions = oracle_predictions(oracle, null)
     result = {
         "num_images": count,
         "num_inference_steps": steps,
+        "strength": strength,
         "abduction_refinement_steps": pipe.config.abduction_refinement_steps if refinement is None else refinement,
         "abduction_nfe": abduction_nfe,
         "null_intervention": {
@@ -76,7 +79,9 @@ def evaluate_counterfactuals(pipe, oracle, images, labels, scales, steps=None, r
     for scale in scales:
         with count_calls(pipe.unet) as unet_calls, count_calls(pipe.classifier) as classifier_calls:
             started = time.perf_counter()
-            counterfactuals = pipe.intervene(noise, targets, guidance_scale=scale, num_inference_steps=steps)
+            counterfactuals = pipe.intervene(
+                noise, targets, guidance_scale=scale, num_inference_steps=steps, strength=strength
+            )
             seconds = time.perf_counter() - started
         predictions = oracle_predictions(oracle, counterfactuals)
         result["scales"][str(scale)] = {
