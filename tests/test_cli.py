@@ -1,7 +1,6 @@
 """The `diffscm` command with tiny models: demo, counterfactual, evaluate, and their error messages."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
