@@ -112,9 +112,7 @@ def test_benchmark_script_writes_ratios(model_dirs, tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_settings.py"
     command = [sys.executable, str(script), "--model", str(pipeline_dir), "--oracle", str(oracle_dir)]
     command += ["--num-samples", "2", "--reuse-samples", "1", "--out", str(out)]
-    subprocess.run(
-        command, check=True, capture_output=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    )
+    subprocess.run(command, check=True, capture_output=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
     table = out.read_text()
     assert "(a) paper: 1000 + 1000 steps" in table and "| 2000 |" in table  # 1000 inversion + 1000 guided NFE
     assert "(b) official code" in table and "| 150 |" in table  # 75 + 75 steps at strength 0.75
