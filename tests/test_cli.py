@@ -1,6 +1,7 @@
 """The `diffscm` command with tiny models: demo, counterfactual, evaluate, and their error messages."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
