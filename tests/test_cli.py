@@ -69,7 +69,8 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
     out = tmp_path / "eval"
     main([
         "evaluate", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--num-samples", "3",
-        "--guidance-scales", "0", "2", "--composition-cycles", "2", "--out", str(out), "--quiet",
+        "--guidance-scales", "0", "2", "--composition-cycles", "2", "--abduction-settings", "2:0", "2:1",
+        "--out", str(out), "--quiet",
     ])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 3 and set(metrics["scales"]) == {"0.0", "2.0"}
@@ -81,6 +82,8 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
     assert "frechet_distance" in entry["realism"] and "kid" in entry["realism"]
     report = (out / "report.md").read_text()
     assert "| guidance scale |" in report and "Composition after 2 null-intervention cycle(s)" in report
+    assert [p["nfe_round_trip"] for p in metrics["abduction_curve"]] == [4, 6]  # 2 + 2 and 2 * (1 + 1) + 2
+    assert (out / "guidance_sweep.png").is_file() and (out / "abduction_curve.png").is_file()
 
 
 @pytest.mark.parametrize(
@@ -93,6 +96,7 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
         (["counterfactual", "{image}", "--target", "1", "--model", "{tmp}"], "not a DiffSCMPipeline"),
         (["counterfactual", "{image}", "--target", "1", "--steps", "0"], "num_inference_steps"),
         (["evaluate", "--num-samples", "0"], "--num-samples"),
+        (["evaluate", "--abduction-settings", "20"], "STEPS:REFINEMENT"),
     ],
 )
 def test_errors_are_clear(model_dirs, tmp_path, capsys, argv, message):

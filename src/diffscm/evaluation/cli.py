@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,12 @@ def add_evaluate_command(commands):
     parser.add_argument("--refinement", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random targets.")
     parser.add_argument("--composition-cycles", type=int, default=10, help="Null-intervention cycles (0: skip).")
+    parser.add_argument(
+        "--abduction-settings",
+        nargs="*",
+        default=["10:0", "20:0", "50:0", "10:1", "20:1", "25:1", "10:3", "20:3"],
+        help="STEPS:REFINEMENT pairs for the curve of reconstruction error against UNet evaluations.",
+    )
     parser.add_argument("--out", default="diffscm-evaluation")
     parser.add_argument("--write-model-card", action="store_true", help="Put the report into the model's card.")
     parser.add_argument("--quiet", action="store_true")
@@ -30,16 +37,20 @@ def evaluate(args: argparse.Namespace):
     from diffscm.data import load_bundled_mnist
     from diffscm.evaluation import DigitOracle
     from diffscm.evaluation.metrics import (
+        abduction_curve,
         composition,
         evaluate_counterfactuals,
         knee,
         reversibility,
         summary_table,
     )
+    from diffscm.evaluation.plots import plot_abduction_curve, plot_guidance_sweep
     from diffscm.image_processing import preprocess_images
 
     if args.num_samples < 1:
         raise SystemExit("error: --num-samples must be >= 1.")
+    if not all(re.fullmatch(r"\d+:\d+", pair) for pair in args.abduction_settings):
+        raise SystemExit(f"error: --abduction-settings takes STEPS:REFINEMENT pairs, got {args.abduction_settings}.")
     pipe = load_pipeline(args.model, args)
     oracle_dir = args.oracle or default_checkpoint(DEFAULT_ORACLE)
     oracle = DigitOracle.from_pretrained(oracle_dir).eval()
@@ -58,6 +69,8 @@ def evaluate(args: argparse.Namespace):
     )
     if args.composition_cycles:
         result["composition"] = composition(pipe, oracle, images, args.composition_cycles, **options)
+    settings = [tuple(int(n) for n in pair.split(":")) for pair in args.abduction_settings]
+    result["abduction_curve"] = abduction_curve(pipe, images, settings)
     result["model"] = str(pipe.config._name_or_path)
     oracle_record = Path(oracle_dir) / "oracle.json"
     if oracle_record.is_file():
@@ -66,6 +79,9 @@ def evaluate(args: argparse.Namespace):
 
     os.makedirs(args.out, exist_ok=True)
     (Path(args.out) / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_guidance_sweep(result, Path(args.out) / "guidance_sweep.png")
+    if result["abduction_curve"]:
+        plot_abduction_curve(result["abduction_curve"], Path(args.out) / "abduction_curve.png")
     report = summary_table(result)
     (Path(args.out) / "report.md").write_text(report)
     print(report)

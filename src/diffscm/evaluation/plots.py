@@ -1,0 +1,43 @@
+"""PNG plots of `diffscm evaluate`: the guidance-scale sweep and the abduction cost curve."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_guidance_sweep(result: dict, path: Path):
+    """Effectiveness against closeness to the factual, one point per guidance scale."""
+    entries = sorted(result["scales"].values(), key=lambda entry: entry["guidance_scale"])
+    figure, left = plt.subplots(figsize=(5.5, 3.5))
+    scales = [entry["guidance_scale"] for entry in entries]
+    left.plot(scales, [entry["flip_rate"] for entry in entries], "o-", color="tab:blue")
+    left.set_xlabel("guidance scale s")
+    left.set_ylabel("oracle flip rate", color="tab:blue")
+    right = left.twinx()
+    right.plot(scales, [entry["l1_grey_levels_to_factual"] for entry in entries], "s--", color="tab:red")
+    right.set_ylabel("L1 to factual (grey levels)", color="tab:red")
+    left.axvline(result["knee_guidance_scale"], color="grey", linestyle=":", label="knee")
+    left.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_abduction_curve(curve: list[dict], path: Path):
+    """Null-intervention L1 against UNet evaluations per round trip, one line per refinement count."""
+    figure, axes = plt.subplots(figsize=(5.5, 3.5))
+    for refinement in sorted({point["abduction_refinement_steps"] for point in curve}):
+        points = sorted(
+            (p["nfe_round_trip"], p["l1_grey_levels"]) for p in curve if p["abduction_refinement_steps"] == refinement
+        )
+        axes.plot(*zip(*points, strict=True), "o-", label=f"K = {refinement} refinement pass(es)")
+    axes.set_xlabel("UNet evaluations per round trip")
+    axes.set_ylabel("null-intervention L1 (grey levels)")
+    axes.set_yscale("log")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
