@@ -102,7 +102,7 @@ class DiffSCMPipeline(DiffusionPipeline):
         """
         download = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
         torch_dtype = kwargs.pop("torch_dtype", None)
-        folder = _local_folder(str(pretrained_model_name_or_path), download)
+        folder = local_pipeline_folder(str(pretrained_model_name_or_path), **download)
         config = _read_pipeline_config(folder)
         components = {
             "unet": lambda: UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
@@ -387,7 +387,8 @@ def _check_components(unet: UNet2DModel, scheduler: DDIMScheduler, classifier: A
             )
 
 
-def _local_folder(name_or_path: str, download: dict) -> str:
+def local_pipeline_folder(name_or_path: str, **download) -> str:
+    """A pipeline folder as is, or a Hub id's local snapshot (downloaded, or from the cache offline)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:

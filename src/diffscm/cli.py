@@ -26,9 +26,11 @@ def default_checkpoint(name: str) -> str:
 
 def load_pipeline(model: str | None, args: argparse.Namespace):
     from diffscm import DiffSCMPipeline
+    from diffscm.pipelines.pipeline_diffscm import local_pipeline_folder
 
     try:
-        pipe = DiffSCMPipeline.from_pretrained(model or default_checkpoint(DEFAULT_MODEL))
+        # Loading from the resolved folder records it as `_name_or_path`, where training.json is read from.
+        pipe = DiffSCMPipeline.from_pretrained(local_pipeline_folder(model or default_checkpoint(DEFAULT_MODEL)))
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: cannot load a DiffSCM pipeline from {model!r}: {error}") from error
     pipe.set_progress_bar_config(leave=False, disable=getattr(args, "quiet", False))
