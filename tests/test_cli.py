@@ -97,13 +97,15 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
         (["counterfactual", "{image}", "--target", "1", "--steps", "0"], "num_inference_steps"),
         (["evaluate", "--num-samples", "0"], "--num-samples"),
         (["evaluate", "--abduction-settings", "20"], "STEPS:REFINEMENT"),
+        (["evaluate", "--model", "{pipeline}", "--oracle", "{oracle}", "--data-dir", "/no/such"], "is not a folder"),
     ],
 )
 def test_errors_are_clear(model_dirs, tmp_path, capsys, argv, message):
     text, image = tmp_path / "notes.png", tmp_path / "digit.png"
     text.write_text("not an image")
     PIL.Image.new("L", (28, 28)).save(image)
-    argv = [arg.format(text=text, image=image, tmp=tmp_path) for arg in argv]
+    names = {"text": text, "image": image, "tmp": tmp_path, "pipeline": model_dirs[0], "oracle": model_dirs[1]}
+    argv = [arg.format(**names) for arg in argv]
     if argv[0] == "counterfactual" and "--model" not in argv:
         argv += ["--model", str(model_dirs[0])]
     with pytest.raises(SystemExit) as excinfo:

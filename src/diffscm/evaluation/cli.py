@@ -15,6 +15,12 @@ def add_evaluate_command(commands):
     parser.add_argument("--model", default=None, help="Pipeline folder (default: the shipped MNIST one).")
     parser.add_argument("--oracle", default=None, help="Oracle folder (default: the shipped MNIST oracle).")
     parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="Evaluate on a random sample of another labelled folder (imagefolder or Morpho-MNIST) instead of the "
+        "pipeline's held-out split of the bundled digits.",
+    )
     parser.add_argument("--guidance-scales", type=float, nargs="+", default=None, help="Default: the model's own.")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--refinement", type=int, default=None)
@@ -33,8 +39,7 @@ def add_evaluate_command(commands):
 
 
 def evaluate(args: argparse.Namespace):
-    from diffscm.cli import DEFAULT_ORACLE, default_checkpoint, heldout_digits, load_pipeline
-    from diffscm.data import load_bundled_mnist
+    from diffscm.cli import DEFAULT_ORACLE, default_checkpoint, load_pipeline
     from diffscm.evaluation import DigitOracle
     from diffscm.evaluation.metrics import (
         abduction_curve,
@@ -54,7 +59,7 @@ def evaluate(args: argparse.Namespace):
     pipe = load_pipeline(args.model, args)
     oracle_dir = args.oracle or default_checkpoint(DEFAULT_ORACLE)
     oracle = DigitOracle.from_pretrained(oracle_dir).eval()
-    digits = heldout_digits(pipe, load_bundled_mnist(), args.num_samples)
+    digits = evaluation_digits(pipe, args)
     config = pipe.unet.config
     images = (preprocess_images([row["image"] for row in digits], config.in_channels, config.sample_size) + 1) / 2
     labels = torch.tensor([row["label"] for row in digits])
@@ -72,6 +77,7 @@ def evaluate(args: argparse.Namespace):
     settings = [tuple(int(n) for n in pair.split(":")) for pair in args.abduction_settings]
     result["abduction_curve"] = abduction_curve(pipe, images, settings)
     result["model"] = str(pipe.config._name_or_path)
+    result["data"] = args.data_dir or "held-out split of mnist-bundled"
     oracle_record = Path(oracle_dir) / "oracle.json"
     if oracle_record.is_file():
         result["oracle_heldout_accuracy"] = json.loads(oracle_record.read_text())["heldout_accuracy"]
@@ -96,3 +102,17 @@ def evaluate(args: argparse.Namespace):
         (Path(result["model"]) / "evaluation.md").write_text(section)
         hub.write_model_card(result["model"])
         print(f"Updated the model card {result['model']}/README.md")
+
+
+def evaluation_digits(pipe, args: argparse.Namespace) -> list[dict]:
+    """The pipeline's held-out digits, or a seeded random sample of `--data-dir`."""
+    from diffscm.cli import heldout_digits
+    from diffscm.data import load_bundled_mnist, load_image_dataset
+
+    if not args.data_dir:
+        return heldout_digits(pipe, load_bundled_mnist(), args.num_samples)
+    if not os.path.isdir(args.data_dir):
+        raise SystemExit(f"error: --data-dir {args.data_dir!r} is not a folder.")
+    dataset = load_image_dataset(train_data_dir=args.data_dir)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+    return [dataset[i] for i in order[: args.num_samples].tolist()]

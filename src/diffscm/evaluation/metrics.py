@@ -204,8 +204,9 @@ def knee(scales: dict, tolerance: float = 0.01) -> float:
 def summary_table(result: dict) -> str:
     """The Markdown report of `diffscm evaluate`."""
     lines = [
-        f"Held-out digits: {result['num_images']}; DDIM steps each way: {result['num_inference_steps']}; abduction "
-        f"refinement passes per step: {result['abduction_refinement_steps']}.",
+        f"Data: {result.get('data', 'held-out digits')}, {result['num_images']} images; DDIM steps each way: "
+        f"{result['num_inference_steps']}; abduction refinement passes per step: "
+        f"{result['abduction_refinement_steps']}.",
         "",
         "| guidance scale | oracle flip rate | L1 to factual | FD (oracle) | KID (oracle) | UNet NFE / cf "
         "| classifier grads / cf | s / cf |",
