@@ -69,19 +69,20 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
     out = tmp_path / "eval"
     main([
         "evaluate", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--num-samples", "3",
-        "--guidance-scales", "0", "2", "--composition-cycles", "2", "--abduction-settings", "2:0", "2:1",
-        "--out", str(out), "--quiet",
+        "--guidance-scales", "0", "2", "--sweep-samples", "2", "--composition-samples", "1", "--composition-cycles",
+        "2", "--abduction-settings", "2:0", "2:1", "--out", str(out), "--quiet",
     ])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_images"] == 3 and set(metrics["scales"]) == {"0.0", "2.0"}
-    entry = metrics["scales"]["2.0"]
+    assert metrics["num_images"] == 3 and list(metrics["scales"]) == ["1.0"]  # the model's own scale
+    assert metrics["sweep"]["num_images"] == 2 and set(metrics["sweep"]["scales"]) == {"0.0", "1.0", "2.0"}
+    entry = metrics["sweep"]["scales"]["2.0"]
     assert entry["nfe_per_counterfactual"] == 4 and entry["classifier_gradients_per_counterfactual"] == 2
-    assert metrics["scales"]["0.0"]["classifier_gradients_per_counterfactual"] == 0
+    assert metrics["sweep"]["scales"]["0.0"]["classifier_gradients_per_counterfactual"] == 0
     assert 0 <= entry["flip_rate"] <= 1 and metrics["null_intervention"]["l1_grey_levels"] >= 0
-    assert set(metrics["composition"]) == {"cycles_1", "cycles_2"} and metrics["reversibility"]["guidance_scale"] == 2
+    assert set(metrics["composition"]) == {"cycles_1", "cycles_2"} and metrics["reversibility"]["guidance_scale"] == 1
     assert "frechet_distance" in entry["realism"] and "kid" in entry["realism"]
     report = (out / "report.md").read_text()
-    assert "| guidance scale |" in report and "Composition after 2 null-intervention cycle(s)" in report
+    assert "Guidance-scale sweep" in report and "Composition after 2 null-intervention cycle(s)" in report
     assert [p["nfe_round_trip"] for p in metrics["abduction_curve"]] == [4, 6]  # 2 + 2 and 2 * (1 + 1) + 2
     assert (out / "guidance_sweep.png").is_file() and (out / "abduction_curve.png").is_file()
 
@@ -96,6 +97,7 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
         (["counterfactual", "{image}", "--target", "1", "--model", "{tmp}"], "not a DiffSCMPipeline"),
         (["counterfactual", "{image}", "--target", "1", "--steps", "0"], "num_inference_steps"),
         (["evaluate", "--num-samples", "0"], "--num-samples"),
+        (["evaluate", "--sweep-samples", "0"], "--sweep-samples"),
         (["evaluate", "--abduction-settings", "20"], "STEPS:REFINEMENT"),
         (["evaluate", "--model", "{pipeline}", "--oracle", "{oracle}", "--data-dir", "/no/such"], "is not a folder"),
     ],

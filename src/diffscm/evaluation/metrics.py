@@ -204,26 +204,19 @@ def knee(scales: dict, tolerance: float = 0.01) -> float:
 def summary_table(result: dict) -> str:
     """The Markdown report of `diffscm evaluate`."""
     lines = [
-        f"Data: {result.get('data', 'held-out digits')}, {result['num_images']} images; DDIM steps each way: "
-        f"{result['num_inference_steps']}; abduction refinement passes per step: "
-        f"{result['abduction_refinement_steps']}.",
+        f"Data: {result.get('data', 'held-out digits')}; DDIM steps each way: {result['num_inference_steps']}; "
+        f"abduction refinement passes per step: {result['abduction_refinement_steps']}.",
         "",
-        "| guidance scale | oracle flip rate | L1 to factual | FD (oracle) | KID (oracle) | UNet NFE / cf "
-        "| classifier grads / cf | s / cf |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *_scale_table(result["scales"], result["num_images"]),
     ]
-    for entry in result["scales"].values():
-        lines.append(
-            f"| {entry['guidance_scale']:g} | {entry['flip_rate']:.3f} | {entry['l1_grey_levels_to_factual']:.1f} | "
-            f"{entry['realism']['frechet_distance']:.2f} | {entry['realism']['kid']:.4f} | "
-            f"{entry['nfe_per_counterfactual']:.0f} | {entry['classifier_gradients_per_counterfactual']:.0f} | "
-            f"{entry['seconds_per_counterfactual']:.3f} |"
-        )
+    if "sweep" in result:
+        lines += ["", f"Guidance-scale sweep (knee: s = {result['sweep']['knee']:g}):", ""]
+        lines += _scale_table(result["sweep"]["scales"], result["sweep"]["num_images"])
     null = result["null_intervention"]
     lines += [
         "",
-        f"- Null intervention (guidance 0): the oracle keeps the label on {null['oracle_keeps_label']:.3f}; "
-        f"reconstruction L1 {null['l1_grey_levels']:.2f} grey levels (0-255).",
+        f"- Null intervention (guidance 0) on {result['num_images']} images: the oracle keeps the label on "
+        f"{null['oracle_keeps_label']:.3f}; reconstruction L1 {null['l1_grey_levels']:.2f} grey levels (0-255).",
     ]
     for name, entry in result.get("composition", {}).items():
         lines.append(
@@ -237,7 +230,8 @@ def summary_table(result: dict) -> str:
             f"{rev['l1_grey_levels']:.2f} grey levels; the oracle finds the original label on "
             f"{rev['oracle_accuracy_on_original_label']:.3f}."
         )
-    lines.append(f"- Oracle accuracy on the factual digits: {result['oracle_accuracy_on_factuals']:.3f}.")
+    lines.append(f"- Oracle accuracy on the factual images: {result['oracle_accuracy_on_factuals']:.3f}.")
+    lines.append("- Realism is measured in the oracle's feature space (Inception weights cannot be downloaded here).")
     if result.get("abduction_curve"):
         lines += ["", "| DDIM steps | refinement passes K | UNet NFE per round trip | null-intervention L1 |"]
         lines.append("|---:|---:|---:|---:|")
@@ -246,5 +240,20 @@ def summary_table(result: dict) -> str:
                 f"| {point['num_inference_steps']} | {point['abduction_refinement_steps']} | "
                 f"{point['nfe_round_trip']:.0f} | {point['l1_grey_levels']:.2f} |"
             )
-    lines.append("- Realism is measured in the oracle's feature space (Inception weights cannot be downloaded here).")
     return "\n".join(lines) + "\n"
+
+
+def _scale_table(scales: dict, num_images: int) -> list[str]:
+    lines = [
+        f"| guidance scale | oracle flip rate ({num_images} images) | L1 to factual | FD (oracle) | KID (oracle) "
+        "| UNet NFE / cf | classifier grads / cf | s / cf |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in scales.values():
+        lines.append(
+            f"| {entry['guidance_scale']:g} | {entry['flip_rate']:.3f} | {entry['l1_grey_levels_to_factual']:.1f} | "
+            f"{entry['realism']['frechet_distance']:.2f} | {entry['realism']['kid']:.4f} | "
+            f"{entry['nfe_per_counterfactual']:.0f} | {entry['classifier_gradients_per_counterfactual']:.0f} | "
+            f"{entry['seconds_per_counterfactual']:.3f} |"
+        )
+    return lines

@@ -8,9 +8,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_guidance_sweep(result: dict, path: Path):
-    """Effectiveness against closeness to the factual, one point per guidance scale."""
-    entries = sorted(result["scales"].values(), key=lambda entry: entry["guidance_scale"])
+def plot_guidance_sweep(sweep: dict, path: Path):
+    """Effectiveness and distance to the factual against the guidance scale, with the knee marked."""
+    entries = sorted(sweep["scales"].values(), key=lambda entry: entry["guidance_scale"])
     figure, left = plt.subplots(figsize=(5.5, 3.5))
     scales = [entry["guidance_scale"] for entry in entries]
     left.plot(scales, [entry["flip_rate"] for entry in entries], "o-", color="tab:blue")
@@ -19,7 +19,7 @@ def plot_guidance_sweep(result: dict, path: Path):
     right = left.twinx()
     right.plot(scales, [entry["l1_grey_levels_to_factual"] for entry in entries], "s--", color="tab:red")
     right.set_ylabel("L1 to factual (grey levels)", color="tab:red")
-    left.axvline(result["knee_guidance_scale"], color="grey", linestyle=":", label="knee")
+    left.axvline(sweep["knee"], color="grey", linestyle=":", label="knee")
     left.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
