@@ -91,7 +91,7 @@ def test_classifier_run_exports_a_loadable_pipeline_with_a_model_card(unet_run, 
     evaluate = ["evaluate", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--num-samples", "2"]
     main([*evaluate, "--composition-cycles", "1", "--out", str(tmp_path / "eval"), "--quiet", "--write-model-card"])
     card = (pipeline_dir / "README.md").read_text()
-    assert "## Evaluation" in card and "| guidance scale | oracle flip rate |" in card
+    assert "## Evaluation" in card and "| guidance scale | oracle flip rate (2 images) |" in card
 
 
 def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
