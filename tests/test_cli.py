@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_pipeline
 
 from diffscm.cli import main
-from diffscm.evaluation import DigitOracle
+from diffscm.evaluation import DigitOracle, DigitVAE
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def model_dirs(tmp_path_factory):
     split = {"source": "mnist-bundled", "heldout_indices": [3, 10, 42, 1000, 1001]}
     (root / "pipeline" / "training.json").write_text(json.dumps({"split": split}))
     DigitOracle(channels=(4, 8)).save_pretrained(root / "oracle")
+    DigitVAE(channels=(4, 8), latent_dim=2).save_pretrained(root / "vae")
     return root / "pipeline", root / "oracle"
 
 
@@ -68,7 +69,8 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
     pipeline_dir, oracle_dir = model_dirs
     out = tmp_path / "eval"
     main([
-        "evaluate", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--num-samples", "3",
+        "evaluate", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--vae", str(oracle_dir.parent / "vae"),
+        "--num-samples", "3",
         "--guidance-scales", "0", "2", "--sweep-samples", "2", "--composition-samples", "1", "--composition-cycles",
         "2", "--abduction-settings", "2:0", "2:1", "--out", str(out), "--quiet",
     ])  # fmt: skip
@@ -81,6 +83,7 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
     assert 0 <= entry["flip_rate"] <= 1 and metrics["null_intervention"]["l1_grey_levels"] >= 0
     assert set(metrics["composition"]) == {"cycles_1", "cycles_2"} and metrics["reversibility"]["guidance_scale"] == 1
     assert "frechet_distance" in entry["realism"] and "kid" in entry["realism"]
+    assert set(entry["cld"]) == {"paper", "benchmark"} and entry["cld"]["benchmark"] <= entry["cld"]["paper"]
     report = (out / "report.md").read_text()
     assert "Guidance-scale sweep" in report and "Composition after 2 null-intervention cycle(s)" in report
     assert [p["nfe_round_trip"] for p in metrics["abduction_curve"]] == [4, 6]  # 2 + 2 and 2 * (1 + 1) + 2

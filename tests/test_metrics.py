@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffscm.evaluation import DigitOracle
+from diffscm.evaluation import DigitOracle, DigitVAE, counterfactual_latent_divergence
 from diffscm.evaluation.metrics import (
     count_calls,
     frechet_distance,
@@ -11,6 +11,7 @@ from diffscm.evaluation.metrics import (
     perceptual_distance,
     random_other_targets,
 )
+from diffscm.evaluation.vae import gaussian_kl, vae_loss
 
 
 def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
@@ -51,3 +52,25 @@ def test_count_calls_counts_samples():
         layer(torch.zeros(3, 2))
         layer(torch.zeros(5, 2))
     assert calls["samples"] == 8
+
+
+def test_gaussian_kl_and_cld_behave():
+    zero, one = torch.zeros(1, 3), torch.ones(1, 3)
+    assert gaussian_kl(zero, zero, zero, zero).item() == pytest.approx(0)
+    assert gaussian_kl(one, zero, zero, zero).item() == pytest.approx(1.5)  # 0.5 * sum(mu^2)
+    vae = DigitVAE(channels=(4, 8), latent_dim=2).eval()
+    images = torch.rand(6, 1, 28, 28)
+    labels, targets = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([1, 1, 1, 0, 0, 0])
+    unchanged = counterfactual_latent_divergence(vae, images, images, labels, targets, images, labels)
+    # an unchanged image has div = 0: no target-class image is closer, every factual-class image is as far or farther
+    assert torch.allclose(unchanged, torch.log(torch.tensor(1 + torch.e)))
+
+
+def test_vae_round_trip_shapes_and_loss():
+    vae = DigitVAE(channels=(4, 8), latent_dim=2)
+    images = torch.rand(2, 1, 28, 28) * 2 - 1
+    out = vae(images, generator=torch.Generator().manual_seed(0))
+    assert out.reconstruction.shape == images.shape and out.mean.shape == (2, 2)
+    assert vae_loss(out, images).item() > 0
+    with pytest.raises(ValueError, match="divisible by 4"):
+        DigitVAE(sample_size=30)

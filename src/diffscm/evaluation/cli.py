@@ -14,6 +14,7 @@ def add_evaluate_command(commands):
     parser = commands.add_parser("evaluate", help="Measure a pipeline on its held-out digits, judged by the oracle.")
     parser.add_argument("--model", default=None, help="Pipeline folder (default: the shipped MNIST one).")
     parser.add_argument("--oracle", default=None, help="Oracle folder (default: the shipped MNIST oracle).")
+    parser.add_argument("--vae", default=None, help="VAE folder for CLD (default: the shipped MNIST VAE, if any).")
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument(
         "--data-dir",
@@ -67,12 +68,13 @@ def evaluate(args: argparse.Namespace):
     config = pipe.unet.config
     images = (preprocess_images([row["image"] for row in digits], config.in_channels, config.sample_size) + 1) / 2
     labels = torch.tensor([row["label"] for row in digits])
+    vae = load_vae(args.vae)
     scale = pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
     options = {"steps": args.steps, "refinement": args.refinement}
 
     # Headline numbers at one scale on every image; the sweep and the costlier metrics on the first few.
     result, _, counterfactuals = evaluate_counterfactuals(
-        pipe, oracle, images, labels, [scale], seed=args.seed, **options
+        pipe, oracle, images, labels, [scale], seed=args.seed, vae=vae, **options
     )
     few, fewest = slice(0, args.sweep_samples), slice(0, args.composition_samples)
     if args.guidance_scales:
@@ -83,6 +85,7 @@ def evaluate(args: argparse.Namespace):
             labels[few],
             sorted(set(args.guidance_scales) | {scale}),
             seed=args.seed,
+            vae=vae,
             **options,
         )
         result["sweep"] = {"num_images": sweep["num_images"], "scales": sweep["scales"], "knee": knee(sweep["scales"])}
@@ -133,3 +136,16 @@ def evaluation_digits(pipe, args: argparse.Namespace) -> list[dict]:
     dataset = load_image_dataset(train_data_dir=args.data_dir)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
     return [dataset[i] for i in order[: args.num_samples].tolist()]
+
+
+def load_vae(path: str | None):
+    """The VAE for CLD: `--vae`, else the shipped MNIST one when present, else none (CLD is skipped)."""
+    from diffscm.cli import default_checkpoint
+    from diffscm.evaluation import DigitVAE
+
+    if path is None:
+        try:
+            path = default_checkpoint("mnist-vae")
+        except SystemExit:
+            return None
+    return DigitVAE.from_pretrained(path).eval()

@@ -40,7 +40,9 @@ def grey_level_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().mean().item() * 255
 
 
-def evaluate_counterfactuals(pipe, oracle, images, labels, scales, steps=None, refinement=None, seed=0, strength=1.0):
+def evaluate_counterfactuals(
+    pipe, oracle, images, labels, scales, steps=None, refinement=None, seed=0, strength=1.0, vae=None
+):
     """
     Effectiveness (oracle flip rate to a random other target) and realism per guidance scale, and the null
     intervention (oracle keeps the label; L1 in grey levels), all from one abduction per image; plus the UNet and
@@ -93,6 +95,8 @@ def evaluate_counterfactuals(pipe, oracle, images, labels, scales, steps=None, r
             "seconds_per_counterfactual": (abduction_seconds + seconds) / count,
             "realism": realism(oracle, counterfactuals, images),
         }
+        if vae is not None:
+            result["scales"][str(scale)]["cld"] = minimality(vae, images, counterfactuals, labels, targets)
         outputs[scale] = counterfactuals
     return result, targets, outputs
 
@@ -146,6 +150,20 @@ def reversibility(pipe, oracle, images, counterfactuals, labels, scale, steps=No
         .float()
         .mean()
         .item(),
+    }
+
+
+def minimality(vae, factuals, counterfactuals, labels, targets) -> dict:
+    """Mean CLD with the paper's weights (1, 1) and the benchmark's (0.8, 0.2); the factuals are the reference set."""
+    from .vae import counterfactual_latent_divergence
+
+    return {
+        name: counterfactual_latent_divergence(
+            vae, factuals, counterfactuals, labels, targets, factuals, labels, weights
+        )
+        .mean()
+        .item()
+        for name, weights in (("paper", (1.0, 1.0)), ("benchmark", (0.8, 0.2)))
     }
 
 
@@ -245,15 +263,19 @@ def summary_table(result: dict) -> str:
 
 def _scale_table(scales: dict, num_images: int) -> list[str]:
     lines = [
-        f"| guidance scale | oracle flip rate ({num_images} images) | L1 to factual | FD (oracle) | KID (oracle) "
-        "| UNet NFE / cf | classifier grads / cf | s / cf |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| guidance scale | oracle flip rate ({num_images} images) | L1 to factual | CLD (paper / benchmark) "
+        "| FD (oracle) | KID (oracle) | UNet NFE / cf | classifier grads / cf | s / cf |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in scales.values():
         lines.append(
             f"| {entry['guidance_scale']:g} | {entry['flip_rate']:.3f} | {entry['l1_grey_levels_to_factual']:.1f} | "
-            f"{entry['realism']['frechet_distance']:.2f} | {entry['realism']['kid']:.4f} | "
+            f"{_cld(entry)} | {entry['realism']['frechet_distance']:.2f} | {entry['realism']['kid']:.4f} | "
             f"{entry['nfe_per_counterfactual']:.0f} | {entry['classifier_gradients_per_counterfactual']:.0f} | "
             f"{entry['seconds_per_counterfactual']:.3f} |"
         )
     return lines
+
+
+def _cld(entry: dict) -> str:
+    return f"{entry['cld']['paper']:.3f} / {entry['cld']['benchmark']:.3f}" if "cld" in entry else "-"
