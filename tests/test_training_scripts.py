@@ -181,3 +181,23 @@ def test_classifier_refuses_a_schedule_or_split_that_disagrees_with_the_unet(une
         "train_classifier.py", "--output_dir", str(out), "--unet_model_name_or_path", str(tmp_path), check=False
     )
     assert result.returncode != 0 and "has no scheduler/" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, model_args, record",
+    [
+        ("train_oracle.py", ["--channels", "4", "8"], "oracle.json"),
+        ("train_vae.py", ["--channels", "4", "8", "--latent_dim", "2"], "vae.json"),
+    ],
+)
+def test_judges_train_and_export_with_cards(tmp_path, script, model_args, record):
+    export = tmp_path / "judge"
+    launch(
+        script, "--output_dir", str(tmp_path / "run"), "--export_dir", str(export), "--max_train_steps", "2",
+        "--train_batch_size", "8", *model_args,
+    )  # fmt: skip
+    data = json.loads((export / record).read_text())
+    assert data["split"]["num_heldout"] == 500 and data["command"].startswith(
+        f"accelerate launch training_scripts/{script}"
+    )
+    assert (export / "config.json").is_file() and f"training_scripts/{script}" in (export / "README.md").read_text()

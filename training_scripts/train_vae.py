@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from diffscm import training
+from diffscm import hub, training
 from diffscm.evaluation.vae import DigitVAE, vae_loss
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def main(args: argparse.Namespace):
         record = training.read_json(os.path.join(args.output_dir, "training_args.json"))
         report = {"heldout_negative_elbo": loss, "command": record["command"], "split": split_record}
         training.write_json(os.path.join(args.export_dir, "vae.json"), report)
+        hub.write_vae_card(args.export_dir)
         print(f"held-out negative ELBO of the VAE: {loss:.2f} per image ({split_record['num_heldout']} images)")
     accelerator.end_training()
 

@@ -9,6 +9,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 TEMPLATE = "diffscm_pipeline.md"
 ORACLE_TEMPLATE = "oracle.md"
+VAE_TEMPLATE = "vae.md"
 PIPELINE_MODULE = "pipeline_diffscm"
 CLASSIFIER_MODULE = "anticausal"
 
@@ -115,6 +116,25 @@ def write_oracle_card(oracle_dir: str, repo_id: str | None = None) -> ModelCard:
         split_seed=record["split"]["split_seed"],
         source=record["split"]["source"],
         command=record["command"],
+    )
+    card.save(folder / "README.md")
+    return card
+
+
+def write_vae_card(vae_dir: str) -> ModelCard:
+    """Render `README.md` of a VAE folder from its `vae.json` and config."""
+    folder = Path(vae_dir)
+    record, config = _read_json(folder, "vae.json"), _read_json(folder, "config.json")
+    card_data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=["diffscm", "evaluation", "vae"])
+    card = ModelCard.from_template(
+        card_data,
+        template_str=_template(VAE_TEMPLATE),
+        model_name=folder.name,
+        num_params=f"{_count_params(folder):,}",
+        latent_dim=config["latent_dim"],
+        heldout_negative_elbo=record["heldout_negative_elbo"],
+        command=record["command"],
+        **{key: record["split"][key] for key in ("num_train", "num_heldout", "split_seed", "source")},
     )
     card.save(folder / "README.md")
     return card
