@@ -3,6 +3,7 @@
 import importlib.resources
 import json
 import math
+import os
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
@@ -75,7 +76,7 @@ def write_model_card(pipeline_dir: str, repo_id: str | None = None) -> ModelCard
         card_data,
         template_str=_template(TEMPLATE),
         model_name=folder.name,
-        repo_id=repo_id or str(folder),
+        repo_id=repo_id or _display_path(folder),
         parent="label",
         unet_params=f"{_count_params(folder / 'unet'):,}",
         classifier_params=f"{_count_params(folder / 'classifier'):,}",
@@ -109,7 +110,7 @@ def write_oracle_card(oracle_dir: str, repo_id: str | None = None) -> ModelCard:
         card_data,
         template_str=_template(ORACLE_TEMPLATE),
         model_name=folder.name,
-        repo_id=repo_id or str(folder),
+        repo_id=repo_id or _display_path(folder),
         num_params=f"{_count_params(folder):,}",
         heldout_accuracy=record["heldout_accuracy"],
         num_heldout=record["split"]["num_heldout"],
@@ -149,6 +150,12 @@ def push_to_hub(pipeline_dir: str, repo_id: str | None, token: str | None = None
     url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=pipeline_dir, commit_message="Upload DiffSCMPipeline")
     return str(url)
+
+
+def _display_path(folder: Path) -> str:
+    """The folder as a user would type it here: relative to the working directory when below it."""
+    relative = os.path.relpath(folder)
+    return str(folder) if relative.startswith("..") else relative
 
 
 def _template(name: str) -> str:
