@@ -15,8 +15,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
-from .anticausal import AntiCausalClassifier
 from .image_processing import PipelineImageInput, preprocess_images
+from .anticausal import AntiCausalClassifier
 
 TargetInput = int | str | list | np.ndarray | torch.Tensor
 
