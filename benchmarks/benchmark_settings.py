@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from diffscm.cli import DEFAULT_ORACLE, default_checkpoint, heldout_digits, load_pipeline
+from diffscm.cli import DEFAULT_ORACLE, default_checkpoint, heldout_digits, load_pipeline, to_model_images
 from diffscm.data import load_bundled_mnist
 from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.metrics import count_calls, evaluate_counterfactuals
-from diffscm.image_processing import preprocess_images
 
 
 def parse_args():
@@ -108,8 +107,7 @@ def main():
     pipe = load_pipeline(args.model, argparse.Namespace(quiet=True))
     oracle = DigitOracle.from_pretrained(args.oracle or default_checkpoint(DEFAULT_ORACLE)).eval()
     digits = heldout_digits(pipe, load_bundled_mnist(), args.num_samples)
-    config = pipe.unet.config
-    images = (preprocess_images([row["image"] for row in digits], config.in_channels, config.sample_size) + 1) / 2
+    images = to_model_images(pipe, [row["image"] for row in digits])
     labels = torch.tensor([row["label"] for row in digits])
 
     results = {}
@@ -127,7 +125,7 @@ def main():
         }
         print(name, json.dumps(results[name]))
     reuse = reuse_timing(pipe, images[: args.reuse_samples])
-    device = f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    device = f"{platform.machine()}, {pipe.device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(markdown(results, reuse, args, device))
     Path(args.out).with_suffix(".json").write_text(json.dumps({"settings": results, "reuse": reuse}, indent=2) + "\n")

@@ -182,6 +182,8 @@ class DiffSCMPipeline(DiffusionPipeline):
                 `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` (`"sample"`), and
                 a returned `"sample"` replaces the current one.
         """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         guidance_scale = _default(guidance_scale, self.config.guidance_scale)
         num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
         self.check_guidance(guidance_scale, eta)

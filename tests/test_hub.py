@@ -7,6 +7,7 @@ import textwrap
 import pytest
 import torch
 from conftest import tiny_pipeline
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 from diffscm import DiffSCMPipeline, hub
 
@@ -85,7 +86,7 @@ def test_plain_diffusers_loads_the_hub_id_with_trust_remote_code(shared_folder, 
 
 
 def test_unknown_hub_id_offline_fails_clearly(tmp_path):
-    with pytest.raises(Exception, match="(?i)offline|cannot find|not found|local"):
+    with pytest.raises(LocalEntryNotFoundError):
         DiffSCMPipeline.from_pretrained("nobody/nothing-here", cache_dir=str(tmp_path))
 
 

@@ -169,6 +169,7 @@ def test_a_ddpm_scheduler_is_read_as_ddim():
         ({"target": 0, "abduction_refinement_steps": -1}, ValueError, "abduction_refinement_steps"),
         ({"target": 0, "eta": 2.0}, ValueError, "eta"),
         ({"target": 0, "output_type": "latent"}, ValueError, "output_type"),
+        ({"target": 0, "output_type": "tensor"}, ValueError, "output_type"),
         ({"target": 0, "callback_on_step_end_tensor_inputs": ["latents"]}, ValueError, "tensor_inputs"),
     ],
 )
@@ -198,6 +199,8 @@ def test_bad_noise_is_rejected():
         pipe.intervene(torch.full((2, 1, 8, 8), float("nan")), 0, num_inference_steps=2)
     with pytest.raises(ValueError, match="one target per noise sample"):
         pipe.intervene(torch.randn(2, 1, 8, 8), "all", num_inference_steps=2)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe.intervene(torch.randn(2, 1, 8, 8), 0, num_inference_steps=2, output_type="jpg")
 
 
 def test_mismatched_components_are_rejected():

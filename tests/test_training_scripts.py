@@ -18,7 +18,7 @@ from diffscm.evaluation import DigitOracle
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = ["--resolution", "16", "--block_out_channels", "8", "16", "--train_batch_size", "16"]
-TINY_CLASSIFIER = ["--resolution", "16", "--block_out_channels", "8", "16", "--train_batch_size", "16"]
+TINY_CLASSIFIER = TINY_UNET
 
 
 def launch(script: str, *args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
@@ -159,6 +159,7 @@ def test_shared_morphomnist_folder_when_present():
         (["--train_data_dir", "/no/such/folder"], "is not a folder"),
         (["--dataset", "cifar-bundled"], "unknown --dataset"),
         (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
+        (["--save_images_steps", "0"], "--save_images_steps must be >= 1"),
     ],
 )
 def test_bad_arguments_fail_fast(tmp_path, args, message):

@@ -95,7 +95,7 @@ def main(args: argparse.Namespace):
     classifier = AntiCausalClassifier(
         sample_size=args.resolution,
         in_channels=args.num_channels,
-        num_classes=args.num_classes or len(set(split["train"]["label"])),
+        num_classes=args.num_classes or training.num_labels(split["train"]),
         down_block_types=("DownBlock2D",) * len(args.block_out_channels),
         block_out_channels=tuple(args.block_out_channels),
         layers_per_block=args.layers_per_block,

@@ -51,7 +51,7 @@ def main(args: argparse.Namespace):
     oracle = DigitOracle(
         sample_size=args.resolution,
         in_channels=args.num_channels,
-        num_classes=len(set(split["train"]["label"])),
+        num_classes=training.num_labels(split["train"]),
         channels=tuple(args.channels),
         dropout=args.dropout,
     )

@@ -1,14 +1,17 @@
 """The `diffscm` command: `demo`, `counterfactual` and `evaluate`."""
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
+
+from diffscm.data import BUNDLED_MNIST
+from diffscm.image_processing import preprocess_images
 
 CHECKPOINTS = "checkpoints"
 DEFAULT_MODEL = "diffscm-mnist"
@@ -50,6 +53,8 @@ def demo(args: argparse.Namespace):
     from diffscm.data import load_bundled_mnist
     from diffscm.evaluation import DigitOracle
 
+    if args.num_digits < 1:
+        raise SystemExit(f"error: --num-digits must be >= 1, got {args.num_digits}.")
     pipe = load_pipeline(args.model, args)
     oracle = DigitOracle.from_pretrained(args.oracle or default_checkpoint(DEFAULT_ORACLE)).eval()
     digits = one_per_class(heldout_digits(pipe, load_bundled_mnist(), 500), args.num_digits)
@@ -58,7 +63,7 @@ def demo(args: argparse.Namespace):
     print(f"Counterfactuals of {len(images)} held-out digits under do(digit = 0..{num_classes - 1}) ...")
     out = pipe(images, "all", output_type="pt", return_reconstruction=True, **pipeline_options(args))
 
-    factual = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)[None] for img in images])
+    factual = to_model_images(pipe, images)
     counterfactuals = out.images.reshape(len(images), num_classes, *out.images.shape[1:])
     columns = torch.cat([factual[:, None], out.reconstructions[:, None], counterfactuals], dim=1)
     with torch.no_grad():
@@ -76,25 +81,33 @@ def demo(args: argparse.Namespace):
 
 
 def heldout_digits(pipe, dataset, count: int):
-    """The first `count` held-out digits of the pipeline's recorded split (never seen in training)."""
+    """The first `count` held-out digits of the pipeline's recorded split of the bundled MNIST (never trained on)."""
     record = Path(pipe.config._name_or_path) / "training.json"
-    indices = None
-    if record.is_file():
-        import json
-
-        indices = json.loads(record.read_text())["split"]["heldout_indices"]
-    if not indices:
+    split = json.loads(record.read_text()).get("split", {}) if record.is_file() else {}
+    if not split.get("heldout_indices"):
         raise SystemExit(f"error: {record} holds no held-out split; pass images to `diffscm counterfactual` instead.")
-    return [dataset[i] for i in indices[:count]]
+    if split.get("source") != BUNDLED_MNIST:
+        raise SystemExit(
+            f"error: this model held out images of {split.get('source')!r}, not of {BUNDLED_MNIST!r}; evaluate it "
+            "with --data-dir on its own data."
+        )
+    return [dataset[i] for i in split["heldout_indices"][:count]]
+
+
+def to_model_images(pipe, images) -> torch.Tensor:
+    """Images as the model sees them (its channels and size), in [0, 1]."""
+    config = pipe.unet.config
+    return (preprocess_images(images, config.in_channels, config.sample_size) + 1) / 2
 
 
 def one_per_class(rows: list[dict], count: int) -> list[dict]:
     """Up to `count` rows with distinct labels in label order (then the remaining rows in order)."""
     first = {}
-    for row in rows:
-        first.setdefault(row["label"], row)
-    distinct = [first[label] for label in sorted(first)]
-    return (distinct + [row for row in rows if row not in distinct])[:count]
+    for index, row in enumerate(rows):
+        first.setdefault(row["label"], index)
+    chosen = [first[label] for label in sorted(first)]
+    rest = [index for index in range(len(rows)) if index not in set(chosen)]
+    return [rows[index] for index in (chosen + rest)[:count]]
 
 
 def image_grid(columns: torch.Tensor, headers: list[str], scale: int = 3) -> PIL.Image.Image:

@@ -69,7 +69,7 @@ def write_model_card(pipeline_dir: str, repo_id: str | None = None) -> ModelCard
         library_name="diffusers",
         license="apache-2.0",
         tags=["diffscm", "counterfactual", "causality", "diffusion", "image-to-image"],
-        datasets=[split["source"]] if "/" in split["source"] else None,
+        datasets=[split["source"]] if _is_hub_id(split["source"]) else None,
         pipeline_tag="image-to-image",
     )
     card = ModelCard.from_template(
@@ -150,6 +150,10 @@ def push_to_hub(pipeline_dir: str, repo_id: str | None, token: str | None = None
     url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=pipeline_dir, commit_message="Upload DiffSCMPipeline")
     return str(url)
+
+
+def _is_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
 
 
 def _display_path(folder: Path) -> str:

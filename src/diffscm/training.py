@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -73,14 +73,18 @@ def check_training_args(args: argparse.Namespace):
         raise SystemExit(
             f"error: unknown --dataset {args.dataset!r}; use {BUNDLED_MNIST!r}, --dataset_name or --train_data_dir."
         )
-    for name in (
+    positive = [
         "train_batch_size",
         "max_train_steps",
         "gradient_accumulation_steps",
         "checkpointing_steps",
         "resolution",
-    ):
-        if getattr(args, name) < 1:
+    ]
+    positive += [
+        name for name in ("save_images_steps", "checkpoints_total_limit", "num_classes") if name in vars(args)
+    ]
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}.")
 
 
@@ -93,6 +97,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
         project_config=project,
+        # Seeded shuffling, so that a resumed run skips the batches of the very order it was interrupted in.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if accelerator.is_main_process:
@@ -123,6 +129,12 @@ def load_split(args: argparse.Namespace):
     return split, record
 
 
+def num_labels(dataset) -> int:
+    """Classes of the `label` column: its ClassLabel size, else the largest label + 1 (not only those present)."""
+    feature = dataset.features["label"]
+    return feature.num_classes if hasattr(feature, "num_classes") else max(dataset["label"]) + 1
+
+
 def make_dataloader(dataset, args: argparse.Namespace, shuffle: bool = True) -> DataLoader:
     def transform(batch):
         return {
@@ -150,21 +162,23 @@ def batches_from(accelerator: Accelerator, dataloader: DataLoader, start_step: i
 
 
 def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int):
-    """Write `checkpoint-{step}` atomically (save to a temporary folder, then rename) and prune old ones."""
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    if args.checkpoints_total_limit is not None:
-        existing = list_checkpoints(args.output_dir)
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(old)
+    """Write `checkpoint-{step}` atomically: every process saves its part (its RNG state included) into a temporary
+    folder, then the main process renames it and prunes the oldest beyond --checkpoints_total_limit."""
     final = Path(args.output_dir) / f"checkpoint-{step}"
     partial = Path(args.output_dir) / f".checkpoint-{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-    logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
 
 
 def list_checkpoints(output_dir: str) -> list[Path]:
@@ -199,7 +213,7 @@ def prepare_model(accelerator: Accelerator, model: torch.nn.Module, dataloader: 
     ema = None
     if args.use_ema:
         ema = EMAModel(model.parameters(), decay=args.ema_max_decay, model_cls=type(model), model_config=model.config)
-    optimizer, lr_scheduler = optimizer_and_schedule(model, args)
+    optimizer, lr_scheduler = optimizer_and_schedule(model, args, accelerator.num_processes)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
@@ -248,7 +262,7 @@ def train(
         if after_step is not None:
             after_step(done)
     accelerator.wait_for_everyone()
-    return args.max_train_steps - first_step, time.perf_counter() - started
+    return max(0, args.max_train_steps - first_step), time.perf_counter() - started
 
 
 def trained_model(accelerator: Accelerator, model: torch.nn.Module, ema: EMAModel | None) -> torch.nn.Module:
@@ -259,15 +273,16 @@ def trained_model(accelerator: Accelerator, model: torch.nn.Module, ema: EMAMode
     return model.eval()
 
 
-def optimizer_and_schedule(model: torch.nn.Module, args: argparse.Namespace):
+def optimizer_and_schedule(model: torch.nn.Module, args: argparse.Namespace, num_processes: int = 1):
+    """AdamW and the LR schedule; accelerate steps a prepared schedule once per process at each optimizer step."""
     from diffusers.optimization import get_scheduler
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * args.gradient_accumulation_steps,
-        num_training_steps=args.max_train_steps * args.gradient_accumulation_steps,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
     )
     return optimizer, lr_scheduler
 

@@ -43,7 +43,7 @@ def add_evaluate_command(commands):
 
 
 def evaluate(args: argparse.Namespace):
-    from diffscm.cli import DEFAULT_ORACLE, default_checkpoint, load_pipeline
+    from diffscm.cli import DEFAULT_ORACLE, default_checkpoint, load_pipeline, to_model_images
     from diffscm.evaluation import DigitOracle
     from diffscm.evaluation.metrics import (
         abduction_curve,
@@ -54,19 +54,19 @@ def evaluate(args: argparse.Namespace):
         summary_table,
     )
     from diffscm.evaluation.plots import plot_abduction_curve, plot_guidance_sweep
-    from diffscm.image_processing import preprocess_images
 
     for name in ("num_samples", "sweep_samples", "composition_samples"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1.")
+        if getattr(args, name) < 2:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 2 (realism compares feature sets).")
+    if args.composition_cycles < 0:
+        raise SystemExit("error: --composition-cycles must be >= 0.")
     if not all(re.fullmatch(r"\d+:\d+", pair) for pair in args.abduction_settings):
         raise SystemExit(f"error: --abduction-settings takes STEPS:REFINEMENT pairs, got {args.abduction_settings}.")
     pipe = load_pipeline(args.model, args)
     oracle_dir = args.oracle or default_checkpoint(DEFAULT_ORACLE)
     oracle = DigitOracle.from_pretrained(oracle_dir).eval()
     digits = evaluation_digits(pipe, args)
-    config = pipe.unet.config
-    images = (preprocess_images([row["image"] for row in digits], config.in_channels, config.sample_size) + 1) / 2
+    images = to_model_images(pipe, [row["image"] for row in digits])
     labels = torch.tensor([row["label"] for row in digits])
     vae = load_vae(args.vae)
     scale = pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale

@@ -51,7 +51,7 @@ def evaluate_counterfactuals(
     """
     num_classes = pipe.classifier.config.num_classes
     targets = random_other_targets(labels, num_classes, seed)
-    steps = steps or pipe.config.num_inference_steps
+    steps = pipe.config.num_inference_steps if steps is None else steps
     count = len(images)
 
     with count_calls(pipe.unet) as unet_calls:
