@@ -68,7 +68,7 @@ def evaluate(args: argparse.Namespace):
     digits = evaluation_digits(pipe, args)
     images = to_model_images(pipe, [row["image"] for row in digits])
     labels = torch.tensor([row["label"] for row in digits])
-    vae = load_vae(args.vae)
+    vae = load_vae(args.vae, pipe)
     scale = pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
     options = {"steps": args.steps, "refinement": args.refinement}
 
@@ -138,14 +138,19 @@ def evaluation_digits(pipe, args: argparse.Namespace) -> list[dict]:
     return [dataset[i] for i in order[: args.num_samples].tolist()]
 
 
-def load_vae(path: str | None):
-    """The VAE for CLD: `--vae`, else the shipped MNIST one when present, else none (CLD is skipped)."""
+def load_vae(path: str | None, pipe):
+    """The VAE for CLD: `--vae`, else the shipped MNIST one when it fits the model's images, else none (no CLD)."""
     from diffscm.cli import default_checkpoint
     from diffscm.evaluation import DigitVAE
 
-    if path is None:
+    explicit = path is not None
+    if not explicit:
         try:
             path = default_checkpoint("mnist-vae")
         except SystemExit:
             return None
-    return DigitVAE.from_pretrained(path).eval()
+    vae = DigitVAE.from_pretrained(path).eval()
+    fits = all(vae.config[key] == pipe.unet.config[key] for key in ("sample_size", "in_channels"))
+    if not fits and explicit:
+        raise SystemExit(f"error: the VAE {path} takes other images than the model ({vae.config.sample_size} px).")
+    return vae if fits else None
