@@ -57,7 +57,7 @@ def test_batch_matches_single_images(trained_pipeline, factual_images):
     batch = trained_pipeline(images[:3], [1, 0, 1], num_inference_steps=6, guidance_scale=2, output_type="pt")
     for i, target in enumerate([1, 0, 1]):
         single = trained_pipeline(images[i], target, num_inference_steps=6, guidance_scale=2, output_type="pt")
-        torch.testing.assert_close(batch.images[i], single.images[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch.images[i], single.images[0], atol=1e-4, rtol=0)  # BLAS batch paths
 
 
 def test_abduct_then_intervene_equals_call(trained_pipeline, factual_images):
