@@ -57,3 +57,16 @@ def test_null_intervention_reconstructs_and_guidance_flips_the_oracle(pipe, held
     assert (out.reconstructions - images).abs().mean() * 255 < 3  # grey levels
     assert (oracle_predictions(oracle, out.reconstructions) == labels).all()
     assert (oracle_predictions(oracle, out.images) == targets).float().mean() >= 5 / 6
+
+
+def test_shipped_remote_code_matches_the_package(tmp_path):
+    import shutil
+
+    from diffscm import hub
+
+    shipped = CHECKPOINTS / "diffscm-mnist"
+    copy = tmp_path / "copy"
+    shutil.copytree(shipped, copy)
+    hub.add_remote_code(copy)
+    for name in ("pipeline_diffscm.py", "anticausal.py", "image_processing.py", "classifier/anticausal.py"):
+        assert (copy / name).read_text() == (shipped / name).read_text(), f"regenerate {name} with hub.add_remote_code"

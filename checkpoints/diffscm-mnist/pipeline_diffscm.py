@@ -132,9 +132,9 @@ class DiffSCMPipeline(DiffusionPipeline):
             image: factual image(s); see [`~diffscm.image_processing.preprocess_images`] for the accepted forms.
             num_inference_steps: DDIM steps of the whole chain; the intervention must use the same number.
             strength: fraction of the chain to invert (1 = up to x_T; the official Diff-SCM code used 0.75).
-            abduction_refinement_steps: K extra UNet passes per step solving x_t = step^-1(x_prev, eps(x_t, t)) by
-                fixed-point iteration, so that the generation step from x_t lands back on x_prev (0 = plain DDIM
-                inversion).
+            abduction_refinement_steps: K extra UNet passes per step. Each step solves x_t = step^-1(x_prev,
+                eps(x_t, t)) by fixed-point iteration, so that the generation step from x_t lands back on x_prev,
+                starting from the previous step's noise estimate; every pass (1 + K per step) is one iteration.
 
         Returns:
             `torch.Tensor` `(B, C, H, W)`, float32: the abducted noise, at the intervention's first timestep.
@@ -147,12 +147,12 @@ class DiffSCMPipeline(DiffusionPipeline):
         sample = preprocess_images(image, self.unet.config.in_channels, self.unet.config.sample_size)
         sample = sample.to(self._execution_device)
 
+        eps = torch.zeros_like(sample)  # each step starts from the previous step's noise estimate
         for i in self.progress_bar(reversed(range(len(timesteps))), total=len(timesteps)):
             t, alpha_t, alpha_prev = timesteps[i], alphas[i], alphas[i + 1]
-            noisier = ddim_step(sample, self.predict_noise(sample, t), alpha_prev, alpha_t)
-            for _ in range(refinements):
-                noisier = ddim_step(sample, self.predict_noise(noisier, t), alpha_prev, alpha_t)
-            sample = noisier
+            for _ in range(1 + refinements):  # fixed point of x_t = step^-1(x_prev, eps(x_t, t))
+                eps = self.predict_noise(ddim_step(sample, eps, alpha_prev, alpha_t), t)
+            sample = ddim_step(sample, eps, alpha_prev, alpha_t)
         return sample
 
     @torch.no_grad()
@@ -182,6 +182,8 @@ class DiffSCMPipeline(DiffusionPipeline):
                 `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` (`"sample"`), and
                 a returned `"sample"` replaces the current one.
         """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         guidance_scale = _default(guidance_scale, self.config.guidance_scale)
         num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
         self.check_guidance(guidance_scale, eta)
