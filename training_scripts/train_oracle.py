@@ -71,11 +71,8 @@ def main(args: argparse.Namespace):
         final = training.trained_model(accelerator, oracle, ema)
         heldout = training.make_dataloader(split["heldout"], args, shuffle=False)
         heldout_accuracy = accuracy(final, heldout, accelerator.device)
-        training.record_run(args, "train_oracle.py", steps, seconds)
-        final.save_pretrained(args.export_dir)
-        record = training.read_json(os.path.join(args.output_dir, "training_args.json"))
-        report = {"heldout_accuracy": heldout_accuracy, "command": record["command"], "split": split_record}
-        training.write_json(os.path.join(args.export_dir, "oracle.json"), report)
+        record = {"heldout_accuracy": heldout_accuracy, "split": split_record}
+        training.export_judge(args, final, "train_oracle.py", steps, seconds, record)
         hub.write_oracle_card(args.export_dir)
         print(f"held-out accuracy of the oracle: {heldout_accuracy:.4f} ({split_record['num_heldout']} images)")
     accelerator.end_training()

@@ -61,11 +61,8 @@ def main(args: argparse.Namespace):
         final = training.trained_model(accelerator, vae, ema)
         heldout = training.make_dataloader(split["heldout"], args, shuffle=False)
         loss = heldout_loss(final, heldout, args, accelerator.device)
-        training.record_run(args, "train_vae.py", steps, seconds)
-        final.save_pretrained(args.export_dir)
-        record = training.read_json(os.path.join(args.output_dir, "training_args.json"))
-        report = {"heldout_negative_elbo": loss, "command": record["command"], "split": split_record}
-        training.write_json(os.path.join(args.export_dir, "vae.json"), report)
+        record = {"heldout_negative_elbo": loss, "split": split_record}
+        training.export_judge(args, final, "train_vae.py", steps, seconds, record)
         hub.write_vae_card(args.export_dir)
         print(f"held-out negative ELBO of the VAE: {loss:.2f} per image ({split_record['num_heldout']} images)")
     accelerator.end_training()

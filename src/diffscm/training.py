@@ -308,6 +308,15 @@ def record_run(args: argparse.Namespace, script: str, steps_run: int, seconds: f
     return seconds_per_step
 
 
+def export_judge(args: argparse.Namespace, model, script: str, steps: int, seconds: float, record: dict):
+    """Save a judge (oracle, VAE) to --export_dir with `{kind}.json`: its held-out metric, command and split."""
+    record_run(args, script, steps, seconds)
+    model.save_pretrained(args.export_dir)
+    command = read_json(Path(args.output_dir) / "training_args.json")["command"]
+    kind = script.removeprefix("train_").removesuffix(".py")
+    write_json(Path(args.export_dir) / f"{kind}.json", record | {"command": command})
+
+
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
