@@ -23,7 +23,9 @@ setup(
         "Pillow",
         "tqdm",
         "mlxtend",
+        "scipy",
+        "matplotlib",
     ],
-    extras_require={"test": ["pytest", "ruff", "mlxtend"]},
+    extras_require={"test": ["pytest", "ruff"]},
     entry_points={"console_scripts": ["diffscm = diffscm.cli:main"]},
 )
