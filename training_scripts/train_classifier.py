@@ -106,8 +106,7 @@ def main(args: argparse.Namespace):
     )
     if accelerator.is_main_process:
         training.write_json(os.path.join(args.output_dir, "noise_schedule.json"), schedule_of(scheduler))
-        training.write_json(os.path.join(args.output_dir, "split.json"), split_record)
-        accelerator.init_trackers("train_classifier", config={k: str(v) for k, v in vars(args).items()})
+    training.start_run(accelerator, args, "train_classifier", split_record)
 
     def compute_loss(model, batch):
         clean, labels = batch["pixel_values"], batch["labels"]

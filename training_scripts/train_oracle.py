@@ -56,9 +56,7 @@ def main(args: argparse.Namespace):
         dropout=args.dropout,
     )
     oracle, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(accelerator, oracle, dataloader, args)
-    if accelerator.is_main_process:
-        training.write_json(os.path.join(args.output_dir, "split.json"), split_record)
-        accelerator.init_trackers("train_oracle", config={k: str(v) for k, v in vars(args).items()})
+    training.start_run(accelerator, args, "train_oracle", split_record)
 
     def compute_loss(model, batch):
         images = batch["pixel_values"]

@@ -74,8 +74,7 @@ def main(args: argparse.Namespace):
         DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False).save_pretrained(
             os.path.join(args.output_dir, "scheduler")
         )
-        training.write_json(os.path.join(args.output_dir, "split.json"), split_record)
-        accelerator.init_trackers("train_unet", config={k: str(v) for k, v in vars(args).items()})
+    training.start_run(accelerator, args, "train_unet", split_record)
 
     def compute_loss(model, batch):
         clean = batch["pixel_values"]

@@ -49,9 +49,7 @@ def main(args: argparse.Namespace):
     dataloader = training.make_dataloader(split["train"], args)
     vae = DigitVAE(args.resolution, args.num_channels, tuple(args.channels), args.latent_dim)
     vae, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(accelerator, vae, dataloader, args)
-    if accelerator.is_main_process:
-        training.write_json(os.path.join(args.output_dir, "split.json"), split_record)
-        accelerator.init_trackers("train_vae", config={k: str(v) for k, v in vars(args).items()})
+    training.start_run(accelerator, args, "train_vae", split_record)
 
     def compute_loss(model, batch):
         return vae_loss(model(batch["pixel_values"]), batch["pixel_values"], args.beta)

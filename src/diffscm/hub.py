@@ -105,37 +105,33 @@ def write_oracle_card(oracle_dir: str, repo_id: str | None = None) -> ModelCard:
     """Render `README.md` of an oracle folder from its `oracle.json` (command, split, held-out accuracy)."""
     folder = Path(oracle_dir)
     record = _read_json(folder, "oracle.json")
-    card_data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=["diffscm", "evaluation", "oracle"])
-    card = ModelCard.from_template(
-        card_data,
-        template_str=_template(ORACLE_TEMPLATE),
-        model_name=folder.name,
-        repo_id=repo_id or _display_path(folder),
-        num_params=f"{_count_params(folder):,}",
+    return _write_judge_card(
+        folder, ORACLE_TEMPLATE, "oracle", record, repo_id=repo_id or _display_path(folder),
         heldout_accuracy=record["heldout_accuracy"],
-        num_heldout=record["split"]["num_heldout"],
-        split_seed=record["split"]["split_seed"],
-        source=record["split"]["source"],
-        command=record["command"],
-    )
-    card.save(folder / "README.md")
-    return card
+    )  # fmt: skip
 
 
 def write_vae_card(vae_dir: str) -> ModelCard:
     """Render `README.md` of a VAE folder from its `vae.json` and config."""
     folder = Path(vae_dir)
-    record, config = _read_json(folder, "vae.json"), _read_json(folder, "config.json")
-    card_data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=["diffscm", "evaluation", "vae"])
+    record = _read_json(folder, "vae.json")
+    return _write_judge_card(
+        folder, VAE_TEMPLATE, "vae", record, latent_dim=_read_json(folder, "config.json")["latent_dim"],
+        heldout_negative_elbo=record["heldout_negative_elbo"],
+    )  # fmt: skip
+
+
+def _write_judge_card(folder: Path, template: str, tag: str, record: dict, **fields) -> ModelCard:
+    """A judge's card: its command, parameter count and split, plus the template's own `fields`."""
+    card_data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=["diffscm", "evaluation", tag])
     card = ModelCard.from_template(
         card_data,
-        template_str=_template(VAE_TEMPLATE),
+        template_str=_template(template),
         model_name=folder.name,
         num_params=f"{_count_params(folder):,}",
-        latent_dim=config["latent_dim"],
-        heldout_negative_elbo=record["heldout_negative_elbo"],
         command=record["command"],
         **{key: record["split"][key] for key in ("num_train", "num_heldout", "split_seed", "source")},
+        **fields,
     )
     card.save(folder / "README.md")
     return card

@@ -151,6 +151,13 @@ def make_dataloader(dataset, args: argparse.Namespace, shuffle: bool = True) -> 
     )
 
 
+def start_run(accelerator: Accelerator, args: argparse.Namespace, name: str, split_record: dict):
+    """On the main process: record the split in `split.json` and start the trackers (tensorboard when installed)."""
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / "split.json", split_record)
+        accelerator.init_trackers(name, config={k: str(v) for k, v in vars(args).items()})
+
+
 def batches_from(accelerator: Accelerator, dataloader: DataLoader, start_step: int, accumulation: int):
     """Endless stream of batches that continues a resumed run where its checkpoint left the data."""
     epoch, skip = divmod(start_step * accumulation, len(dataloader))
