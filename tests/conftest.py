@@ -9,7 +9,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 
-from diffscm import AntiCausalClassifier, DiffSCMPipeline  # noqa: E402
+from diffscm import AntiCausalClassifier, AntiCausalPredictor, CausalGraph, DiffSCMPipeline  # noqa: E402
 
 torch.set_num_threads(1)  # the tiny test models are slower with more threads
 
@@ -40,6 +40,33 @@ def tiny_classifier(channels: int = 1, size: int = 8, num_classes: int = 2) -> A
     )
 
 
+# A small SCM over the synthetic images: level -> brightness; position, brightness -> image.
+TINY_GRAPH = {
+    "nodes": [
+        {"name": "level", "type": "continuous", "range": [-3.0, 3.0]},
+        {"name": "brightness", "type": "continuous", "range": [0.5, 1.0], "parents": ["level"],
+         "mechanism": {"kind": "logistic", "weights": {"level": 1.0}, "scale": 0.5, "low": 0.5, "high": 1.0}},
+        {"name": "position", "type": "categorical", "num_classes": 2},
+        {"name": "image", "type": "image", "parents": ["brightness", "position"]},
+    ]
+}  # fmt: skip
+
+
+def tiny_predictor(size: int = 8) -> AntiCausalPredictor:
+    return AntiCausalPredictor(
+        sample_size=size,
+        parents={
+            "brightness": {"type": "continuous", "range": [0.5, 1.0], "conditions": []},
+            "position": {"type": "categorical", "num_classes": 2},
+        },
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+        head_hidden_dim=16,
+    )
+
+
 def tiny_pipeline(channels: int = 1, size: int = 8, num_classes: int = 2, **config) -> DiffSCMPipeline:
     torch.manual_seed(0)
     pipe = DiffSCMPipeline(
@@ -52,8 +79,9 @@ def tiny_pipeline(channels: int = 1, size: int = 8, num_classes: int = 2, **conf
     return pipe
 
 
-def two_class_images(num: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class 0: a bright 3x3 blob in the top-left quarter of an 8x8 image; class 1: in the bottom-right quarter."""
+def two_class_images(num: int, generator: torch.Generator, with_brightness: bool = False):
+    """Class 0: a bright 3x3 blob in the top-left quarter of an 8x8 image; class 1: in the bottom-right quarter.
+    The blob's brightness is uniform in [0.5, 1] (returned too, with `with_brightness`)."""
     labels = torch.randint(0, 2, (num,), generator=generator)
     images = torch.full((num, 1, 8, 8), -1.0)
     offsets = torch.randint(0, 2, (num, 2), generator=generator)
@@ -61,7 +89,7 @@ def two_class_images(num: int, generator: torch.Generator) -> tuple[torch.Tensor
     for i in range(num):
         row, col = (offsets[i] + 4 * labels[i] + (1 - labels[i])).tolist()
         images[i, 0, row : row + 3, col : col + 3] = 2 * brightness[i] - 1
-    return images, labels
+    return (images, labels, brightness) if with_brightness else (images, labels)
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +113,33 @@ def trained_pipeline() -> DiffSCMPipeline:
             loss.backward()
             optimizer.step()
         model.eval().requires_grad_(False)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def scm_pipeline(trained_pipeline) -> DiffSCMPipeline:
+    """The trained tiny UNet with a briefly trained two-head predictor (position, brightness) and `TINY_GRAPH`."""
+    torch.manual_seed(0)
+    predictor = tiny_predictor()
+    generator = torch.Generator().manual_seed(1)
+    scheduler = trained_pipeline.scheduler
+    optimizer = torch.optim.AdamW(predictor.parameters(), lr=3e-3)
+    for _ in range(300):
+        clean, labels, brightness = two_class_images(32, generator, with_brightness=True)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=generator)
+        noisy = scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), t)
+        log_likelihoods = predictor.log_likelihood(noisy, t, {"position": labels, "brightness": brightness})
+        loss = -sum(value.mean() for value in log_likelihoods.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    predictor.eval().requires_grad_(False)
+    pipe = DiffSCMPipeline(
+        trained_pipeline.unet, trained_pipeline.scheduler, predictor, causal_graph=TINY_GRAPH,
+        guidance_scale={"position": 2.0, "brightness": 5.0}, num_inference_steps=10, abduction_refinement_steps=1,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.causal_graph, CausalGraph)
     return pipe
 
 

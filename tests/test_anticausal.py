@@ -44,3 +44,76 @@ def test_gradient_reaches_the_input():
 def test_bad_config(config, message):
     with pytest.raises(ValueError, match=message):
         AntiCausalClassifier(**config)
+
+
+def test_predictor_heads_condition_and_predict_in_order():
+    from diffscm import AntiCausalPredictor
+
+    predictor = AntiCausalPredictor(
+        sample_size=8,
+        parents={
+            "thickness": {"type": "continuous", "range": [0.5, 6.0], "conditions": ["intensity"]},
+            "intensity": {"type": "continuous", "range": [64.0, 255.0]},
+            "digit": {"type": "categorical", "num_classes": 10},
+        },
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    ).eval()
+    assert predictor.order.index("intensity") < predictor.order.index("thickness")
+    sample = torch.randn(3, 1, 8, 8)
+    outputs = predictor(sample, 5, conditions={"intensity": torch.tensor([70.0, 150.0, 250.0])}).outputs
+    assert outputs["digit"].shape == (3, 10) and outputs["thickness"].shape == (3, 2)
+    low, high = (
+        predictor(sample, 5, conditions={"intensity": 64.0}),
+        predictor(sample, 5, conditions={"intensity": 255.0}),
+    )
+    assert not torch.allclose(low.outputs["thickness"], high.outputs["thickness"]), "the condition must matter"
+    with pytest.raises(ValueError, match="conditioned on"):
+        predictor(sample, 5)
+    estimates = predictor.predict(sample, 0)
+    assert set(estimates) == {"thickness", "intensity", "digit"} and estimates["digit"].dtype == torch.long
+    values = {"thickness": 2.0, "intensity": 100.0, "digit": torch.tensor([1, 2, 3])}
+    log_likelihood = predictor.log_likelihood(sample, 0, values)
+    assert all(v.shape == (3,) and torch.isfinite(v).all() for v in log_likelihood.values())
+
+
+def test_predictor_save_load_round_trip(tmp_path):
+    from conftest import tiny_predictor
+
+    from diffscm import AntiCausalPredictor
+
+    predictor = tiny_predictor().eval()
+    predictor.save_pretrained(tmp_path)
+    loaded = AntiCausalPredictor.from_pretrained(tmp_path).eval()
+    sample = torch.randn(2, 1, 8, 8)
+    values = {"brightness": 0.7, "position": 1}
+    for name, value in predictor.log_likelihood(sample, 3, values).items():
+        assert torch.equal(value, loaded.log_likelihood(sample, 3, values)[name])
+
+
+@pytest.mark.parametrize(
+    ("parents", "message"),
+    [
+        (None, "at least one parent"),
+        ({"a": {"type": "ordinal"}}, "type 'ordinal'"),
+        ({"a": {"type": "categorical", "num_classes": 1}}, "num_classes >= 2"),
+        ({"a": {"type": "continuous", "range": [1.0, 1.0]}}, "low < high"),
+        (
+            {"a": {"type": "continuous", "range": [0, 1], "conditions": ["b"]}, "b": {"type": "categorical",
+             "num_classes": 2}},
+            "other continuous parents",
+        ),
+        (
+            {"a": {"type": "continuous", "range": [0, 1], "conditions": ["b"]},
+             "b": {"type": "continuous", "range": [0, 1], "conditions": ["a"]}},
+            "cycle",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_predictor_config(parents, message):
+    from diffscm import AntiCausalPredictor
+
+    with pytest.raises(ValueError, match=message):
+        AntiCausalPredictor(parents=parents)

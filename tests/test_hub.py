@@ -117,3 +117,28 @@ def test_loaded_pipeline_matches_the_saved_one(shared_folder):
     again = DiffSCMPipeline.from_pretrained(shared_folder)
     image = torch.rand(1, 1, 16, 16)
     assert torch.equal(pipe(image, 0, output_type="pt").images, again(image, 0, output_type="pt").images)
+
+
+def test_plain_diffusers_loads_a_causal_graph_pipeline_with_trust_remote_code(tmp_path):
+    from conftest import TINY_GRAPH, tiny_predictor, tiny_unet
+    from diffusers import DDIMScheduler
+
+    folder = tmp_path / "diffscm-scm-tiny"
+    DiffSCMPipeline(
+        tiny_unet(), DDIMScheduler(clip_sample=False), tiny_predictor(), causal_graph=TINY_GRAPH,
+        guidance_scale={"brightness": 3.0, "position": 1.0}, num_inference_steps=3,
+    ).save_pretrained(folder)  # fmt: skip
+    hub.add_remote_code(folder)
+    assert json.loads((folder / "model_index.json").read_text())["classifier"] == ["anticausal", "AntiCausalPredictor"]
+    out = run_python(
+        f"""
+        import sys, torch
+        sys.modules["diffscm"] = None  # diffscm is not installed for this user
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(torch.rand(2, 1, 8, 8), intervention={{"level": 1.0}}, factual_values={{"level": 0.0}})
+        print(type(pipe.classifier).__name__, len(out.images), sorted(out.counterfactual_values))
+        """
+    )
+    assert "AntiCausalPredictor 2 ['brightness', 'level', 'position']" in out

@@ -2,7 +2,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_pipeline
+from conftest import tiny_classifier, tiny_pipeline
 from diffusers import DDPMScheduler
 
 from diffscm import DiffSCMPipeline
@@ -207,3 +207,88 @@ def test_mismatched_components_are_rejected():
     small, large = tiny_pipeline(size=8), tiny_pipeline(size=16)
     with pytest.raises(ValueError, match="sample_size"):
         DiffSCMPipeline(small.unet, small.scheduler, large.classifier)
+
+
+# --- causal graphs with several parents (the tiny SCM of conftest.TINY_GRAPH) ---
+
+
+def blob_brightness(images: torch.Tensor) -> torch.Tensor:
+    """Mean of the 9 brightest pixels of each image in [0, 1]: the blob's brightness."""
+    return images.flatten(1).topk(9, dim=1).values.mean(dim=1)
+
+
+def test_scm_null_intervention_reconstructs(scm_pipeline, factual_images):
+    images, labels = factual_images
+    out = scm_pipeline(
+        images, intervention={"position": labels}, guidance_scale=0.0, output_type="pt", return_reconstruction=True
+    )
+    assert (out.images - images).abs().mean() < 0.03
+    assert (out.reconstructions - images).abs().mean() < 0.03
+
+
+def test_scm_intervention_on_a_continuous_parent_moves_it_the_right_way(scm_pipeline, factual_images):
+    images, labels = factual_images
+    factual = {"position": labels}
+    bright = scm_pipeline(images, intervention={"brightness": 1.0}, factual_values=factual, output_type="pt")
+    dim = scm_pipeline(images, intervention={"brightness": 0.5}, factual_values=factual, output_type="pt")
+    assert (blob_brightness(bright.images) > blob_brightness(dim.images)).float().mean() >= 5 / 6
+    assert bright.predicted_factuals == ["brightness"], "brightness was not given, so it was predicted"
+    assert bright.predicted_values["brightness"].mean() > dim.predicted_values["brightness"].mean()
+    np.testing.assert_array_equal(bright.counterfactual_values["position"], labels.numpy())
+
+
+def test_scm_do_on_an_ancestor_propagates_through_the_mechanism(scm_pipeline, factual_images):
+    images, labels = factual_images
+    factual = {"level": 0.0, "brightness": 0.75, "position": labels}
+    out = scm_pipeline(images, intervention={"level": 2.0}, factual_values=factual, output_type="np")
+    expected = 0.5 + 0.5 / (1 + np.exp(-(2.0 + 0.5 * 0.0)))  # the abducted noise of brightness is 0 here
+    np.testing.assert_allclose(out.counterfactual_values["brightness"], expected, rtol=1e-6)
+    assert out.predicted_factuals == [] and out.images.shape == (6, 8, 8, 1)
+    with pytest.raises(ValueError, match=r"factual values of \['level'\] are needed"):
+        scm_pipeline(images, intervention={"level": 2.0}, factual_values={"position": labels})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"target": 1}, ValueError, "use `intervention="),
+        ({"target": 1, "intervention": {"position": 1}}, ValueError, "either `target` or `intervention`"),
+        ({}, ValueError, "either `target` or `intervention`"),
+        ({"intervention": {}}, ValueError, "non-empty dict"),
+        ({"intervention": {"colour": 1}}, ValueError, "Unknown variable 'colour'"),
+        ({"intervention": {"brightness": 2.0}}, ValueError, "range"),
+        ({"intervention": {"position": 0.5}}, ValueError, "class indices"),
+        ({"intervention": {"brightness": "high"}}, TypeError, "numbers"),
+        ({"intervention": {"position": [0, 1, 0]}}, ValueError, "3 values for 6 images"),
+        ({"intervention": {"position": 1}, "factual_values": [0.7]}, ValueError, "must be a dict"),
+        ({"intervention": {"position": 1}, "guidance_scale": {"level": 1.0}}, ValueError, "not parents of the image"),
+        ({"intervention": {"position": 1}, "guidance_scale": {"position": -1.0}}, ValueError, "guidance_scale"),
+    ],
+)
+def test_scm_bad_requests_are_refused(scm_pipeline, factual_images, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        scm_pipeline(factual_images[0], num_inference_steps=2, **kwargs)
+
+
+def test_scm_intervene_needs_every_parent_unless_unguided(scm_pipeline):
+    noise = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="all the image's parents"):
+        scm_pipeline.intervene(noise, {"position": 1}, num_inference_steps=2)
+    with pytest.raises(ValueError, match="`target` is needed"):
+        scm_pipeline.intervene(noise, None, num_inference_steps=2)
+    assert scm_pipeline.intervene(noise, None, guidance_scale=0.0, num_inference_steps=2).shape == (2, 1, 8, 8)
+
+
+def test_scm_pipeline_save_load_keeps_its_graph_and_scales(scm_pipeline, tmp_path):
+    scm_pipeline.save_pretrained(tmp_path)
+    loaded = DiffSCMPipeline.from_pretrained(tmp_path)
+    assert loaded.causal_graph.to_config() == scm_pipeline.causal_graph.to_config()
+    assert loaded.guidance_scales() == {"brightness": 5.0, "position": 2.0}
+    assert type(loaded.classifier).__name__ == "AntiCausalPredictor"
+
+
+def test_predictor_must_cover_the_graphs_image_parents(scm_pipeline):
+    from conftest import TINY_GRAPH
+
+    with pytest.raises(ValueError, match="predicts"):
+        DiffSCMPipeline(scm_pipeline.unet, scm_pipeline.scheduler, tiny_classifier(), causal_graph=TINY_GRAPH)

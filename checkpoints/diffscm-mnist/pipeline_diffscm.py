@@ -16,9 +16,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
 from .image_processing import PipelineImageInput, preprocess_images
-from .anticausal import AntiCausalClassifier
+from .anticausal import AntiCausalClassifier, AntiCausalPredictor
+from .scm import CausalGraph
 
 TargetInput = int | str | list | np.ndarray | torch.Tensor
+ValuesInput = dict[str, float | int | list | np.ndarray | torch.Tensor]
+PREDICTORS = {cls.__name__: cls for cls in (AntiCausalClassifier, AntiCausalPredictor)}
 
 
 @dataclass
@@ -27,16 +30,26 @@ class DiffSCMPipelineOutput(BaseOutput):
     Args:
         images: counterfactuals, image-major: for `B` images and `K` targets each, image `b` under target `k` is at
             `b * K + k`. PIL images, a numpy array `(B*K, H, W, C)` or a tensor `(B*K, C, H, W)`, in [0, 1].
-        targets (`np.ndarray` of shape `(B*K,)`): the intervened value of each counterfactual.
-        target_probabilities (`np.ndarray` of shape `(B*K,)`): p_phi(target | counterfactual, t=0), the anti-causal
-            predictor's belief that the intervention took effect (a guide, not an independent judge).
+        counterfactual_values (`dict[str, np.ndarray]`): every variable of the causal graph after do() and
+            propagation through the mechanisms, one value per counterfactual.
+        factual_values (`dict[str, np.ndarray]`): the factual value of every variable, one per input image.
+        predicted_factuals (`list[str]`): the factual values that were predicted from the image by the anti-causal
+            predictor at t = 0 because they were not given.
+        predicted_values (`dict[str, np.ndarray]`): the anti-causal predictor's estimate of each parent of the image
+            from each counterfactual (a guide, not an independent judge).
+        targets (`np.ndarray` of shape `(B*K,)`): with `target=`, the intervened class of each counterfactual.
+        target_probabilities (`np.ndarray` of shape `(B*K,)`): with `target=`, p_phi(target | counterfactual, t=0).
         reconstructions: the null-intervention (guidance 0) results, one per input image, when asked for.
         noise (`torch.Tensor`): the abducted exogenous noise u, one per input image, when asked for.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-    targets: np.ndarray
-    target_probabilities: np.ndarray
+    counterfactual_values: dict[str, np.ndarray]
+    factual_values: dict[str, np.ndarray]
+    predicted_factuals: list[str]
+    predicted_values: dict[str, np.ndarray]
+    targets: np.ndarray | None = None
+    target_probabilities: np.ndarray | None = None
     reconstructions: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
     noise: torch.Tensor | None = None
 
@@ -51,16 +64,22 @@ class DiffSCMPipeline(DiffusionPipeline):
     r"""
     Counterfactual image generation with a diffusion model as the image's causal mechanism (Diff-SCM).
 
-    1. Abduction: deterministic DDIM inversion of the factual image x_0 to its exogenous noise u = x_T.
-    2. Intervention and prediction: DDIM from u back to x_0, guided by the anti-causal predictor p_phi(y | x_t, t)
-       towards the intervened value y* of the image's parent:
-       eps_hat = eps_theta(x_t, t) - s * sqrt(1 - alpha_bar_t) * grad_{x_t} log p_phi(y* | x_t, t).
+    1. Abduction: deterministic DDIM inversion of the factual image x_0 to its exogenous noise u = x_T, and the noise
+       of every other variable of the causal graph through the inverse of its mechanism.
+    2. Action: do(variable = value); descendants follow through their mechanisms with their abducted noise.
+    3. Prediction: DDIM from u back to x_0, guided by the anti-causal predictors p_phi(pa_k | x_t, t) towards the
+       counterfactual values pa_k* of all the image's parents at once:
+       eps_hat = eps_theta(x_t, t) - sqrt(1 - alpha_bar_t) * sum_k s_k grad_{x_t} log p_phi(pa_k* | x_t, t).
 
     Parameters:
         unet ([`UNet2DModel`]): the noise model eps_theta (epsilon prediction).
         scheduler ([`DDIMScheduler`]): its noise schedule; any scheduler config is read as a DDIM one.
-        classifier ([`AntiCausalClassifier`]): the noise-aware anti-causal predictor, trained on the same schedule.
-        guidance_scale (`float`): default guidance scale s, chosen by measurement for the shipped checkpoints.
+        classifier ([`AntiCausalClassifier`] or [`AntiCausalPredictor`]): the noise-aware anti-causal predictor(s)
+            of the image's parents, trained on the same schedule.
+        causal_graph (`dict`): `{"nodes": [...]}`, the [`~diffscm.scm.CausalGraph`] config; by default the
+            classifier's single categorical parent -> image.
+        guidance_scale (`float` or `dict`): default guidance scale s, or one per parent of the image, chosen by
+            measurement for the shipped checkpoints.
         num_inference_steps (`int`): default number of DDIM steps, used by abduction and intervention alike.
         abduction_refinement_steps (`int`): default extra UNet passes per inversion step (exact abduction).
     """
@@ -72,22 +91,30 @@ class DiffSCMPipeline(DiffusionPipeline):
         self,
         unet: UNet2DModel,
         scheduler: DDIMScheduler,
-        classifier: AntiCausalClassifier,
-        guidance_scale: float = 1.0,
+        classifier: AntiCausalClassifier | AntiCausalPredictor,
+        causal_graph: dict | None = None,
+        guidance_scale: float | dict = 1.0,
         num_inference_steps: int = 50,
         abduction_refinement_steps: int = 0,
     ):
         super().__init__()
         if not isinstance(scheduler, DDIMScheduler):
             scheduler = DDIMScheduler.from_config(scheduler.config)
-        _check_components(unet, scheduler, classifier)
+        if causal_graph is None:
+            (parent, spec), *_ = classifier.parents.items()
+            self.causal_graph = CausalGraph.single_parent(parent, spec["num_classes"])
+        else:
+            self.causal_graph = CausalGraph.from_config(causal_graph)
+        _check_components(unet, scheduler, classifier, self.causal_graph)
         self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
         self.register_to_config(
+            causal_graph=self.causal_graph.to_config(),
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
             abduction_refinement_steps=abduction_refinement_steps,
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False)
+        self.guidance_scales(guidance_scale)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiffSCMPipeline":
@@ -107,7 +134,7 @@ class DiffSCMPipeline(DiffusionPipeline):
         components = {
             "unet": lambda: UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
             "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
-            "classifier": lambda: AntiCausalClassifier.from_pretrained(folder, subfolder="classifier"),
+            "classifier": lambda: PREDICTORS[config["classifier"][1]].from_pretrained(folder, subfolder="classifier"),
         }
         for name, load in components.items():
             if name not in kwargs:
@@ -139,13 +166,27 @@ class DiffSCMPipeline(DiffusionPipeline):
         Returns:
             `torch.Tensor` `(B, C, H, W)`, float32: the abducted noise, at the intervention's first timestep.
         """
+        return self.invert(self.preprocess(image), num_inference_steps, strength, abduction_refinement_steps)
+
+    def preprocess(self, image: PipelineImageInput) -> torch.Tensor:
+        """Factual image(s) as a float32 `(B, C, H, W)` tensor in [-1, 1] of the model's size, on its device."""
+        sample = preprocess_images(image, self.unet.config.in_channels, self.unet.config.sample_size)
+        return sample.to(self._execution_device)
+
+    @torch.no_grad()
+    def invert(
+        self,
+        sample: torch.Tensor,
+        num_inference_steps: int | None = None,
+        strength: float = 1.0,
+        abduction_refinement_steps: int | None = None,
+    ) -> torch.Tensor:
+        """The DDIM inversion of [`abduct`] for a preprocessed `sample` in [-1, 1]."""
         num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
         refinements = _default(abduction_refinement_steps, self.config.abduction_refinement_steps)
         if not isinstance(refinements, int) or refinements < 0:
             raise ValueError(f"`abduction_refinement_steps` must be an integer >= 0, got {refinements!r}.")
         timesteps, alphas = self.get_timesteps(num_inference_steps, strength)
-        sample = preprocess_images(image, self.unet.config.in_channels, self.unet.config.sample_size)
-        sample = sample.to(self._execution_device)
 
         eps = torch.zeros_like(sample)  # each step starts from the previous step's noise estimate
         for i in self.progress_bar(reversed(range(len(timesteps))), total=len(timesteps)):
@@ -159,8 +200,8 @@ class DiffSCMPipeline(DiffusionPipeline):
     def intervene(
         self,
         noise: torch.Tensor,
-        target: TargetInput,
-        guidance_scale: float | None = None,
+        target: TargetInput | ValuesInput | None,
+        guidance_scale: float | dict | None = None,
         num_inference_steps: int | None = None,
         strength: float = 1.0,
         eta: float = 0.0,
@@ -170,12 +211,16 @@ class DiffSCMPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("sample",),
     ) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
         """
-        Intervention and prediction: DDIM from the abducted `noise` to x_0, guided towards do(parent = `target`).
+        Prediction: DDIM from the abducted `noise` to x_0, guided towards the counterfactual values of the image's
+        parents.
 
         Args:
             noise: abducted noise `(B, C, H, W)` from [`abduct`], with the same `num_inference_steps` and `strength`.
-            target: one class index per noise sample (an int applies to all).
-            guidance_scale: s >= 0; 0 is the null intervention and reproduces the factual.
+            target: the counterfactual value of every parent of the image, `{parent: value or one per sample}`; for
+                a graph whose image has one categorical parent, also just the class (an int or one per sample);
+                None for the null intervention (no guidance).
+            guidance_scale: s >= 0, or `{parent: s}` (parents left out keep their default); 0 everywhere is the null
+                intervention and reproduces the factual.
             eta: 0 for deterministic DDIM; > 0 adds fresh noise drawn from `generator` (then not a reconstruction).
             output_type: `"pt"`, `"np"`, `"pil"`, or `"latent"` for the raw sample in [-1, 1].
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` called after every step;
@@ -184,24 +229,23 @@ class DiffSCMPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
-        guidance_scale = _default(guidance_scale, self.config.guidance_scale)
+        scales = self.guidance_scales(guidance_scale)
         num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
-        self.check_guidance(guidance_scale, eta)
+        self.check_guidance(0.0, eta)
         self.check_noise(noise)
         if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be within {self._callback_tensor_inputs}.")
-        targets = self.prepare_targets(target, noise.shape[0])
-        if targets.shape[1] != 1:
-            raise ValueError("`intervene` takes one target per noise sample; repeat `noise` for several targets.")
+        if target is None and any(scales.values()):
+            raise ValueError("`target` is needed unless the guidance scale is 0 (the null intervention).")
+        values = None if target is None else self.prepare_parent_values(target, noise.shape[0])
         timesteps, alphas = self.get_timesteps(num_inference_steps, strength)
         sample = noise.to(self._execution_device, torch.float32)
-        target = targets[:, 0].to(sample.device)
 
         for i, t in enumerate(self.progress_bar(timesteps)):
             alpha_t, alpha_prev = alphas[i], alphas[i + 1]
             eps = self.predict_noise(sample, t)
-            if guidance_scale > 0:
-                eps = eps - guidance_scale * math.sqrt(1 - alpha_t) * self.log_likelihood_gradient(sample, t, target)
+            if values is not None and any(scales.values()):
+                eps = eps - math.sqrt(1 - alpha_t) * self.log_likelihood_gradient(sample, t, values, scales)
             sample = self.denoising_step(sample, eps, alpha_t, alpha_prev, eta, generator)
             if callback_on_step_end is not None:
                 callback_kwargs = {name: {"sample": sample}[name] for name in callback_on_step_end_tensor_inputs}
@@ -215,8 +259,10 @@ class DiffSCMPipeline(DiffusionPipeline):
     def __call__(
         self,
         image: PipelineImageInput,
-        target: TargetInput,
-        guidance_scale: float | None = None,
+        target: TargetInput | None = None,
+        intervention: ValuesInput | None = None,
+        factual_values: ValuesInput | None = None,
+        guidance_scale: float | dict | None = None,
         num_inference_steps: int | None = None,
         strength: float = 1.0,
         abduction_refinement_steps: int | None = None,
@@ -230,15 +276,20 @@ class DiffSCMPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("sample",),
     ) -> DiffSCMPipelineOutput | tuple:
         r"""
-        The counterfactual "had the image's parent been `target`": abduction, then intervention and prediction.
+        The counterfactual "had `intervention` held": abduction, action on the causal graph, guided prediction.
 
         Args:
             image: factual image(s): PIL, numpy channels-last or torch channels-first, floats in [0, 1]; RGB/grey is
                 converted to the model's channels and other sizes are resized (with a warning).
-            target: the intervened class: an int for all images, a sequence with one per image, a 2-D `(B, K)` array
-                for K counterfactuals per image, or `"all"` for every class; one abduction serves all K.
-            guidance_scale: s in eps_hat = eps - s sqrt(1 - alpha_bar_t) grad log p_phi(target | x_t, t); defaults
-                to the checkpoint's measured choice.
+            target: shorthand when the image has one categorical parent: the intervened class, as an int for all
+                images, one per image, a 2-D `(B, K)` array for K counterfactuals per image, or `"all"` for every
+                class; one abduction serves all K.
+            intervention: do() on any variables of the causal graph, `{name: value or one per image}`, e.g.
+                `{"thickness": 4.0}` or `{"digit": 3, "intensity": 200}`; descendants follow their mechanisms.
+            factual_values: known factual values `{name: value or one per image}`; the image's parents not given
+                are predicted from the image (listed in the output's `predicted_factuals`).
+            guidance_scale: s, or `{parent: s}` one per parent of the image; defaults to the checkpoint's measured
+                choice.
             num_inference_steps: DDIM steps each way (abduction and intervention).
             strength: fraction of the chain that is inverted and regenerated (1 = the whole chain).
             abduction_refinement_steps: extra UNet passes per inversion step for exact abduction.
@@ -253,24 +304,42 @@ class DiffSCMPipeline(DiffusionPipeline):
         >>> from diffscm import DiffSCMPipeline
         >>> pipe = DiffSCMPipeline.from_pretrained("checkpoints/diffscm-mnist")
         >>> out = pipe(image, target=3)  # "what would this digit look like had it been a 3?"
-        >>> out.images[0].save("counterfactual.png"), out.target_probabilities
+        >>> pipe = DiffSCMPipeline.from_pretrained("checkpoints/diffscm-morphomnist")
+        >>> out = pipe(image, intervention={"thickness": 4.0})  # intensity follows thickness through its mechanism
+        >>> out.images[0].save("counterfactual.png"), out.counterfactual_values
         ```
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
-        guidance_scale = _default(guidance_scale, self.config.guidance_scale)
+        if (target is None) == (intervention is None):
+            raise ValueError("Give either `target` or `intervention` (a dict of variable values).")
+        self.guidance_scales(guidance_scale)
+        self.check_guidance(0.0, eta)
         num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
-        self.check_guidance(guidance_scale, eta)
+        sample = self.preprocess(image)
 
-        # 1. Abduction: u = DDIM^-1(x_0), once per factual image.
-        noise = self.abduct(image, num_inference_steps, strength, abduction_refinement_steps)
-        targets = self.prepare_targets(target, noise.shape[0])
-        num_targets = targets.shape[1]
+        # 1. Abduction: u = DDIM^-1(x_0) once per factual image, and the noise of every variable (inside the graph).
+        noise = self.invert(sample, num_inference_steps, strength, abduction_refinement_steps)
+        factual, predicted = self.infer_factual_values(sample, factual_values)
 
-        # 2. Intervention and prediction: guided DDIM from the same u towards each target.
+        # 2. Action: do(intervention), descendants recomputed from their abducted noise.
+        if target is not None:
+            parent = self.single_categorical_parent()
+            targets = self.prepare_targets(target, noise.shape[0])
+            num_targets = targets.shape[1]
+            intervention = {parent: targets.flatten().numpy()}
+            factual_repeated = {k: np.repeat(v, num_targets) for k, v in factual.items()}
+        else:
+            num_targets, factual_repeated = 1, factual
+            if not isinstance(intervention, dict) or not intervention:
+                raise ValueError(f"`intervention` must be a non-empty dict {{variable: value}}, got {intervention!r}.")
+            intervention = {k: self._per_image(k, v, noise.shape[0]) for k, v in intervention.items()}
+        counterfactual = self.causal_graph.counterfactual(factual_repeated, intervention)
+
+        # 3. Prediction: guided DDIM from the same u towards the counterfactual values of all the image's parents.
         counterfactuals = self.intervene(
             noise.repeat_interleave(num_targets, dim=0),
-            targets.flatten(),
+            {name: counterfactual[name] for name in self.causal_graph.image_parents},
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
             strength=strength,
@@ -283,21 +352,81 @@ class DiffSCMPipeline(DiffusionPipeline):
         reconstructions = None
         if return_reconstruction:
             reconstructions = self.intervene(
-                noise, 0, guidance_scale=0.0, num_inference_steps=num_inference_steps, strength=strength,
+                noise, None, guidance_scale=0.0, num_inference_steps=num_inference_steps, strength=strength,
                 output_type="latent",
             )  # fmt: skip
             reconstructions = self.image_processor.postprocess(reconstructions, output_type=output_type)
 
-        probabilities = self.target_probabilities(counterfactuals, targets.flatten())
+        clean = counterfactuals.clamp(-1, 1)
+        estimates = self.classifier.predict(clean.to(self.classifier.dtype), 0)
         output = DiffSCMPipelineOutput(
             images=self.image_processor.postprocess(counterfactuals, output_type=output_type),
-            targets=targets.flatten().numpy(),
-            target_probabilities=probabilities.cpu().numpy(),
+            counterfactual_values=counterfactual,
+            factual_values=factual,
+            predicted_factuals=predicted,
+            predicted_values={name: value.float().cpu().numpy() for name, value in estimates.items()},
             reconstructions=reconstructions,
             noise=noise if return_noise else None,
         )
+        if target is not None:
+            output.targets = targets.flatten().numpy()
+            output.target_probabilities = self.target_probabilities(clean, targets.flatten()).cpu().numpy()
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()
+
+    def infer_factual_values(self, sample: torch.Tensor, given: ValuesInput | None) -> tuple[dict, list[str]]:
+        """Factual values: those `given`, and the image's parents not given predicted from the clean image by the
+        anti-causal predictor (conditions from the given values). Returns the values and the predicted names."""
+        graph, size = self.causal_graph, sample.shape[0]
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"`factual_values` must be a dict {{variable: value}}, got {given!r}.")
+        values = {name: self._per_image(name, value, size) for name, value in (given or {}).items()}
+        predicted = [name for name in graph.image_parents if name not in values]
+        if predicted:
+            known = {name: torch.as_tensor(value, device=sample.device) for name, value in values.items()}
+            estimates = self.classifier.predict(sample.to(self.classifier.dtype), 0, given=known)
+            for name in predicted:
+                estimate = estimates[name].float().cpu().numpy()
+                node = graph.nodes[name]
+                values[name] = (
+                    estimate.astype(np.int64) if node.type == "categorical" else np.clip(estimate, *node.range)
+                )
+        return values, predicted
+
+    def _per_image(self, name: str, value, size: int) -> np.ndarray:
+        array = self.causal_graph.check_value(name, value.cpu() if isinstance(value, torch.Tensor) else value)
+        if array.ndim == 1 and len(array) != size:
+            raise ValueError(f"{name!r} has {len(array)} values for {size} images.")
+        return np.broadcast_to(array, (size,)).copy()
+
+    def single_categorical_parent(self) -> str:
+        """The image's only parent, for the `target=` shorthand."""
+        parents = self.causal_graph.image_parents
+        if len(parents) != 1 or self.causal_graph.nodes[parents[0]].type != "categorical":
+            raise ValueError(
+                f"`target` is shorthand for an image with one categorical parent; this graph's image has parents "
+                f"{list(parents)}: use `intervention={{name: value}}`."
+            )
+        return parents[0]
+
+    def guidance_scales(self, guidance_scale: float | dict | None = None) -> dict[str, float]:
+        """The guidance scale of every parent of the image: the given one(s) over the checkpoint's default(s)."""
+        parents = self.causal_graph.image_parents
+        scales = {}
+        for scale in (self.config.guidance_scale, guidance_scale):
+            if scale is None:
+                continue
+            if not isinstance(scale, dict):
+                scale = dict.fromkeys(parents, scale)
+            unknown = set(scale) - set(parents)
+            if unknown:
+                raise ValueError(
+                    f"`guidance_scale` names {sorted(unknown)}, not parents of the image {list(parents)}."
+                )
+            for name, value in scale.items():
+                self.check_guidance(value, 0.0)
+                scales[name] = float(value)
+        return {name: scales.get(name, 0.0) for name in parents}
 
     def get_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> tuple[list[int], list[float]]:
         """The generation timesteps (descending) and alpha-bar before each step and after the last one."""
@@ -318,18 +447,21 @@ class DiffSCMPipeline(DiffusionPipeline):
         """eps_theta(x_t, t) in float32 whatever the UNet's dtype."""
         return self.unet(sample.to(self.unet.dtype), timestep).sample.float()
 
-    def log_likelihood_gradient(self, sample: torch.Tensor, timestep: int, target: torch.Tensor) -> torch.Tensor:
-        """grad_{x_t} log p_phi(target | x_t, t); the gradient flows through the anti-causal predictor only."""
+    def log_likelihood_gradient(
+        self, sample: torch.Tensor, timestep: int, values: dict[str, torch.Tensor], scales: dict[str, float]
+    ) -> torch.Tensor:
+        """grad_{x_t} sum_k s_k log p_phi(pa_k = values[k] | x_t, t); the gradient flows through the predictor only."""
         with torch.enable_grad():
             sample = sample.detach().to(self.classifier.dtype).requires_grad_(True)
-            logits = self.classifier(sample, timestep).logits.float()
-            log_likelihood = logits.log_softmax(dim=-1).gather(1, target[:, None]).sum()
-            return torch.autograd.grad(log_likelihood, sample)[0].float()
+            log_likelihoods = self.classifier.log_likelihood(sample, timestep, values)
+            total = sum(scales[name] * log_likelihoods[name].sum() for name in scales if scales[name])
+            return torch.autograd.grad(total, sample)[0].float()
 
     def target_probabilities(self, sample: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """p_phi(target | x_0) of clean samples in [-1, 1]."""
-        logits = self.classifier(sample.clamp(-1, 1).to(self.classifier.dtype), 0).logits.float()
-        return logits.softmax(dim=-1).gather(1, target[:, None].to(logits.device)).squeeze(1)
+        """p_phi(target | x_0) of clean samples in [-1, 1], for the image's single categorical parent."""
+        parent = self.single_categorical_parent()
+        sample = sample.clamp(-1, 1).to(self.classifier.dtype)
+        return self.classifier.log_likelihood(sample, 0, {parent: target.to(sample.device)})[parent].exp()
 
     def denoising_step(self, sample, eps, alpha_t, alpha_prev, eta, generator) -> torch.Tensor:
         """DDIM step x_t -> x_prev (Song et al. 2021, eq. 12); deterministic when `eta` is 0."""
@@ -343,7 +475,7 @@ class DiffSCMPipeline(DiffusionPipeline):
 
     def prepare_targets(self, target: TargetInput, batch_size: int) -> torch.Tensor:
         """Validated targets as a `(batch_size, K)` long tensor."""
-        num_classes = self.classifier.config.num_classes
+        num_classes = self.causal_graph.nodes[self.single_categorical_parent()].num_classes
         if _is_all(target):
             return torch.arange(num_classes).expand(batch_size, -1)
         if isinstance(target, str):
@@ -363,6 +495,23 @@ class DiffSCMPipeline(DiffusionPipeline):
             raise ValueError(f"`target` must be class indices in [0, {num_classes - 1}], got {target!r}.")
         return targets.reshape(batch_size, -1)
 
+    def prepare_parent_values(self, target: TargetInput | ValuesInput, batch_size: int) -> dict[str, torch.Tensor]:
+        """Validated values of every parent of the image, one per sample, as tensors on the execution device."""
+        parents = self.causal_graph.image_parents
+        if not isinstance(target, dict):
+            targets = self.prepare_targets(target, batch_size)
+            if targets.shape[1] != 1:
+                raise ValueError("`intervene` takes one target per noise sample; repeat `noise` for several targets.")
+            target = {self.single_categorical_parent(): targets[:, 0]}
+        if set(target) != set(parents):
+            raise ValueError(
+                f"`intervene` needs the values of all the image's parents {list(parents)}, got {sorted(target)}."
+            )
+        return {
+            name: torch.as_tensor(self._per_image(name, value, batch_size), device=self._execution_device)
+            for name, value in target.items()
+        }
+
     def check_guidance(self, guidance_scale: float, eta: float):
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}.")
@@ -378,15 +527,24 @@ class DiffSCMPipeline(DiffusionPipeline):
             raise ValueError("`noise` contains NaN or infinite values.")
 
 
-def _check_components(unet: UNet2DModel, scheduler: DDIMScheduler, classifier: AntiCausalClassifier):
+def _check_components(unet: UNet2DModel, scheduler: DDIMScheduler, classifier, graph: CausalGraph):
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"Only epsilon-prediction UNets are supported, got {scheduler.config.prediction_type!r}.")
     for name in ("in_channels", "sample_size"):
         if unet.config[name] != classifier.config[name]:
             raise ValueError(
-                f"The UNet and the anti-causal classifier disagree on {name}: "
+                f"The UNet and the anti-causal predictor disagree on {name}: "
                 f"{unet.config[name]} vs {classifier.config[name]}."
             )
+    if set(classifier.parents) != set(graph.image_parents):
+        raise ValueError(
+            f"The anti-causal predictor predicts {sorted(classifier.parents)}, but the image's parents in the causal "
+            f"graph are {sorted(graph.image_parents)}."
+        )
+    for name, spec in classifier.parents.items():
+        node = graph.nodes[name]
+        if spec["type"] != node.type or spec.get("num_classes") != node.num_classes:
+            raise ValueError(f"The anti-causal predictor's {name!r} ({spec}) does not match the graph's {node}.")
 
 
 def local_pipeline_folder(name_or_path: str, **download) -> str:

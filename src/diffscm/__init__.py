@@ -1,7 +1,18 @@
 """diffscm: counterfactual images with diffusion models (Diff-SCM) as a diffusers extension."""
 
-from .models import AntiCausalClassifier, AntiCausalClassifierOutput
+from .models import AntiCausalClassifier, AntiCausalClassifierOutput, AntiCausalPredictor, AntiCausalPredictorOutput
 from .pipelines import DiffSCMPipeline, DiffSCMPipelineOutput
+from .scm import CausalGraph, Mechanism, Node
 
 __version__ = "0.1.0"
-__all__ = ["AntiCausalClassifier", "AntiCausalClassifierOutput", "DiffSCMPipeline", "DiffSCMPipelineOutput"]
+__all__ = [
+    "AntiCausalClassifier",
+    "AntiCausalClassifierOutput",
+    "AntiCausalPredictor",
+    "AntiCausalPredictorOutput",
+    "CausalGraph",
+    "DiffSCMPipeline",
+    "DiffSCMPipelineOutput",
+    "Mechanism",
+    "Node",
+]

@@ -20,7 +20,7 @@ def add_remote_code(pipeline_dir: str):
     Ship the pipeline and classifier code inside a saved pipeline folder, so that plain diffusers loads it with
     `DiffusionPipeline.from_pretrained(folder_or_id, trust_remote_code=True)` without diffscm installed.
     """
-    from . import image_processing
+    from . import image_processing, scm
     from .models import anticausal
     from .pipelines import pipeline_diffscm
 
@@ -28,29 +28,36 @@ def add_remote_code(pipeline_dir: str):
     code = Path(pipeline_diffscm.__file__).read_text(encoding="utf-8")
     code = code.replace("from diffscm.image_processing import", "from .image_processing import")
     code = code.replace("from diffscm.models.anticausal import", f"from .{CLASSIFIER_MODULE} import")
+    code = code.replace("from diffscm.scm import", "from .scm import")
     if "diffscm." in "".join(line for line in code.splitlines() if line.startswith(("import", "from"))):
         raise RuntimeError("pipeline_diffscm.py imports a diffscm module that add_remote_code does not ship.")
     classifier_code = Path(anticausal.__file__).read_text(encoding="utf-8")
     (folder / f"{PIPELINE_MODULE}.py").write_text(code, encoding="utf-8")
-    (folder / "image_processing.py").write_text(Path(image_processing.__file__).read_text(encoding="utf-8"))
+    for module in (image_processing, scm):
+        (folder / Path(module.__file__).name).write_text(Path(module.__file__).read_text(encoding="utf-8"))
     (folder / f"{CLASSIFIER_MODULE}.py").write_text(classifier_code, encoding="utf-8")
     (folder / "classifier" / f"{CLASSIFIER_MODULE}.py").write_text(classifier_code, encoding="utf-8")
     index = _read_json(folder, "model_index.json")
     index["_class_name"] = [PIPELINE_MODULE, "DiffSCMPipeline"]
-    index["classifier"] = [CLASSIFIER_MODULE, "AntiCausalClassifier"]
+    index["classifier"] = [CLASSIFIER_MODULE, index["classifier"][-1]]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_dir: str):
-    """`training.json` in the pipeline folder: both commands, the split, the speeds and the classifier's accuracy."""
+    """`training.json` in the pipeline folder: all commands, the split, the speeds and the predictor's held-out
+    accuracy or error by noise level."""
     unet_run = _read_json(unet_run_dir, "training_args.json")
     classifier_run = _read_json(classifier_run_dir, "training_args.json")
+    commands = [unet_run["command"], classifier_run["command"]]
+    base = unet_run["args"].get("pretrained_model_name_or_path")
+    if base and (Path(base) / "training.json").is_file():  # a fine-tuned UNet: the command of its start first
+        commands.insert(0, _read_json(base, "training.json")["commands"][0])
     record = {
-        "commands": [unet_run["command"], classifier_run["command"]],
+        "commands": commands,
         "unet_seconds_per_step": round(unet_run["seconds_per_step"], 3),
         "classifier_seconds_per_step": round(classifier_run["seconds_per_step"], 3),
         "split": _read_json(classifier_run_dir, "split.json"),
-        "classifier_accuracy": _read_json(classifier_run_dir, "heldout_accuracy.json"),
+        "predictor_metrics": _read_json(classifier_run_dir, "heldout_metrics.json"),
     }
     (Path(pipeline_dir) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -59,7 +66,7 @@ def write_model_card(pipeline_dir: str, repo_id: str | None = None) -> ModelCard
     """Render `README.md` of a pipeline folder from its configs, `training.json` and `evaluation.md` when present."""
     folder = Path(pipeline_dir)
     record = _read_json(folder, "training.json")
-    unet, classifier = _read_json(folder / "unet", "config.json"), _read_json(folder / "classifier", "config.json")
+    unet = _read_json(folder / "unet", "config.json")
     scheduler, index = (
         _read_json(folder / "scheduler", "scheduler_config.json"),
         _read_json(folder, "model_index.json"),
@@ -77,12 +84,13 @@ def write_model_card(pipeline_dir: str, repo_id: str | None = None) -> ModelCard
         template_str=_template(TEMPLATE),
         model_name=folder.name,
         repo_id=repo_id or _display_path(folder),
-        parent="label",
+        graph=_graph_edges(index),
+        usage=_usage_example(index),
+        parents=", ".join(_parents(index)),
         unet_params=f"{_count_params(folder / 'unet'):,}",
         classifier_params=f"{_count_params(folder / 'classifier'):,}",
         resolution=unet["sample_size"],
         channels=unet["in_channels"],
-        num_classes=classifier["num_classes"],
         num_train_timesteps=scheduler["num_train_timesteps"],
         beta_schedule=scheduler["beta_schedule"],
         guidance_scale=index["guidance_scale"],
@@ -95,7 +103,7 @@ def write_model_card(pipeline_dir: str, repo_id: str | None = None) -> ModelCard
         split_seed=split["split_seed"],
         evaluation=_evaluation_section(folder),
         **{k: record[k] for k in ("commands", "unet_seconds_per_step", "classifier_seconds_per_step")},
-        classifier_accuracy=record["classifier_accuracy"],
+        predictor_metrics=_predictor_metrics(record),
     )
     card.save(folder / "README.md")
     return card
@@ -146,6 +154,39 @@ def push_to_hub(pipeline_dir: str, repo_id: str | None, token: str | None = None
     url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=pipeline_dir, commit_message="Upload DiffSCMPipeline")
     return str(url)
+
+
+def _graph(index: dict):
+    from .scm import CausalGraph
+
+    return CausalGraph.from_config(index["causal_graph"]) if index.get("causal_graph") else None
+
+
+def _parents(index: dict) -> tuple[str, ...]:
+    graph = _graph(index)
+    return graph.image_parents if graph is not None else ("label",)
+
+
+def _graph_edges(index: dict) -> str:
+    graph = _graph(index)
+    return repr(graph).removeprefix("CausalGraph(").removesuffix(")") if graph is not None else "label -> image"
+
+
+def _usage_example(index: dict) -> str:
+    """The card's example call: `target=3` for one categorical parent, else an intervention on the first variable."""
+    graph = _graph(index)
+    if graph is None or len(graph.image_parents) == 1:
+        return "out = pipe(image, target=3)  # had this image's label been 3"
+    node = graph.nodes[graph.order[0]]
+    value = 3 if node.type == "categorical" else round(sum(node.range) / 2, 1)
+    return f'out = pipe(image, intervention={{"{node.name}": {value}}})  # descendants follow their mechanisms'
+
+
+def _predictor_metrics(record: dict) -> dict[str, dict]:
+    """{parent: {"metric", "levels"}}; records written before multi-parent graphs hold `classifier_accuracy`."""
+    if "predictor_metrics" in record:
+        return record["predictor_metrics"]
+    return {"label": {"metric": "accuracy", "levels": record["classifier_accuracy"]}}
 
 
 def _is_hub_id(source: str) -> bool:

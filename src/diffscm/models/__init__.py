@@ -1,3 +1,8 @@
-from .anticausal import AntiCausalClassifier, AntiCausalClassifierOutput
+from .anticausal import (
+    AntiCausalClassifier,
+    AntiCausalClassifierOutput,
+    AntiCausalPredictor,
+    AntiCausalPredictorOutput,
+)
 
-__all__ = ["AntiCausalClassifier", "AntiCausalClassifierOutput"]
+__all__ = ["AntiCausalClassifier", "AntiCausalClassifierOutput", "AntiCausalPredictor", "AntiCausalPredictorOutput"]
