@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "mlxtend",
         "scipy",
+        "scikit-image>=0.22",
         "matplotlib",
     ],
     extras_require={"test": ["pytest", "ruff"]},

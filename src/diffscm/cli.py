@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
@@ -42,7 +43,7 @@ def load_pipeline(model: str | None, args: argparse.Namespace):
 
 def pipeline_options(args: argparse.Namespace) -> dict:
     return {
-        "guidance_scale": args.guidance_scale,
+        "guidance_scale": parse_guidance_scale(args.guidance_scale),
         "num_inference_steps": args.steps,
         "abduction_refinement_steps": args.refinement,
     }
@@ -59,7 +60,7 @@ def demo(args: argparse.Namespace):
     oracle = DigitOracle.from_pretrained(args.oracle or default_checkpoint(DEFAULT_ORACLE)).eval()
     digits = one_per_class(heldout_digits(pipe, load_bundled_mnist(), 500), args.num_digits)
     images, labels = [row["image"] for row in digits], [row["label"] for row in digits]
-    num_classes = pipe.classifier.config.num_classes
+    num_classes = pipe.causal_graph.nodes[pipe.single_categorical_parent()].num_classes
     print(f"Counterfactuals of {len(images)} held-out digits under do(digit = 0..{num_classes - 1}) ...")
     out = pipe(images, "all", output_type="pt", return_reconstruction=True, **pipeline_options(args))
 
@@ -137,16 +138,25 @@ def counterfactual(args: argparse.Namespace):
     """Counterfactuals of the user's images, written as PNG files."""
     images = [read_image(path) for path in args.images]
     pipe = load_pipeline(args.model, args)
-    target = parse_target(args.target, pipe.classifier.config.num_classes)
-    out = pipe(images, target, return_reconstruction=args.reconstruction, **pipeline_options(args))
+    request = {"factual_values": parse_assignments(args.factual, "--factual")}
+    if args.target is not None:
+        parent = pipe.causal_graph.nodes[pipe.single_categorical_parent()]
+        request["target"] = parse_target(args.target, parent.num_classes)
+    else:
+        request["intervention"] = parse_assignments(args.intervention, "--intervention")
+    out = pipe(images, **request, return_reconstruction=args.reconstruction, **pipeline_options(args))
     os.makedirs(args.out, exist_ok=True)
     per_image = len(out.images) // len(images)
-    for i, (image, value, probability) in enumerate(
-        zip(out.images, out.targets, out.target_probabilities, strict=True)
-    ):
-        path = Path(args.out) / f"{Path(args.images[i // per_image]).stem}_do{value}.png"
+    if out.predicted_factuals:
+        print(f"Factual {', '.join(out.predicted_factuals)} predicted from the image(s) (not given).")
+    suffix = "_".join(f"{k}{v}" for k, v in sorted(request.get("intervention", {}).items()))
+    for i, image in enumerate(out.images):
+        name = f"do{out.targets[i]}" if out.targets is not None else f"do_{suffix}"
+        path = Path(args.out) / f"{Path(args.images[i // per_image]).stem}_{name}.png"
         image.save(path)
-        print(f"{path}  (p_phi(target) = {probability:.2f})")
+        values = ", ".join(f"{k}={_show(v[i])}" for k, v in out.counterfactual_values.items())
+        estimates = ", ".join(f"{k}={_show(v[i])}" for k, v in out.predicted_values.items())
+        print(f"{path}  counterfactual {values}; predictor reads {estimates}")
     for path, image in zip(args.images, out.reconstructions or [], strict=False):
         image.save(Path(args.out) / f"{Path(path).stem}_null.png")
 
@@ -162,6 +172,34 @@ def read_image(path: str) -> PIL.Image.Image:
         raise SystemExit(f"error: cannot read {path} as an image: {error}") from error
 
 
+def _show(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float | np.floating) else str(value)
+
+
+def parse_assignments(pairs: list[str] | None, flag: str) -> dict[str, float]:
+    """`["thickness=4", "digit=3"]` -> `{"thickness": 4.0, "digit": 3.0}`."""
+    values = {}
+    for pair in pairs or []:
+        name, _, text = pair.partition("=")
+        try:
+            values[name] = float(text)
+        except ValueError:
+            raise SystemExit(f"error: {flag} takes NAME=NUMBER pairs, got {pair!r}.") from None
+    return values
+
+
+def parse_guidance_scale(values: list[str] | None) -> float | dict[str, float] | None:
+    """`["12"]` -> 12.0; `["digit=12", "thickness=4"]` -> one scale per parent of the image."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        try:
+            return float(values[0])
+        except ValueError:
+            raise SystemExit(f"error: --guidance-scale takes a number or NAME=NUMBER, got {values[0]!r}.") from None
+    return parse_assignments(values, "--guidance-scale")
+
+
 def parse_target(text: str, num_classes: int):
     if text == "all":
         return "all"
@@ -172,7 +210,9 @@ def parse_target(text: str, num_classes: int):
 
 def add_pipeline_options(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default=None, help="Pipeline folder or Hub id (default: the shipped MNIST one).")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="Default: the checkpoint's measured one.")
+    parser.add_argument(
+        "--guidance-scale", nargs="+", default=None, help="s, or NAME=s per parent (default: the checkpoint's)."
+    )
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps each way (default: the checkpoint's).")
     parser.add_argument("--refinement", type=int, default=None, help="Abduction refinement passes per step.")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -191,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cf_parser = commands.add_parser("counterfactual", help="Counterfactuals of your images.")
     cf_parser.add_argument("images", nargs="+", help="PNG/JPEG files (RGB is converted, other sizes resized).")
-    cf_parser.add_argument("--target", required=True, help="The intervened class, or 'all'.")
+    request = cf_parser.add_mutually_exclusive_group(required=True)
+    request.add_argument("--target", help="The intervened class, or 'all' (an image with one categorical parent).")
+    request.add_argument("--intervention", nargs="+", help="do() on any variables: NAME=VALUE ... (thickness=4).")
+    cf_parser.add_argument("--factual", nargs="+", help="Known factual values NAME=VALUE (others are predicted).")
     cf_parser.add_argument("--reconstruction", action="store_true", help="Also write the null intervention.")
     cf_parser.add_argument("--out", default="counterfactuals")
     add_pipeline_options(cf_parser)

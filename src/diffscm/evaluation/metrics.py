@@ -62,7 +62,7 @@ def evaluate_counterfactuals(
         abduction_seconds = time.perf_counter() - started
     abduction_nfe = unet_calls["samples"] / count
 
-    null = pipe.intervene(noise, labels, guidance_scale=0.0, num_inference_steps=steps, strength=strength)
+    null = pipe.intervene(noise, None, guidance_scale=0.0, num_inference_steps=steps, strength=strength)
     null_predictions, factual_predictions = oracle_predictions(oracle, null), oracle_predictions(oracle, images)
     result = {
         "num_images": count,
@@ -109,7 +109,7 @@ def abduction_curve(pipe, images: torch.Tensor, settings: list[tuple[int, int]])
     for steps, refinement in settings:
         with count_calls(pipe.unet) as calls:
             noise = pipe.abduct(images, num_inference_steps=steps, abduction_refinement_steps=refinement)
-            null = pipe.intervene(noise, 0, guidance_scale=0.0, num_inference_steps=steps)
+            null = pipe.intervene(noise, None, guidance_scale=0.0, num_inference_steps=steps)
         curve.append(
             {
                 "num_inference_steps": steps,
@@ -130,7 +130,7 @@ def composition(pipe, oracle, images: torch.Tensor, cycles: int = 10, steps=None
     result, current = {}, images
     for cycle in range(1, cycles + 1):
         noise = pipe.abduct(current, num_inference_steps=steps, abduction_refinement_steps=refinement)
-        current = pipe.intervene(noise, 0, guidance_scale=0.0, num_inference_steps=steps)
+        current = pipe.intervene(noise, None, guidance_scale=0.0, num_inference_steps=steps)
         if cycle in (1, cycles):
             result[f"cycles_{cycle}"] = {
                 "l1_grey_levels": grey_level_l1(current, images),
