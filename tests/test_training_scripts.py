@@ -75,8 +75,12 @@ def test_classifier_run_exports_a_loadable_pipeline_with_a_model_card(unet_run, 
         "--guidance_scale", "4.5", "--num_inference_steps", "3", *TINY_CLASSIFIER,
     )  # fmt: skip
     assert "held-out accuracy of p_phi(label | x_t, t):" in result.stdout
-    accuracy = json.loads((out / "heldout_accuracy.json").read_text())
-    assert list(accuracy)[0] == "0" and list(accuracy)[-1] == "999"
+    accuracy = json.loads((out / "heldout_metrics.json").read_text())["label"]
+    assert (
+        accuracy["metric"] == "accuracy"
+        and list(accuracy["levels"])[0] == "0"
+        and list(accuracy["levels"])[-1] == "999"
+    )
     pipe = DiffSCMPipeline.from_pretrained(pipeline_dir)
     assert pipe.config.guidance_scale == 4.5 and pipe.unet.config.sample_size == 16
     assert pipe.classifier.config.num_classes == 10
@@ -202,3 +206,74 @@ def test_judges_train_and_export_with_cards(tmp_path, script, model_args, record
         f"accelerate launch training_scripts/{script}"
     )
     assert (export / "config.json").is_file() and f"training_scripts/{script}" in (export / "README.md").read_text()
+
+
+def write_morphomnist_like(folder: Path, count: int = 40) -> Path:
+    """Bars of sampled thickness whose intensity follows the Morpho-MNIST mechanism, in the data set's file layout."""
+    rng = np.random.default_rng(0)
+    thickness = 0.5 + rng.gamma(10, 1 / 5, count)
+    intensity = 64 + 191 / (1 + np.exp(-(0.5 * rng.normal(size=count) + 2 * thickness - 5)))
+    images = np.zeros((count, 28, 28))
+    for i, (t, level) in enumerate(zip(thickness, intensity, strict=True)):
+        width = max(1, round(t))
+        images[i, 5:23, 14 - width // 2 : 14 - width // 2 + width] = level
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, count))
+    rows = "\n".join(f"{i},{t},{level}" for i, (t, level) in enumerate(zip(thickness, intensity, strict=True)))
+    (folder / "t10k-morpho.csv").write_text("index,thickness,intensity\n" + rows + "\n")
+    return folder
+
+
+def test_causal_graph_pipeline_trains_intervenes_and_evaluates(tmp_path):
+    data = write_morphomnist_like(tmp_path / "morpho")
+    tiny = ["--train_data_dir", str(data), "--holdout_size", "8", "--block_out_channels", "8", "16"]
+    tiny += ["--train_batch_size", "8", "--report_to", "none"]
+    unet, run, pipeline_dir = tmp_path / "unet", tmp_path / "predictor", tmp_path / "pipeline"
+    launch("train_unet.py", "--output_dir", str(unet), "--max_train_steps", "2", "--save_images_steps", "100", *tiny)
+    result = launch(
+        "train_classifier.py", "--unet_model_name_or_path", str(unet), "--output_dir", str(run),
+        "--pipeline_output_dir", str(pipeline_dir), "--causal_graph", "morphomnist", "--max_train_steps", "2",
+        "--guidance_scale", "digit=2", "thickness=3", "intensity=1", "--num_inference_steps", "2", *tiny,
+    )  # fmt: skip
+    assert "held-out mae of p_phi(thickness | x_t, t):" in result.stdout
+    metrics = json.loads((run / "heldout_metrics.json").read_text())
+    assert {name: m["metric"] for name, m in metrics.items()} == {
+        "thickness": "mae", "intensity": "mae", "digit": "accuracy"
+    }  # fmt: skip
+    pipe = DiffSCMPipeline.from_pretrained(pipeline_dir)
+    assert pipe.guidance_scales() == {"thickness": 3.0, "intensity": 1.0, "digit": 2.0}
+    assert pipe.classifier.parents["thickness"]["conditions"] == ["intensity"], "thickness is read given intensity"
+    card = (pipeline_dir / "README.md").read_text()
+    assert "thickness -> intensity" in card and "thickness mae" in card
+
+    image = tmp_path / "digit.png"
+    PIL.Image.fromarray(np.asarray(load_image_dataset(train_data_dir=str(data))[0]["image"])).save(image)
+    out = tmp_path / "cf"
+    main(
+        [
+            "counterfactual",
+            str(image),
+            "--model",
+            str(pipeline_dir),
+            "--intervention",
+            "thickness=4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert (out / "digit_do_thickness4.0.png").is_file()
+    with pytest.raises(SystemExit, match="use `intervention="):
+        main(["counterfactual", str(image), "--model", str(pipeline_dir), "--target", "3", "--out", str(out)])
+
+    report, oracle = tmp_path / "report", tmp_path / "oracle"
+    DigitOracle(channels=(4, 8)).save_pretrained(oracle)
+    main([
+        "evaluate-scm", "--model", str(pipeline_dir), "--data-dir", str(data), "--oracle", str(oracle),
+        "--num-samples", "4", "--skip", "2", "--composition-samples", "2", "--composition-cycles", "2",
+        "--out", str(report), "--quiet",
+    ])  # fmt: skip
+    result = json.loads((report / "metrics.json").read_text())
+    assert set(result) >= {"do(thickness)", "do(intensity)", "do(digit)", "composition", "factual"}
+    assert result["settings"]["num_images"] == 4 and "ground_truth_l1" in result["do(thickness)"]
+    assert "| Composition L1, 2 cycles" in (report / "report.md").read_text()

@@ -1,12 +1,17 @@
-"""Train the noise-aware anti-causal predictor p_phi(label | x_t, t) of Diff-SCM on the UNet's noise schedule.
+"""Train the noise-aware anti-causal predictor(s) p_phi(parent | x_t, t) of Diff-SCM on the UNet's noise schedule.
 
     accelerate launch training_scripts/train_classifier.py --unet_model_name_or_path outputs/mnist-unet \\
         --output_dir outputs/mnist-classifier --pipeline_output_dir checkpoints/diffscm-mnist --use_ema
 
+Without --causal_graph: an `AntiCausalClassifier` of the `label` column (graph label -> image). With --causal_graph
+(`morphomnist`, or a JSON file `{"nodes": [...]}`): one `AntiCausalPredictor` with a head for every parent of the
+image (cross-entropy or Gaussian likelihood), each continuous head conditioned on the image's other parents that it
+causes (the anti-causal structure, e.g. p(thickness | x_t, intensity)). Values come from each node's data column.
+
 x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps with t uniform over the UNet's own training timesteps, so the
-pipeline queries the classifier at exactly the raw timesteps it was trained on. Writes `classifier/`, the held-out
-accuracy per noise level (`heldout_accuracy.json`), and, once the UNet run has finished, the complete DiffSCMPipeline
-folder with its model card (`--pipeline_output_dir`).
+pipeline queries the predictor at exactly the raw timesteps it was trained on. Writes `classifier/`, held-out
+accuracy / MAE per noise level (`heldout_metrics.json`), and, once the UNet run has finished, the complete
+DiffSCMPipeline folder with its causal graph and model card (`--pipeline_output_dir`).
 """
 
 import argparse
@@ -15,10 +20,9 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 
-from diffscm import AntiCausalClassifier, DiffSCMPipeline, hub, training
+from diffscm import AntiCausalClassifier, AntiCausalPredictor, CausalGraph, DiffSCMPipeline, hub, training
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +38,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--block_out_channels", type=int, nargs="+", default=[16, 32, 64])
     model.add_argument("--layers_per_block", type=int, default=1)
     model.add_argument("--num_classes", type=int, default=None, help="Default: the number of labels in the data.")
+    model.add_argument(
+        "--causal_graph",
+        default=None,
+        help="'morphomnist' or a JSON file {\"nodes\": [...]} (default: label -> image).",
+    )
     pipeline = parser.add_argument_group("pipeline defaults recorded in the exported folder")
-    pipeline.add_argument("--guidance_scale", type=float, default=1.0)
+    pipeline.add_argument(
+        "--guidance_scale", nargs="+", default=["1.0"], help="One scale, or one per parent: digit=12 thickness=4 ..."
+    )
     pipeline.add_argument("--num_inference_steps", type=int, default=50)
     pipeline.add_argument("--abduction_refinement_steps", type=int, default=0)
     hub_args = parser.add_argument_group("hub")
@@ -47,7 +58,70 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not os.path.isfile(os.path.join(args.unet_model_name_or_path, "scheduler", "scheduler_config.json")):
         parser.error(f"{args.unet_model_name_or_path!r} has no scheduler/: pass the output folder of train_unet.py.")
     args.pipeline_output_dir = args.pipeline_output_dir or os.path.join(args.output_dir, "pipeline")
+    try:
+        args.guidance_scale = parse_guidance_scale(args.guidance_scale, load_graph(args.causal_graph))
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(str(error))
     return args
+
+
+def load_graph(spec: str | None) -> CausalGraph | None:
+    """The named preset or a JSON file with the graph's config; None for the default label -> image."""
+    if spec is None:
+        return None
+    if spec == "morphomnist":
+        return CausalGraph.morphomnist()
+    with open(spec) as f:
+        return CausalGraph.from_config(json.load(f))
+
+
+def parse_guidance_scale(values: list[str], graph: CausalGraph | None) -> float | dict[str, float]:
+    """`["12"]` -> 12.0; `["digit=12", "thickness=4"]` -> a dict checked against the image's parents."""
+    if len(values) == 1 and "=" not in values[0]:
+        return float(values[0])
+    scales = dict(value.split("=", 1) for value in values if "=" in value)
+    parents = graph.image_parents if graph is not None else ("label",)
+    if len(scales) != len(values) or set(scales) - set(parents):
+        raise ValueError(f"--guidance_scale takes one number or NAME=SCALE pairs for the parents {list(parents)}.")
+    return {name: float(value) for name, value in scales.items()}
+
+
+def build_predictor(
+    args: argparse.Namespace, graph: CausalGraph | None, train_split
+) -> AntiCausalClassifier | AntiCausalPredictor:
+    """The classifier of the label, or a multi-head predictor of every parent of the graph's image."""
+    encoder = dict(
+        sample_size=args.resolution,
+        in_channels=args.num_channels,
+        down_block_types=("DownBlock2D",) * len(args.block_out_channels),
+        block_out_channels=tuple(args.block_out_channels),
+        layers_per_block=args.layers_per_block,
+        norm_num_groups=min(8, args.block_out_channels[0]),
+    )
+    if graph is None:
+        return AntiCausalClassifier(num_classes=args.num_classes or training.num_labels(train_split), **encoder)
+    return AntiCausalPredictor(parents=predictor_heads(graph), **encoder)
+
+
+def predictor_heads(graph: CausalGraph) -> dict[str, dict]:
+    """A head per parent of the image; a continuous one is conditioned on the image's continuous parents it causes."""
+    heads = {}
+    for name in graph.image_parents:
+        node = graph.nodes[name]
+        if node.type == "categorical":
+            heads[name] = {"type": "categorical", "num_classes": node.num_classes}
+        else:
+            children = [c for c in graph.image_parents if name in graph.nodes[c].parents]
+            conditions = [c for c in children if graph.nodes[c].type == "continuous"]
+            heads[name] = {"type": "continuous", "range": list(node.range), "conditions": conditions}
+    return heads
+
+
+def value_columns(graph: CausalGraph | None) -> dict[str, str]:
+    """{variable: data column} of the image's parents."""
+    if graph is None:
+        return {"label": "label"}
+    return {name: graph.nodes[name].data_column for name in graph.image_parents}
 
 
 def load_schedule(args: argparse.Namespace) -> DDIMScheduler:
@@ -68,39 +142,41 @@ def schedule_of(scheduler: DDIMScheduler) -> dict:
 
 
 @torch.no_grad()
-def heldout_accuracy(classifier, dataloader, scheduler, device, num_levels: int = 10) -> dict[int, float]:
-    """Accuracy on the held-out split at evenly spaced raw timesteps (fixed noise seed)."""
+def heldout_metrics(predictor, dataloader, scheduler, device, num_levels: int = 10) -> dict[str, dict]:
+    """Per parent, accuracy (categorical) or mean absolute error (continuous, in the variable's units) on the
+    held-out split at evenly spaced raw timesteps (fixed noise seed; conditions given their true values)."""
     train_steps = scheduler.config.num_train_timesteps
     levels = sorted({round(i * (train_steps - 1) / (num_levels - 1)) for i in range(num_levels)})
     generator = torch.Generator().manual_seed(0)
-    correct = dict.fromkeys(levels, 0)
+    kinds = {name: spec["type"] for name, spec in predictor.parents.items()}
+    sums = {name: dict.fromkeys(levels, 0.0) for name in kinds}
     total = 0
     for batch in dataloader:
-        clean, labels = batch["pixel_values"], batch["labels"]
-        total += len(labels)
+        clean, values = batch["pixel_values"], training.batch_values(batch)
+        total += len(clean)
         for t in levels:
             noise = torch.randn(clean.shape, generator=generator)
             noisy = scheduler.add_noise(clean, noise, torch.full((len(clean),), t))
-            logits = classifier(noisy.to(device), t).logits
-            correct[t] += (logits.argmax(-1).cpu() == labels).sum().item()
-    return {t: correct[t] / total for t in levels}
+            estimates = predictor.predict(noisy.to(device), t, given={k: v.to(device) for k, v in values.items()})
+            for name, kind in kinds.items():
+                estimate, truth = estimates[name].cpu(), values[name]
+                error = (estimate == truth).float() if kind == "categorical" else (estimate - truth).abs()
+                sums[name][t] += error.sum().item()
+    return {
+        name: {"metric": "accuracy" if kind == "categorical" else "mae", "levels": {t: sums[name][t] / total
+               for t in levels}}
+        for name, kind in kinds.items()
+    }  # fmt: skip
 
 
 def main(args: argparse.Namespace):
     accelerator = training.make_accelerator(args)
+    graph = load_graph(args.causal_graph)
     scheduler = load_schedule(args)
     split, split_record = training.load_split(args)
     check_same_split(args, split_record)
-    dataloader = training.make_dataloader(split["train"], args)
-    classifier = AntiCausalClassifier(
-        sample_size=args.resolution,
-        in_channels=args.num_channels,
-        num_classes=args.num_classes or training.num_labels(split["train"]),
-        down_block_types=("DownBlock2D",) * len(args.block_out_channels),
-        block_out_channels=tuple(args.block_out_channels),
-        layers_per_block=args.layers_per_block,
-        norm_num_groups=min(8, args.block_out_channels[0]),
-    )
+    dataloader = training.make_dataloader(split["train"], args, value_columns=value_columns(graph))
+    classifier = build_predictor(args, graph, split["train"])
     classifier, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(
         accelerator, classifier, dataloader, args
     )
@@ -109,10 +185,14 @@ def main(args: argparse.Namespace):
     training.start_run(accelerator, args, "train_classifier", split_record)
 
     def compute_loss(model, batch):
-        clean, labels = batch["pixel_values"], batch["labels"]
+        clean = batch["pixel_values"]
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
         noisy = scheduler.add_noise(clean, torch.randn_like(clean), timesteps)
-        return F.cross_entropy(model(noisy, timesteps).logits.float(), labels)
+        values = training.batch_values(batch)
+        # Through the (possibly distributed) wrapper, so that gradients are synchronised across processes.
+        output = model(noisy, timesteps, conditions=values) if graph is not None else model(noisy, timesteps)
+        log_likelihoods = accelerator.unwrap_model(model).log_likelihood_of(output, values)
+        return -sum(value.mean() for value in log_likelihoods.values())
 
     steps, seconds = training.train(
         accelerator, args, classifier, optimizer, lr_scheduler, dataloader, compute_loss, ema
@@ -120,15 +200,14 @@ def main(args: argparse.Namespace):
     if accelerator.is_main_process:
         final = training.trained_model(accelerator, classifier, ema)
         final.save_pretrained(os.path.join(args.output_dir, "classifier"))
-        heldout = training.make_dataloader(split["heldout"], args, shuffle=False)
-        accuracy = heldout_accuracy(final, heldout, scheduler, accelerator.device)
-        training.write_json(
-            os.path.join(args.output_dir, "heldout_accuracy.json"), {str(k): v for k, v in accuracy.items()}
-        )
-        print("held-out accuracy of p_phi(label | x_t, t):")
-        print("\n".join(f"  t = {t:4d}: {acc:.3f}" for t, acc in accuracy.items()))
+        heldout = training.make_dataloader(split["heldout"], args, shuffle=False, value_columns=value_columns(graph))
+        metrics = heldout_metrics(final, heldout, scheduler, accelerator.device)
+        training.write_json(os.path.join(args.output_dir, "heldout_metrics.json"), metrics)
+        for name, result in metrics.items():
+            print(f"held-out {result['metric']} of p_phi({name} | x_t, t):")
+            print("\n".join(f"  t = {t:4d}: {value:.3f}" for t, value in result["levels"].items()))
         training.record_run(args, "train_classifier.py", steps, seconds)
-        export_pipeline(final, scheduler, args)
+        export_pipeline(final, scheduler, graph, args)
     accelerator.end_training()
 
 
@@ -142,7 +221,12 @@ def check_same_split(args: argparse.Namespace, split_record: dict):
         )
 
 
-def export_pipeline(classifier: AntiCausalClassifier, scheduler: DDIMScheduler, args: argparse.Namespace):
+def export_pipeline(
+    classifier: AntiCausalClassifier | AntiCausalPredictor,
+    scheduler: DDIMScheduler,
+    graph: CausalGraph | None,
+    args: argparse.Namespace,
+):
     """The complete DiffSCMPipeline folder with its model card; pushed to the Hub when asked."""
     unet_dir = os.path.join(args.unet_model_name_or_path, "unet")
     if not os.path.isdir(unet_dir):
@@ -155,6 +239,7 @@ def export_pipeline(classifier: AntiCausalClassifier, scheduler: DDIMScheduler, 
         unet=UNet2DModel.from_pretrained(unet_dir),
         scheduler=scheduler,
         classifier=classifier,
+        causal_graph=graph.to_config() if graph is not None else None,
         guidance_scale=args.guidance_scale,
         num_inference_steps=args.num_inference_steps,
         abduction_refinement_steps=args.abduction_refinement_steps,

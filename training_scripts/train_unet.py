@@ -24,6 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_training_args(parser)
     model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="Fine-tune this UNet (a pipeline folder with `unet/`, or a UNet folder) instead of new weights.",
+    )
     model.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 64])
     model.add_argument("--layers_per_block", type=int, default=1)
     model.add_argument("--attention_head_dim", type=int, default=8)
@@ -51,6 +56,21 @@ def build_unet(args: argparse.Namespace) -> UNet2DModel:
     )
 
 
+def load_or_build_unet(args: argparse.Namespace) -> UNet2DModel:
+    """New weights, or the weights of --pretrained_model_name_or_path to fine-tune (its architecture wins)."""
+    if args.pretrained_model_name_or_path is None:
+        return build_unet(args)
+    path = args.pretrained_model_name_or_path
+    subfolder = None if os.path.isfile(os.path.join(path, "config.json")) else "unet"
+    unet = UNet2DModel.from_pretrained(path, subfolder=subfolder)
+    if (unet.config.sample_size, unet.config.in_channels) != (args.resolution, args.num_channels):
+        raise SystemExit(
+            f"error: {path} takes {unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size} "
+            f"images; --resolution {args.resolution} --num_channels {args.num_channels} differ."
+        )
+    return unet
+
+
 def save_samples(unet, scheduler, args, step: int):
     """A 4x4 grid of unconditional DDIM samples (50 steps, fixed seed) from the current weights."""
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config, clip_sample=False))
@@ -67,7 +87,7 @@ def main(args: argparse.Namespace):
     dataloader = training.make_dataloader(split["train"], args)
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
     unet, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(
-        accelerator, build_unet(args), dataloader, args
+        accelerator, load_or_build_unet(args), dataloader, args
     )
     if accelerator.is_main_process:
         # The scheduler goes first so that the anti-causal classifier can train on this schedule in parallel.

@@ -61,7 +61,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     train.add_argument("--checkpointing_steps", type=int, default=500)
     train.add_argument("--checkpoints_total_limit", type=int, default=None)
     train.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
-    train.add_argument("--report_to", default="tensorboard" if importlib.util.find_spec("tensorboard") else None)
+    train.add_argument(
+        "--report_to", default="tensorboard" if importlib.util.find_spec("tensorboard") else None, help="or none"
+    )
     return parser
 
 
@@ -95,7 +97,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         cpu=not torch.accelerator.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
+        log_with=None if args.report_to in (None, "none") else args.report_to,
         project_config=project,
         # Seeded shuffling, so that a resumed run skips the batches of the very order it was interrupted in.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -135,12 +137,21 @@ def num_labels(dataset) -> int:
     return feature.num_classes if hasattr(feature, "num_classes") else max(dataset["label"]) + 1
 
 
-def make_dataloader(dataset, args: argparse.Namespace, shuffle: bool = True) -> DataLoader:
+def make_dataloader(
+    dataset, args: argparse.Namespace, shuffle: bool = True, value_columns: dict[str, str] | None = None
+) -> DataLoader:
+    """Batches of `pixel_values` in [-1, 1] and `labels`; with `value_columns` ({variable: column}) also each
+    variable's values under `value/{variable}` (see `batch_values`)."""
+    missing = set((value_columns or {}).values()) - set(dataset.column_names)
+    if missing:
+        raise SystemExit(f"error: the data has no column {sorted(missing)} (its columns: {dataset.column_names}).")
+
     def transform(batch):
+        values = {f"value/{name}": torch.as_tensor(batch[column]) for name, column in (value_columns or {}).items()}
         return {
             "pixel_values": images_to_tensor(batch["image"], args.num_channels, args.resolution),
             "labels": torch.as_tensor(batch["label"]),
-        }
+        } | values
 
     return DataLoader(
         dataset.with_transform(transform),
@@ -149,6 +160,11 @@ def make_dataloader(dataset, args: argparse.Namespace, shuffle: bool = True) -> 
         num_workers=args.dataloader_num_workers,
         drop_last=shuffle and len(dataset) >= args.train_batch_size,
     )
+
+
+def batch_values(batch: dict) -> dict[str, torch.Tensor]:
+    """The variables' values of a batch from `make_dataloader(..., value_columns=...)`, keyed by variable."""
+    return {key.removeprefix("value/"): value for key, value in batch.items() if key.startswith("value/")}
 
 
 def start_run(accelerator: Accelerator, args: argparse.Namespace, name: str, split_record: dict):
