@@ -572,6 +572,9 @@ def _read_pipeline_config(folder: str) -> dict:
         raise ValueError(
             f"{folder} holds a {class_name} pipeline, not a DiffSCMPipeline (with unet, scheduler and classifier)."
         )
+    predictor = config["classifier"][-1] if isinstance(config["classifier"], list) else None
+    if predictor not in PREDICTORS:
+        raise ValueError(f"{path}: unknown anti-causal predictor {predictor!r}; expected one of {sorted(PREDICTORS)}.")
     return config
 
 

@@ -98,6 +98,10 @@ def test_missing_folder_and_foreign_folders_are_rejected(tmp_path, shared_folder
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": []}))
     with pytest.raises(ValueError, match="not a DiffSCMPipeline"):
         DiffSCMPipeline.from_pretrained(tmp_path)
+    index = {"_class_name": "DiffSCMPipeline", "unet": [], "scheduler": [], "classifier": ["anticausal", "Nope"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="unknown anti-causal predictor 'Nope'"):
+        DiffSCMPipeline.from_pretrained(tmp_path)
     (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         DiffSCMPipeline.from_pretrained(tmp_path)
