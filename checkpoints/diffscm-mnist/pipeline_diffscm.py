@@ -364,7 +364,7 @@ class DiffSCMPipeline(DiffusionPipeline):
             counterfactual_values=counterfactual,
             factual_values=factual,
             predicted_factuals=predicted,
-            predicted_values={name: value.float().cpu().numpy() for name, value in estimates.items()},
+            predicted_values={name: value.detach().cpu().numpy() for name, value in estimates.items()},
             reconstructions=reconstructions,
             noise=noise if return_noise else None,
         )
@@ -572,6 +572,9 @@ def _read_pipeline_config(folder: str) -> dict:
         raise ValueError(
             f"{folder} holds a {class_name} pipeline, not a DiffSCMPipeline (with unet, scheduler and classifier)."
         )
+    predictor = config["classifier"][-1] if isinstance(config["classifier"], list) else None
+    if predictor not in PREDICTORS:
+        raise ValueError(f"{path}: unknown anti-causal predictor {predictor!r}; expected one of {sorted(PREDICTORS)}.")
     return config
 
 

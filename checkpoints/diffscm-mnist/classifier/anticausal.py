@@ -84,12 +84,23 @@ def encode(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor | floa
     if timesteps.ndim == 0:
         timesteps = timesteps[None]
     timesteps = timesteps.expand(sample.shape[0])
-    temb = model.time_embedding(model.time_proj(timesteps).to(dtype=model.dtype))
+    temb = model.time_embedding(model.time_proj(timesteps).to(dtype=model.conv_in.weight.dtype))
     hidden = model.conv_in(sample)
     for block in model.down_blocks:
         hidden, _ = block(hidden, temb)
     hidden = model.mid_block(hidden, temb)
     return nn.functional.silu(model.norm_out(hidden)).mean(dim=(2, 3))
+
+
+class NoiseAwareEncoder(nn.Module):
+    """A UNet encoder with a timestep embedding, pooled to `(B, out_channels)` features (see `build_encoder`)."""
+
+    def __init__(self, in_channels: int, *args):
+        super().__init__()
+        self.out_channels = build_encoder(self, in_channels, *args)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
+        return encode(self, sample, timestep)
 
 
 class AntiCausalClassifier(ModelMixin, ConfigMixin):
@@ -177,7 +188,11 @@ class AntiCausalPredictorOutput(BaseOutput):
 
 class AntiCausalPredictor(ModelMixin, ConfigMixin):
     r"""
-    Noise-aware predictor of every parent of the image, p_phi(pa_k | x_t, t[, conditions]), on one shared encoder.
+    Noise-aware predictor of every parent of the image, p_phi(pa_k | x_t, t[, conditions]), one encoder per parent.
+
+    One encoder per parent, not one shared: on Morpho-MNIST a shared encoder trained on the sum of the heads'
+    likelihoods let the Gaussian heads' large gradients drown the digit's (held-out digit accuracy at t = 0 0.21
+    after 3,000 steps, against 0.96 after 600 steps alone).
 
     Categorical parents get a linear head (cross-entropy); continuous ones a heteroscedastic Gaussian head (mean and
     log-variance over the value scaled to [0, 1] by its range), so that the guidance gradient fades where the noisy
@@ -189,7 +204,7 @@ class AntiCausalPredictor(ModelMixin, ConfigMixin):
         parents (`dict`): per parent name, `{"type": "categorical", "num_classes": K}` or
             `{"type": "continuous", "range": [low, high], "conditions": [names of continuous parents]}`.
         down_block_types, block_out_channels, layers_per_block, mid_block_attention, attention_head_dim,
-        norm_num_groups: the encoder, as in [`AntiCausalClassifier`].
+        norm_num_groups: each encoder, as in [`AntiCausalClassifier`].
         head_hidden_dim (`int`): hidden width of the continuous heads.
     """
 
@@ -209,10 +224,11 @@ class AntiCausalPredictor(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self.order = _check_parents(parents)
-        in_ch = build_encoder(
-            self, in_channels, down_block_types, block_out_channels, layers_per_block, mid_block_attention,
-            attention_head_dim, norm_num_groups,
-        )  # fmt: skip
+        encoder = (down_block_types, block_out_channels, layers_per_block, mid_block_attention, attention_head_dim)
+        self.encoders = nn.ModuleDict(
+            {name: NoiseAwareEncoder(in_channels, *encoder, norm_num_groups) for name in parents}
+        )
+        in_ch = block_out_channels[-1]
         self.heads = nn.ModuleDict()
         for name, spec in parents.items():
             if spec["type"] == "categorical":
@@ -245,13 +261,14 @@ class AntiCausalPredictor(ModelMixin, ConfigMixin):
     ) -> AntiCausalPredictorOutput | tuple:
         """Every head's output for x_t = `sample` at `timestep`; `conditions` holds the values the conditioned heads
         take (e.g. `{"intensity": tensor}`), in the variables' own units."""
-        outputs = self._run_heads(encode(self, sample, timestep), dict(conditions or {}), fill=False)
+        outputs = self._run_heads(sample, timestep, dict(conditions or {}), fill=False)
         return AntiCausalPredictorOutput(outputs=outputs) if return_dict else (outputs,)
 
-    def _run_heads(self, hidden: torch.Tensor, known: dict, fill: bool) -> dict[str, torch.Tensor]:
+    def _run_heads(self, sample, timestep, known: dict, fill: bool) -> dict[str, torch.Tensor]:
         """Every head in order; with `fill`, a missing condition is taken from the estimate of the head before."""
         outputs = {}
         for name in self.order:
+            hidden = self.encoders[name](sample, timestep)
             spec = self.config.parents[name]
             needed = spec.get("conditions", ())
             if any(c not in known for c in needed):
@@ -288,7 +305,7 @@ class AntiCausalPredictor(ModelMixin, ConfigMixin):
 
     def predict(self, sample: torch.Tensor, timestep, given: dict | None = None) -> dict[str, torch.Tensor]:
         """Point estimates of every parent (class or mean); conditions come from `given`, else from the estimates."""
-        outputs = self._run_heads(encode(self, sample, timestep), dict(given or {}), fill=True)
+        outputs = self._run_heads(sample, timestep, dict(given or {}), fill=True)
         return {
             name: output.argmax(-1) if self.config.parents[name]["type"] == "categorical"
             else self.unscale(name, output[:, 0].float())
