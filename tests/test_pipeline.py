@@ -292,3 +292,9 @@ def test_predictor_must_cover_the_graphs_image_parents(scm_pipeline):
 
     with pytest.raises(ValueError, match="predicts"):
         DiffSCMPipeline(scm_pipeline.unet, scm_pipeline.scheduler, tiny_classifier(), causal_graph=TINY_GRAPH)
+
+
+def test_a_generator_list_must_match_the_batch(scm_pipeline):
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    with pytest.raises(ValueError, match="3 generators for 2 samples"):
+        scm_pipeline.intervene(torch.randn(2, 1, 8, 8), None, guidance_scale=0.0, eta=0.5, generator=generators)

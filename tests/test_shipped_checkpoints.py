@@ -1,8 +1,9 @@
-"""The shipped MNIST pipeline and oracle load and behave (real weights, a few held-out digits, few steps)."""
+"""The shipped pipelines and judges load and behave (real weights, a few held-out digits, few steps)."""
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,14 +60,62 @@ def test_null_intervention_reconstructs_and_guidance_flips_the_oracle(pipe, held
     assert (oracle_predictions(oracle, out.images) == targets).float().mean() >= 5 / 6
 
 
-def test_shipped_remote_code_matches_the_package(tmp_path):
+@pytest.mark.parametrize("name", ["diffscm-mnist", "diffscm-morphomnist"])
+def test_shipped_remote_code_matches_the_package(tmp_path, name):
     import shutil
 
     from diffscm import hub
 
-    shipped = CHECKPOINTS / "diffscm-mnist"
+    shipped = CHECKPOINTS / name
     copy = tmp_path / "copy"
     shutil.copytree(shipped, copy)
     hub.add_remote_code(copy)
-    for name in ("pipeline_diffscm.py", "anticausal.py", "image_processing.py", "classifier/anticausal.py"):
+    for name in ("pipeline_diffscm.py", "anticausal.py", "image_processing.py", "scm.py", "classifier/anticausal.py"):
         assert (copy / name).read_text() == (shipped / name).read_text(), f"regenerate {name} with hub.add_remote_code"
+
+
+MORPHOMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "morphomnist"
+
+
+@pytest.fixture(scope="module")
+def morpho_pipe() -> DiffSCMPipeline:
+    pipe = DiffSCMPipeline.from_pretrained(CHECKPOINTS / "diffscm-morphomnist")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_morphomnist_pipeline_knows_its_causal_graph(morpho_pipe):
+    from diffscm import CausalGraph
+
+    assert morpho_pipe.causal_graph.to_config() == CausalGraph.morphomnist().to_config()
+    assert set(morpho_pipe.guidance_scales()) == {"thickness", "intensity", "digit"}
+    assert all(scale > 0 for scale in morpho_pipe.guidance_scales().values())
+    assert morpho_pipe.classifier.parents["thickness"]["conditions"] == ["intensity"]
+    card = (CHECKPOINTS / "diffscm-morphomnist" / "README.md").read_text()
+    assert card.count("accelerate launch training_scripts/") == 3 and "thickness -> intensity" in card
+    assert "## Evaluation" in card
+    record = json.loads((CHECKPOINTS / "morphomnist-oracle" / "oracle.json").read_text())
+    assert record["heldout_accuracy"] >= 0.99
+    assert (
+        record["split"]["heldout_indices"]
+        == json.loads((CHECKPOINTS / "diffscm-morphomnist" / "training.json").read_text())["split"]["heldout_indices"]
+    ), "the oracle and the pipeline hold out the same images"
+
+
+@pytest.mark.skipif(not MORPHOMNIST.is_dir(), reason="the Morpho-MNIST folder is not next to this checkout")
+def test_shipped_morphomnist_interventions_move_the_measured_variables(morpho_pipe):
+    from diffscm import morphometrics
+    from diffscm.data import load_morphomnist
+
+    indices = json.loads((CHECKPOINTS / "diffscm-morphomnist" / "training.json").read_text())["split"]
+    rows = load_morphomnist(str(MORPHOMNIST)).select(indices["heldout_indices"][:4])
+    images = [row["image"] for row in rows]
+    factual = {name: rows[name] for name in ("thickness", "intensity")} | {"digit": rows["label"]}
+    null = morpho_pipe(images, intervention={"digit": rows["label"]}, factual_values=factual, guidance_scale=0.0,
+                       output_type="np")  # fmt: skip
+    assert abs(null.images[..., 0] * 255 - np.stack([np.asarray(image) for image in images])).mean() < 3
+    thin = morpho_pipe(images, intervention={"thickness": 1.5}, factual_values=factual, output_type="np")
+    thick = morpho_pipe(images, intervention={"thickness": 5.0}, factual_values=factual, output_type="np")
+    assert (thick.counterfactual_values["intensity"] > thin.counterfactual_values["intensity"]).all()
+    measured_thin, measured_thick = morphometrics.measure(thin.images), morphometrics.measure(thick.images)
+    assert (measured_thick["thickness"] > measured_thin["thickness"]).all()

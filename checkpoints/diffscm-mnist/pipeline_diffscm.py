@@ -235,6 +235,8 @@ class DiffSCMPipeline(DiffusionPipeline):
         self.check_noise(noise)
         if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be within {self._callback_tensor_inputs}.")
+        if isinstance(generator, list) and len(generator) != noise.shape[0]:
+            raise ValueError(f"Got {len(generator)} generators for {noise.shape[0]} samples; pass one per sample.")
         if target is None and any(scales.values()):
             raise ValueError("`target` is needed unless the guidance scale is 0 (the null intervention).")
         values = None if target is None else self.prepare_parent_values(target, noise.shape[0])

@@ -54,6 +54,9 @@ def add_evaluate_command(commands):
     scm.add_argument(
         "--guidance-scale", nargs="+", default=None, help="s, or NAME=s per parent (default: the model's)."
     )
+    scm.add_argument(
+        "--vae", default=None, help="VAE folder for the CLD of do(digit) (default: the shipped MNIST one)."
+    )
     scm.add_argument("--composition-samples", type=int, default=50)
     scm.add_argument("--composition-cycles", type=int, default=10)
     scm.add_argument("--steps", type=int, default=None)
@@ -96,7 +99,8 @@ def evaluate_scm(args: argparse.Namespace):
         "num_inference_steps": args.steps,
         "abduction_refinement_steps": args.refinement,
     }
-    result = evaluate_interventions(pipe, oracle, images, factual, seed=args.seed, **options)
+    vae = load_vae(args.vae, pipe)
+    result = evaluate_interventions(pipe, oracle, images, factual, seed=args.seed, vae=vae, **options)
     result["composition"] = composition(
         pipe, oracle, images[: args.composition_samples], args.composition_cycles, args.steps, args.refinement
     )
@@ -110,6 +114,7 @@ def evaluate_scm(args: argparse.Namespace):
         "abduction_refinement_steps": pipe.config.abduction_refinement_steps if args.refinement is None
         else args.refinement,
         "composition_images": min(args.composition_samples, len(rows)),
+        "vae": args.vae or ("the shipped mnist-vae" if vae is not None else None),
     }  # fmt: skip
 
     os.makedirs(args.out, exist_ok=True)
@@ -146,6 +151,13 @@ def scm_report(result: dict) -> str:
             f"{settings['composition_images']} images): "
             + ", ".join(f"{k.replace('_', ' ')}: L1 {composition[k]['l1_grey_levels']:.2f}" for k in cycles)
             + " grey levels.",
+            "",
+            (
+                f"CLD of do(digit), paper / benchmark weights, with {settings['vae']}: "
+                f"{result['do(digit)']['cld']['paper']:.3f} / {result['do(digit)']['cld']['benchmark']:.3f}."
+                if "cld" in result["do(digit)"]
+                else "No VAE, no CLD."
+            ),
             "",
             f"Morphometrics of the factual images against the data's sampled values: thickness MAE "
             f"{agreement['thickness']['mae']:.3f} px (r = {agreement['thickness']['correlation']:.3f}), intensity MAE "

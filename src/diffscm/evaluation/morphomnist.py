@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import morphometrics
-from .metrics import grey_level_l1, oracle_predictions, random_other_targets, realism
+from .metrics import grey_level_l1, minimality, oracle_predictions, random_other_targets, realism
 
 NUM_BINS = 9
 MORPHOMETRIC_VARIABLES = ("thickness", "intensity")
@@ -57,12 +57,15 @@ def ground_truth_counterfactuals(images: torch.Tensor, thickness: np.ndarray, in
 
 
 @torch.no_grad()
-def evaluate_interventions(pipe, oracle, images: torch.Tensor, factual: dict, seed: int = 0, **options) -> dict:
+def evaluate_interventions(
+    pipe, oracle, images: torch.Tensor, factual: dict, seed: int = 0, vae=None, **options
+) -> dict:
     """
     The protocol for every variable of the graph, from one abduction per image.
 
     Args:
         images: factual images `(B, 1, H, W)` in [0, 1]; factual: their true `thickness`, `intensity`, `digit`.
+        vae: a `DigitVAE` for the CLD of do(digit) (the digit classes are its reference sets), or None.
         options: `guidance_scale`, `num_inference_steps`, `abduction_refinement_steps` passed to the pipeline.
     """
     graph = pipe.causal_graph
@@ -83,6 +86,9 @@ def evaluate_interventions(pipe, oracle, images: torch.Tensor, factual: dict, se
         entry = score(pipe, oracle, counterfactuals, expected)
         entry["unchanged_image"] = score(pipe, oracle, images, expected)
         entry["realism"] = realism(oracle, counterfactuals, images)
+        if vae is not None and graph.nodes[variable].type == "categorical":
+            labels, targets = (torch.as_tensor(factual[variable]), torch.as_tensor(expected[variable]))
+            entry["cld"] = minimality(vae, images, counterfactuals, labels, targets)
         if variable == "thickness":
             truth = ground_truth_counterfactuals(images, expected["thickness"], expected["intensity"])
             entry["ground_truth_l1"] = grey_level_l1(counterfactuals, truth)
