@@ -266,6 +266,14 @@ def test_causal_graph_pipeline_trains_intervenes_and_evaluates(tmp_path):
     with pytest.raises(SystemExit, match="use `intervention="):
         main(["counterfactual", str(image), "--model", str(pipeline_dir), "--target", "3", "--out", str(out)])
 
+    demo = tmp_path / "demo"
+    main(["demo", "--model", str(pipeline_dir), "--data-dir", str(data), "--num-digits", "2", "--out", str(demo)])
+    table = (demo / "interventions.md").read_text()
+    assert "| do(thickness=1.3) |" in table and "| do(digit=next) |" in table
+    assert PIL.Image.open(demo / "counterfactuals.png").size == (7 * 28 * 4, 14 + 2 * 28 * 4)  # x, null, 5 do()
+    with pytest.raises(SystemExit, match="pass --data-dir"):
+        main(["demo", "--model", str(pipeline_dir), "--out", str(demo)])
+
     report, oracle = tmp_path / "report", tmp_path / "oracle"
     DigitOracle(channels=(4, 8)).save_pretrained(oracle)
     main([
