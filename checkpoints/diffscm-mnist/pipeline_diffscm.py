@@ -320,22 +320,24 @@ class DiffSCMPipeline(DiffusionPipeline):
         num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
         sample = self.preprocess(image)
 
-        # 1. Abduction: u = DDIM^-1(x_0) once per factual image, and the noise of every variable (inside the graph).
-        noise = self.invert(sample, num_inference_steps, strength, abduction_refinement_steps)
-        factual, predicted = self.infer_factual_values(sample, factual_values)
-
-        # 2. Action: do(intervention), descendants recomputed from their abducted noise.
+        # The requested action and the factual values, checked before the costly abduction.
+        batch_size = sample.shape[0]
         if target is not None:
-            parent = self.single_categorical_parent()
-            targets = self.prepare_targets(target, noise.shape[0])
+            targets = self.prepare_targets(target, batch_size)
             num_targets = targets.shape[1]
-            intervention = {parent: targets.flatten().numpy()}
-            factual_repeated = {k: np.repeat(v, num_targets) for k, v in factual.items()}
+            intervention = {self.single_categorical_parent(): targets.flatten().numpy()}
         else:
-            num_targets, factual_repeated = 1, factual
             if not isinstance(intervention, dict) or not intervention:
                 raise ValueError(f"`intervention` must be a non-empty dict {{variable: value}}, got {intervention!r}.")
-            intervention = {k: self._per_image(k, v, noise.shape[0]) for k, v in intervention.items()}
+            num_targets = 1
+            intervention = {k: self._per_image(k, v, batch_size) for k, v in intervention.items()}
+        factual, predicted = self.infer_factual_values(sample, factual_values)
+        factual_repeated = {k: np.repeat(v, num_targets) for k, v in factual.items()}
+
+        # 1. Abduction: u = DDIM^-1(x_0) once per factual image (the other variables' noise: inside the graph).
+        noise = self.invert(sample, num_inference_steps, strength, abduction_refinement_steps)
+
+        # 2. Action: do(intervention), descendants recomputed from their abducted noise.
         counterfactual = self.causal_graph.counterfactual(factual_repeated, intervention)
 
         # 3. Prediction: guided DDIM from the same u towards the counterfactual values of all the image's parents.
