@@ -171,6 +171,26 @@ def test_bad_arguments_fail_fast(tmp_path, args, message):
     assert result.returncode != 0 and message in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--causal_graph", "/no/such/graph.json"], "--causal_graph '/no/such/graph.json'"),
+        (["--causal_graph", "morphomnist", "--guidance_scale", "width=3"], "NAME=SCALE pairs for the parents"),
+        (["--guidance_scale", "digit=3"], "NAME=SCALE pairs for the parents ['label']"),
+        (["--guidance_scale", "strong"], "--guidance-scale takes a number or NAME=NUMBER"),
+        (["--causal_graph", "morphomnist", "--guidance_scale", "digit=x"], "NAME=NUMBER pairs"),
+    ],
+)
+def test_predictor_script_refuses_bad_graphs_and_scales(unet_run, tmp_path, capsys, args, message):
+    sys.path.insert(0, str(ROOT / "training_scripts"))
+    from train_classifier import parse_args
+
+    base = ["--unet_model_name_or_path", str(unet_run), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as error:
+        parse_args(base + args)
+    assert message in str(error.value) + capsys.readouterr().err
+
+
 def test_classifier_refuses_a_schedule_or_split_that_disagrees_with_the_unet(unet_run, tmp_path):
     out = tmp_path / "classifier"
     out.mkdir()

@@ -23,6 +23,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from diffscm import AntiCausalClassifier, AntiCausalPredictor, CausalGraph, DiffSCMPipeline, hub, training
+from diffscm.cli import parse_guidance_scale
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"{args.unet_model_name_or_path!r} has no scheduler/: pass the output folder of train_unet.py.")
     args.pipeline_output_dir = args.pipeline_output_dir or os.path.join(args.output_dir, "pipeline")
     try:
-        args.guidance_scale = parse_guidance_scale(args.guidance_scale, load_graph(args.causal_graph))
+        graph = load_graph(args.causal_graph)
     except (OSError, ValueError, TypeError) as error:
-        parser.error(str(error))
+        parser.error(f"--causal_graph {args.causal_graph!r}: {error}")
+    args.guidance_scale = parse_guidance_scale(args.guidance_scale)
+    parents = graph.image_parents if graph is not None else ("label",)
+    if isinstance(args.guidance_scale, dict) and set(args.guidance_scale) - set(parents):
+        parser.error(f"--guidance_scale takes one number or NAME=SCALE pairs for the parents {list(parents)}.")
     return args
 
 
@@ -73,17 +78,6 @@ def load_graph(spec: str | None) -> CausalGraph | None:
         return CausalGraph.morphomnist()
     with open(spec) as f:
         return CausalGraph.from_config(json.load(f))
-
-
-def parse_guidance_scale(values: list[str], graph: CausalGraph | None) -> float | dict[str, float]:
-    """`["12"]` -> 12.0; `["digit=12", "thickness=4"]` -> a dict checked against the image's parents."""
-    if len(values) == 1 and "=" not in values[0]:
-        return float(values[0])
-    scales = dict(value.split("=", 1) for value in values if "=" in value)
-    parents = graph.image_parents if graph is not None else ("label",)
-    if len(scales) != len(values) or set(scales) - set(parents):
-        raise ValueError(f"--guidance_scale takes one number or NAME=SCALE pairs for the parents {list(parents)}.")
-    return {name: float(value) for name, value in scales.items()}
 
 
 def build_predictor(
