@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffscm.cli import load_pipeline, to_model_images
+from diffscm.cli import heldout_rows, load_pipeline, to_model_images
 from diffscm.data import load_image_dataset
 from diffscm.evaluation import DigitOracle
-from diffscm.evaluation.cli import heldout_rows
-from diffscm.evaluation.morphomnist import intervention_values, score
+from diffscm.evaluation.morphomnist import benchmark_interventions, measure, score
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,24 +54,25 @@ def main(args: argparse.Namespace):
     args.quiet = True
     pipe = load_pipeline(args.model, args)
     graph = pipe.causal_graph
-    rows = heldout_rows(pipe, load_image_dataset(train_data_dir=args.data_dir), 0, args.num_samples)
+    rows = heldout_rows(pipe, load_image_dataset(train_data_dir=args.data_dir), args.num_samples)
     oracle = DigitOracle.from_pretrained(args.oracle).eval()
     images = to_model_images(pipe, [row["image"] for row in rows])
-    factual = {name: np.array([row[graph.nodes[name].data_column] for row in rows]) for name in graph.image_parents}
+    factual = graph.data_values(rows)
     noise = pipe.abduct(images)
-    variables = [name for name in graph.order if graph.nodes[name].type != "image"]
-    requests = {}
-    for offset, variable in enumerate(variables):
-        expected = graph.counterfactual(factual, {variable: intervention_values(graph, variable, factual, offset)})
-        requests[variable] = (expected, score(pipe, oracle, images, expected))
+    unchanged = measure(pipe, oracle, images)
+    requests = {
+        variable: (expected, score(unchanged, expected))
+        for variable, expected in benchmark_interventions(graph, factual, args.seed).items()
+    }
     results = []
     for scales in itertools.product(args.thickness, args.intensity, args.digit):
         guidance = dict(zip(("thickness", "intensity", "digit"), scales, strict=True))
         entry = {"guidance_scale": guidance}
-        for variable, (expected, unchanged) in requests.items():
+        for variable, (expected, baseline) in requests.items():
             values = {name: expected[name] for name in graph.image_parents}
             counterfactuals = pipe.intervene(noise, values, guidance_scale=guidance)
-            entry[f"do({variable})"] = score(pipe, oracle, counterfactuals, expected) | {"unchanged": unchanged}
+            scores = score(measure(pipe, oracle, counterfactuals), expected)
+            entry[f"do({variable})"] = scores | {"unchanged": baseline}
         entry["objective"] = objective(entry)
         results.append(entry)
         print(

@@ -92,23 +92,19 @@ def scm_demo(pipe, args: argparse.Namespace):
 
     from diffscm import morphometrics
     from diffscm.data import load_image_dataset
-    from diffscm.evaluation.cli import heldout_rows
 
     if not args.data_dir:
         raise SystemExit("error: this model's image has several parents; pass --data-dir with its data set.")
     graph = pipe.causal_graph
-    rows = heldout_rows(pipe, load_image_dataset(train_data_dir=args.data_dir), 0, args.num_digits)
-    factual = {name: np.array([row[graph.nodes[name].data_column] for row in rows]) for name in graph.image_parents}
+    rows = heldout_rows(pipe, load_image_dataset(train_data_dir=args.data_dir), args.num_digits)
+    factual = graph.data_values(rows)
     options = pipeline_options(args)
-    noise = pipe.abduct(
-        [row["image"] for row in rows],
-        options["num_inference_steps"],
-        abduction_refinement_steps=options["abduction_refinement_steps"],
-    )
     steps, scale = options["num_inference_steps"], options["guidance_scale"]
-    columns = [to_model_images(pipe, [row["image"] for row in rows]), pipe.intervene(noise, None, 0.0, steps)]
+    sample = pipe.preprocess([row["image"] for row in rows])
+    noise = pipe.invert(sample, steps, abduction_refinement_steps=options["abduction_refinement_steps"])
+    columns = [(sample + 1) / 2, pipe.intervene(noise, None, 0.0, steps)]
     headers, asked = ["x", "null"], [factual, factual]
-    for name in (n for n in graph.order if graph.nodes[n].type != "image"):
+    for name in graph.variables:
         node = graph.nodes[name]
         if node.type == "categorical":
             choices = [("next", (factual.get(name, 0) + 1) % node.num_classes)]
@@ -143,16 +139,27 @@ def scm_demo(pipe, args: argparse.Namespace):
 
 def heldout_digits(pipe, dataset, count: int):
     """The first `count` held-out digits of the pipeline's recorded split of the bundled MNIST (never trained on)."""
+    return heldout_rows(pipe, dataset, count, source=BUNDLED_MNIST)
+
+
+def heldout_rows(pipe, dataset, count: int, skip: int = 0, source: str | None = None) -> list[dict]:
+    """Rows `skip .. skip + count` of the pipeline's recorded held-out split of `dataset` (never trained on); with
+    `source`, the split must have been drawn from that data set."""
     record = Path(pipe.config._name_or_path) / "training.json"
     split = json.loads(record.read_text()).get("split", {}) if record.is_file() else {}
     if not split.get("heldout_indices"):
         raise SystemExit(f"error: {record} holds no held-out split; pass images to `diffscm counterfactual` instead.")
-    if split.get("source") != BUNDLED_MNIST:
+    if source is not None and split.get("source") != source:
         raise SystemExit(
-            f"error: this model held out images of {split.get('source')!r}, not of {BUNDLED_MNIST!r}; evaluate it "
+            f"error: this model held out images of {split.get('source')!r}, not of {source!r}; evaluate it "
             "with --data-dir on its own data."
         )
-    return [dataset[i] for i in split["heldout_indices"][:count]]
+    if split.get("num_images", len(dataset)) != len(dataset):
+        raise SystemExit(
+            f"error: the model's split was drawn from {split.get('num_images')} images of {split.get('source')!r}, "
+            f"but this data has {len(dataset)}."
+        )
+    return [dataset[i] for i in split["heldout_indices"][skip : skip + count]]
 
 
 def to_model_images(pipe, images) -> torch.Tensor:

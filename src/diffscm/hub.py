@@ -72,6 +72,7 @@ def write_model_card(pipeline_dir: str, repo_id: str | None = None) -> ModelCard
         _read_json(folder, "model_index.json"),
     )
     split = record["split"]
+    graph = _causal_graph(index)
     card_data = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
@@ -84,9 +85,9 @@ def write_model_card(pipeline_dir: str, repo_id: str | None = None) -> ModelCard
         template_str=_template(TEMPLATE),
         model_name=folder.name,
         repo_id=repo_id or _display_path(folder),
-        graph=_graph_edges(index),
-        usage=_usage_example(index),
-        parents=", ".join(_parents(index)),
+        graph=", ".join(graph.edges),
+        usage=_usage_example(graph),
+        parents=", ".join(graph.image_parents),
         unet_params=f"{_count_params(folder / 'unet'):,}",
         classifier_params=f"{_count_params(folder / 'classifier'):,}",
         resolution=unet["sample_size"],
@@ -156,27 +157,17 @@ def push_to_hub(pipeline_dir: str, repo_id: str | None, token: str | None = None
     return str(url)
 
 
-def _graph(index: dict):
+def _causal_graph(index: dict):
+    """The pipeline's graph; folders saved before graphs were recorded have the classifier's label -> image."""
     from .scm import CausalGraph
 
-    return CausalGraph.from_config(index["causal_graph"]) if index.get("causal_graph") else None
+    return CausalGraph.from_config(index["causal_graph"]) if index.get("causal_graph") else CausalGraph.single_parent()
 
 
-def _parents(index: dict) -> tuple[str, ...]:
-    graph = _graph(index)
-    return graph.image_parents if graph is not None else ("label",)
-
-
-def _graph_edges(index: dict) -> str:
-    graph = _graph(index)
-    return repr(graph).removeprefix("CausalGraph(").removesuffix(")") if graph is not None else "label -> image"
-
-
-def _usage_example(index: dict) -> str:
+def _usage_example(graph) -> str:
     """The card's example call: `target=3` for one categorical parent, else an intervention on the first variable."""
-    graph = _graph(index)
-    if graph is None or len(graph.image_parents) == 1:
-        return "out = pipe(image, target=3)  # had this image's label been 3"
+    if len(graph.image_parents) == 1:
+        return f"out = pipe(image, target=3)  # had this image's {graph.image_parents[0]} been 3"
     node = graph.nodes[graph.order[0]]
     value = 3 if node.type == "categorical" else round(sum(node.range) / 2, 1)
     return f'out = pipe(image, intervention={{"{node.name}": {value}}})  # descendants follow their mechanisms'

@@ -200,6 +200,19 @@ class CausalGraph:
     def image_parents(self) -> tuple[str, ...]:
         return self.image.parents
 
+    @property
+    def variables(self) -> list[str]:
+        """The non-image nodes, causes before effects."""
+        return [name for name in self.order if self.nodes[name].type != "image"]
+
+    @property
+    def edges(self) -> list[str]:
+        return [f"{parent} -> {node.name}" for node in self.nodes.values() for parent in node.parents]
+
+    def data_values(self, rows: list[dict]) -> dict[str, np.ndarray]:
+        """The values of the image's parents in data set rows, read from each node's column."""
+        return {name: np.array([row[self.nodes[name].data_column] for row in rows]) for name in self.image_parents}
+
     def descendants(self, name: str) -> set[str]:
         found = {child for child, node in self.nodes.items() if name in node.parents}
         for child in list(found):
@@ -209,8 +222,7 @@ class CausalGraph:
     def check_value(self, name: str, value) -> np.ndarray:
         """`value` (a number or one per image) as an array, or a clear error for a wrong node, type or range."""
         if name not in self.nodes or self.nodes[name].type == "image":
-            variables = [n for n in self.order if self.nodes[n].type != "image"]
-            raise ValueError(f"Unknown variable {name!r}; this causal graph's variables are {variables}.")
+            raise ValueError(f"Unknown variable {name!r}; this causal graph's variables are {self.variables}.")
         node = self.nodes[name]
         array = np.asarray(value)
         if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
@@ -232,14 +244,6 @@ class CausalGraph:
             raise ValueError(f"{name!r} must lie in its range [{low}, {high}], got {value!r}.")
         return array.astype(np.float64)
 
-    def abduct(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The exogenous noise of every non-image node from its factual value and its parents' values."""
-        return {
-            name: self.nodes[name].mechanism.abduct(values, values[name])
-            for name in self.order
-            if self.nodes[name].type != "image"
-        }
-
     def counterfactual(self, factual: dict, intervention: dict) -> dict[str, np.ndarray]:
         """
         Abduction, action, prediction for the non-image nodes: do(intervention), then every descendant recomputed by
@@ -250,10 +254,8 @@ class CausalGraph:
         intervention = {name: self.check_value(name, value) for name, value in intervention.items()}
         changed = set().union(*(self.descendants(name) for name in intervention))
         values = {}
-        for name in self.order:
+        for name in self.variables:
             node = self.nodes[name]
-            if node.type == "image":
-                continue
             if name in intervention:
                 value = intervention[name]
             elif name in changed:
@@ -332,5 +334,4 @@ class CausalGraph:
         return order
 
     def __repr__(self) -> str:
-        edges = [f"{p} -> {n.name}" for n in self.nodes.values() for p in n.parents]
-        return f"CausalGraph({', '.join(edges)})"
+        return f"CausalGraph({', '.join(self.edges)})"

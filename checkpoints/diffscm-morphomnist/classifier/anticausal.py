@@ -279,9 +279,14 @@ class AntiCausalPredictor(ModelMixin, ConfigMixin):
                 output = torch.stack([output[:, 0], output[:, 1].clamp(-12.0, 4.0)], dim=1)
             outputs[name] = output
             if fill:
-                estimate = output.argmax(-1) if spec["type"] == "categorical" else self.unscale(name, output[:, 0])
-                known.setdefault(name, estimate)
+                known.setdefault(name, self._estimate(name, output))
         return outputs
+
+    def _estimate(self, name: str, output: torch.Tensor) -> torch.Tensor:
+        """A head's point estimate: the most likely class, or the mean in the variable's units."""
+        if self.config.parents[name]["type"] == "categorical":
+            return output.argmax(-1)
+        return self.unscale(name, output[:, 0].float())
 
     def log_likelihood(self, sample: torch.Tensor, timestep, values: dict) -> dict[str, torch.Tensor]:
         """log p_phi(value | x_t, t[, conditions]) per sample for every parent (conditions taken from `values`);
@@ -306,11 +311,7 @@ class AntiCausalPredictor(ModelMixin, ConfigMixin):
     def predict(self, sample: torch.Tensor, timestep, given: dict | None = None) -> dict[str, torch.Tensor]:
         """Point estimates of every parent (class or mean); conditions come from `given`, else from the estimates."""
         outputs = self._run_heads(sample, timestep, dict(given or {}), fill=True)
-        return {
-            name: output.argmax(-1) if self.config.parents[name]["type"] == "categorical"
-            else self.unscale(name, output[:, 0].float())
-            for name, output in outputs.items()
-        }  # fmt: skip
+        return {name: self._estimate(name, output) for name, output in outputs.items()}
 
 
 def _column(value, like: torch.Tensor) -> torch.Tensor:

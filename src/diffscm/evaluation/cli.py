@@ -70,9 +70,15 @@ def add_evaluate_command(commands):
 
 def evaluate_scm(args: argparse.Namespace):
     """Benchmark protocol on the model's held-out Morpho-MNIST images; writes metrics.json and report.md."""
-    import numpy as np
 
-    from diffscm.cli import DEFAULT_ORACLE, default_checkpoint, load_pipeline, parse_guidance_scale, to_model_images
+    from diffscm.cli import (
+        DEFAULT_ORACLE,
+        default_checkpoint,
+        heldout_rows,
+        load_pipeline,
+        parse_guidance_scale,
+        to_model_images,
+    )
     from diffscm.data import load_image_dataset
     from diffscm.evaluation import DigitOracle
     from diffscm.evaluation.metrics import composition
@@ -90,10 +96,12 @@ def evaluate_scm(args: argparse.Namespace):
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: --data-dir {args.data_dir!r} is not a folder.")
     dataset = load_image_dataset(train_data_dir=args.data_dir)
-    rows = heldout_rows(pipe, dataset, args.skip, args.num_samples)
+    rows = heldout_rows(pipe, dataset, args.num_samples, skip=args.skip)
+    if len(rows) < 2:
+        raise SystemExit(f"error: only {len(rows)} held-out images remain after --skip {args.skip}.")
     oracle = DigitOracle.from_pretrained(args.oracle or default_checkpoint(DEFAULT_ORACLE)).eval()
     images = to_model_images(pipe, [row["image"] for row in rows])
-    factual = {name: np.array([row[pipe.causal_graph.nodes[name].data_column] for row in rows]) for name in needed}
+    factual = pipe.causal_graph.data_values(rows)
     options = {
         "guidance_scale": parse_guidance_scale(args.guidance_scale),
         "num_inference_steps": args.steps,
@@ -165,24 +173,6 @@ def scm_report(result: dict) -> str:
             "",
         ]
     )
-
-
-def heldout_rows(pipe, dataset, skip: int, count: int) -> list[dict]:
-    """Rows `skip .. skip + count` of the pipeline's recorded held-out split of `dataset` (never trained on)."""
-    record = Path(pipe.config._name_or_path) / "training.json"
-    split = json.loads(record.read_text()).get("split", {}) if record.is_file() else {}
-    indices = split.get("heldout_indices")
-    if not indices:
-        raise SystemExit(f"error: {record} holds no held-out split.")
-    if split.get("num_images") != len(dataset):
-        raise SystemExit(
-            f"error: the model's split was drawn from {split.get('num_images')} images of {split.get('source')!r}, "
-            f"but this data has {len(dataset)}."
-        )
-    chosen = indices[skip : skip + count]
-    if len(chosen) < 2:
-        raise SystemExit(f"error: only {len(chosen)} held-out images remain after --skip {skip}.")
-    return [dataset[i] for i in chosen]
 
 
 def write_evaluation_section(model: str, command_name: str, report: str):

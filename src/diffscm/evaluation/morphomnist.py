@@ -36,16 +36,34 @@ def intervention_values(graph, variable: str, factual: dict, seed: int = 0) -> n
     return other_bin_values(factual[variable], *node.range, seed=seed)
 
 
+def benchmark_interventions(graph, factual: dict, seed: int = 0) -> dict[str, dict]:
+    """{variable: the counterfactual values of every variable under the benchmark's do(variable)}, one per image."""
+    return {
+        variable: graph.counterfactual(
+            factual, {variable: intervention_values(graph, variable, factual, seed + offset)}
+        )
+        for offset, variable in enumerate(graph.variables)
+    }
+
+
 @torch.no_grad()
-def score(pipe, oracle, counterfactuals: torch.Tensor, expected: dict) -> dict:
-    """Morphometric MAEs, oracle digit accuracy and the predictor's own MAEs against the expected parent values."""
-    measured = morphometrics.measure(counterfactuals)
-    result = {f"{name}_mae": float(np.abs(measured[name] - expected[name]).mean()) for name in MORPHOMETRIC_VARIABLES}
-    digits = oracle_predictions(oracle, counterfactuals).numpy()
-    result["digit_accuracy"] = float((digits == expected["digit"]).mean())
-    estimates = pipe.classifier.predict((counterfactuals * 2 - 1).to(pipe.classifier.dtype), 0)
+def measure(pipe, oracle, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """What images in [0, 1] show: morphometric thickness and intensity, the oracle's digit, and the anti-causal
+    predictor's own reading (`predictor_thickness`, `predictor_intensity`)."""
+    measured = morphometrics.measure(images)
+    measured["digit"] = oracle_predictions(oracle, images).numpy()
+    estimates = pipe.classifier.predict((images * 2 - 1).to(pipe.classifier.dtype), 0)
     for name in MORPHOMETRIC_VARIABLES:
-        result[f"predictor_{name}_mae"] = float(np.abs(estimates[name].float().cpu().numpy() - expected[name]).mean())
+        measured[f"predictor_{name}"] = estimates[name].float().cpu().numpy()
+    return measured
+
+
+def score(measured: dict, expected: dict) -> dict:
+    """Morphometric MAEs, oracle digit accuracy and the predictor's own MAEs against the expected parent values."""
+    result = {f"{name}_mae": float(np.abs(measured[name] - expected[name]).mean()) for name in MORPHOMETRIC_VARIABLES}
+    result["digit_accuracy"] = float((measured["digit"] == expected["digit"]).mean())
+    for name in MORPHOMETRIC_VARIABLES:
+        result[f"predictor_{name}_mae"] = float(np.abs(measured[f"predictor_{name}"] - expected[name]).mean())
     return result
 
 
@@ -73,18 +91,17 @@ def evaluate_interventions(
     noise = pipe.abduct(
         images, num_inference_steps=steps, abduction_refinement_steps=options.get("abduction_refinement_steps")
     )
-    result = {"factual": score(pipe, oracle, images, factual)}
-    for offset, variable in enumerate(name for name in graph.order if graph.nodes[name].type != "image"):
-        values = intervention_values(graph, variable, factual, seed + offset)
-        expected = graph.counterfactual(factual, {variable: values})
+    unchanged = measure(pipe, oracle, images)
+    result = {"factual": score(unchanged, factual)}
+    for variable, expected in benchmark_interventions(graph, factual, seed).items():
         counterfactuals = pipe.intervene(
             noise,
             {name: expected[name] for name in graph.image_parents},
             guidance_scale=options.get("guidance_scale"),
             num_inference_steps=steps,
         )
-        entry = score(pipe, oracle, counterfactuals, expected)
-        entry["unchanged_image"] = score(pipe, oracle, images, expected)
+        entry = score(measure(pipe, oracle, counterfactuals), expected)
+        entry["unchanged_image"] = score(unchanged, expected)
         entry["realism"] = realism(oracle, counterfactuals, images)
         if vae is not None and graph.nodes[variable].type == "categorical":
             labels, targets = (torch.as_tensor(factual[variable]), torch.as_tensor(expected[variable]))
