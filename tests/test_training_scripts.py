@@ -13,7 +13,7 @@ import pytest
 
 from diffscm import DiffSCMPipeline
 from diffscm.cli import main
-from diffscm.data import load_image_dataset, split_dataset
+from diffscm.data import load_image_dataset, load_morphomnist, split_dataset
 from diffscm.evaluation import DigitOracle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,18 +149,15 @@ def test_morphomnist_folder_loads_with_morphometry(tmp_path):
     )
 
 
-def test_shared_morphomnist_folder_when_present():
-    folder = ROOT.parent / "shared" / "data" / "morphomnist"
-    if not folder.is_dir():
-        pytest.skip("../shared/data/morphomnist is not beside this checkout")
-    ds = load_image_dataset(train_data_dir=str(folder))
+def test_the_repositorys_morphomnist_folder_loads():
+    ds = load_image_dataset(train_data_dir=str(ROOT / "data" / "morphomnist"))
     assert len(ds) == 10_000 and set(ds.column_names) >= {"image", "label", "thickness", "intensity"}
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--train_data_dir", "/no/such/folder"], "is not a folder"),
+        (["--train_data_dir", "/no/such/folder"], "does not exist"),
         (["--dataset", "cifar-bundled"], "unknown --dataset"),
         (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
         (["--save_images_steps", "0"], "--save_images_steps must be >= 1"),
@@ -305,3 +302,51 @@ def test_causal_graph_pipeline_trains_intervenes_and_evaluates(tmp_path):
     assert set(result) >= {"do(thickness)", "do(intensity)", "do(digit)", "composition", "factual"}
     assert result["settings"]["num_images"] == 4 and "ground_truth_l1" in result["do(thickness)"]
     assert "| Composition L1, 2 cycles" in (report / "report.md").read_text()
+
+
+def test_conditional_mechanism_trains_with_redrawn_digits_and_exports(tmp_path):
+    data = write_morphomnist_like(tmp_path / "morpho")
+    redrawn = tmp_path / "redrawn"
+    subprocess.run(
+        [sys.executable, str(ROOT / "training_scripts" / "redraw_morphomnist.py"), "--train_data_dir", str(data),
+         "--variants", "2", "--num_proc", "1", "--output_dir", str(redrawn)],
+        check=True, capture_output=True, env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert len(load_image_dataset(train_data_dir=str(redrawn))) == 2 * len(
+        load_image_dataset(train_data_dir=str(data))
+    )
+    tiny = ["--train_data_dir", str(data), "--holdout_size", "8", "--block_out_channels", "8", "16"]
+    tiny += ["--train_batch_size", "8", "--report_to", "none"]
+    unet, run, pipeline_dir = tmp_path / "unet", tmp_path / "predictor", tmp_path / "pipeline"
+    launch(
+        "train_unet.py", "--output_dir", str(unet), "--causal_graph", "morphomnist", "--extra_train_data_dir",
+        str(redrawn), "--max_train_steps", "2", "--save_images_steps", "2", *tiny,
+    )  # fmt: skip
+    assert (unet / "parent_embedding" / "config.json").is_file() and (unet / "samples" / "step-000002.png").is_file()
+    split = json.loads((unet / "split.json").read_text())
+    assert split["extra_train_sources"] == [str(redrawn)] and split["num_heldout"] == 8
+    assert split["num_train"] == split["num_images"] - 8 + 2 * split["num_images"], "redrawn digits train only"
+    launch(
+        "train_classifier.py", "--unet_model_name_or_path", str(unet), "--output_dir", str(run),
+        "--pipeline_output_dir", str(pipeline_dir), "--causal_graph", "morphomnist", "--max_train_steps", "2",
+        "--guidance_scale", "0", "--cfg_scale", "digit=2", "--num_inference_steps", "2", *tiny,
+    )  # fmt: skip
+    pipe = DiffSCMPipeline.from_pretrained(pipeline_dir)
+    assert pipe.mechanism == "conditional" and pipe.cfg_scales() == {"thickness": 1.0, "intensity": 1.0, "digit": 2.0}
+    image = load_image_dataset(train_data_dir=str(data))[0]["image"]
+    out = pipe(image, intervention={"digit": 3}, factual_values={"thickness": 2.0, "intensity": 150.0, "digit": 1})
+    assert out.counterfactual_values["digit"].tolist() == [3] and len(out.images) == 1
+
+
+def test_the_official_release_layout_chooses_a_split(tmp_path):
+    for prefix, count in (("train", 3), ("t10k", 2)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((count, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count))
+        rows = "\n".join(f"{i},2.0,100.0" for i in range(count))
+        (tmp_path / f"{prefix}-morpho.csv").write_text("index,thickness,intensity\n" + rows + "\n")
+    assert len(load_morphomnist(str(tmp_path), split="train")) == 3
+    assert len(load_morphomnist(str(tmp_path), split="test")) == 2
+    with pytest.raises(ValueError, match="choose one with --split"):
+        load_morphomnist(str(tmp_path))
+    with pytest.raises(ValueError, match="no Morpho-MNIST split 'validation2'"):
+        load_morphomnist(str(tmp_path), split="validation2")

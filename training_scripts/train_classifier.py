@@ -22,7 +22,15 @@ import os
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from diffscm import AntiCausalClassifier, AntiCausalPredictor, CausalGraph, DiffSCMPipeline, hub, training
+from diffscm import (
+    AntiCausalClassifier,
+    AntiCausalPredictor,
+    CausalGraph,
+    DiffSCMPipeline,
+    ParentEmbedding,
+    hub,
+    training,
+)
 from diffscm.cli import parse_guidance_scale
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     pipeline.add_argument(
         "--guidance_scale", nargs="+", default=["1.0"], help="One scale, or one per parent: digit=12 thickness=4 ..."
     )
+    pipeline.add_argument(
+        "--cfg_scale", nargs="+", default=["1.0"], help="Classifier-free guidance of a conditional UNet: w or NAME=w."
+    )
     pipeline.add_argument("--num_inference_steps", type=int, default=50)
     pipeline.add_argument("--abduction_refinement_steps", type=int, default=0)
     hub_args = parser.add_argument_group("hub")
@@ -60,24 +71,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"{args.unet_model_name_or_path!r} has no scheduler/: pass the output folder of train_unet.py.")
     args.pipeline_output_dir = args.pipeline_output_dir or os.path.join(args.output_dir, "pipeline")
     try:
-        graph = load_graph(args.causal_graph)
+        graph = CausalGraph.load(args.causal_graph) if args.causal_graph else None
     except (OSError, ValueError, TypeError) as error:
         parser.error(f"--causal_graph {args.causal_graph!r}: {error}")
-    args.guidance_scale = parse_guidance_scale(args.guidance_scale)
     parents = graph.image_parents if graph is not None else ("label",)
-    if isinstance(args.guidance_scale, dict) and set(args.guidance_scale) - set(parents):
-        parser.error(f"--guidance_scale takes one number or NAME=SCALE pairs for the parents {list(parents)}.")
+    for name in ("guidance_scale", "cfg_scale"):
+        setattr(args, name, parse_guidance_scale(getattr(args, name)))
+        if isinstance(getattr(args, name), dict) and set(getattr(args, name)) - set(parents):
+            parser.error(f"--{name} takes one number or NAME=SCALE pairs for the parents {list(parents)}.")
     return args
-
-
-def load_graph(spec: str | None) -> CausalGraph | None:
-    """The named preset or a JSON file with the graph's config; None for the default label -> image."""
-    if spec is None:
-        return None
-    if spec == "morphomnist":
-        return CausalGraph.morphomnist()
-    with open(spec) as f:
-        return CausalGraph.from_config(json.load(f))
 
 
 def build_predictor(
@@ -99,23 +101,17 @@ def build_predictor(
 
 def predictor_heads(graph: CausalGraph) -> dict[str, dict]:
     """A head per parent of the image; a continuous one is conditioned on the image's continuous parents it causes."""
-    heads = {}
-    for name in graph.image_parents:
-        node = graph.nodes[name]
-        if node.type == "categorical":
-            heads[name] = {"type": "categorical", "num_classes": node.num_classes}
-        else:
+    heads = graph.parent_specs()
+    for name, spec in heads.items():
+        if spec["type"] == "continuous":
             children = [c for c in graph.image_parents if name in graph.nodes[c].parents]
-            conditions = [c for c in children if graph.nodes[c].type == "continuous"]
-            heads[name] = {"type": "continuous", "range": list(node.range), "conditions": conditions}
+            spec["conditions"] = [c for c in children if graph.nodes[c].type == "continuous"]
     return heads
 
 
 def value_columns(graph: CausalGraph | None) -> dict[str, str]:
     """{variable: data column} of the image's parents."""
-    if graph is None:
-        return {"label": "label"}
-    return {name: graph.nodes[name].data_column for name in graph.image_parents}
+    return {"label": "label"} if graph is None else graph.data_columns
 
 
 def load_schedule(args: argparse.Namespace) -> DDIMScheduler:
@@ -165,7 +161,7 @@ def heldout_metrics(predictor, dataloader, scheduler, device, num_levels: int = 
 
 def main(args: argparse.Namespace):
     accelerator = training.make_accelerator(args)
-    graph = load_graph(args.causal_graph)
+    graph = CausalGraph.load(args.causal_graph) if args.causal_graph else None
     scheduler = load_schedule(args)
     split, split_record = training.load_split(args)
     check_same_split(args, split_record)
@@ -229,17 +225,19 @@ def export_pipeline(
             "train_unet.py has finished to write the pipeline folder."
         )
         return
+    embedding_dir = os.path.join(args.unet_model_name_or_path, "parent_embedding")
     pipe = DiffSCMPipeline(
         unet=UNet2DModel.from_pretrained(unet_dir),
         scheduler=scheduler,
         classifier=classifier,
+        parent_embedding=ParentEmbedding.from_pretrained(embedding_dir) if os.path.isdir(embedding_dir) else None,
         causal_graph=graph.to_config() if graph is not None else None,
         guidance_scale=args.guidance_scale,
+        cfg_scale=args.cfg_scale,
         num_inference_steps=args.num_inference_steps,
         abduction_refinement_steps=args.abduction_refinement_steps,
     )
     pipe.save_pretrained(args.pipeline_output_dir)
-    hub.add_remote_code(args.pipeline_output_dir)
     hub.write_training_record(args.pipeline_output_dir, args.unet_model_name_or_path, args.output_dir)
     hub.write_model_card(args.pipeline_output_dir)
     logger.info(f"Saved the DiffSCMPipeline to {args.pipeline_output_dir}")

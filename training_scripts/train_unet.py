@@ -2,20 +2,27 @@
 
     accelerate launch training_scripts/train_unet.py --dataset mnist-bundled --output_dir outputs/mnist-unet --use_ema
 
-Writes `unet/` (EMA weights when --use_ema), `scheduler/` (DDIM, no clipping), `split.json`, `training_args.json`,
-sample grids under `samples/` and resumable `checkpoint-N/` folders.
+With --causal_graph (`morphomnist`, `digit`, or a JSON file) the noise model is conditioned on the image's parents,
+eps_theta(x_t, t, pa): the image's structural mechanism x = f(pa, u). The parents enter through diffusers' own class
+conditioning (`class_embed_type="identity"`) from a `ParentEmbedding`; every parent is dropped independently with
+probability --parent_dropout, which gives classifier-free guidance per parent. An unconditional UNet given by
+--pretrained_model_name_or_path is fine-tuned into a conditional one (the embedding starts at zero).
+
+Writes `unet/` (EMA weights when --use_ema), `parent_embedding/` (conditional only), `scheduler/` (DDIM, no
+clipping), `split.json`, `training_args.json`, sample grids under `samples/` and resumable `checkpoint-N/` folders.
 """
 
 import argparse
 import logging
 import os
 
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.utils import make_image_grid
 
-from diffscm import training
+from diffscm import CausalGraph, ParentEmbedding, training
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +41,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--attention_head_dim", type=int, default=8)
     model.add_argument("--num_train_timesteps", type=int, default=1000)
     model.add_argument("--beta_schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    model.add_argument(
+        "--causal_graph",
+        default=None,
+        help="Condition on the image's parents: 'morphomnist', 'digit' (label -> image) or a JSON graph file.",
+    )
+    model.add_argument(
+        "--parent_dropout", type=float, default=0.15, help="Probability of dropping each parent (conditional)."
+    )
     parser.add_argument("--save_images_steps", type=int, default=500, help="Write a sample grid every N steps.")
     args = parser.parse_args(argv)
     training.check_training_args(args)
+    if not 0 <= args.parent_dropout < 1:
+        parser.error(f"--parent_dropout must be in [0, 1), got {args.parent_dropout}.")
+    try:
+        if args.causal_graph is not None:
+            CausalGraph.load(args.causal_graph)
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(f"--causal_graph {args.causal_graph!r}: {error}")
     return args
+
+
+class ConditionalNoiseModel(torch.nn.Module):
+    """eps_theta(x_t, t, pa) for training: the UNet conditioned through the parent embedding."""
+
+    def __init__(self, unet: UNet2DModel, parent_embedding: ParentEmbedding):
+        super().__init__()
+        self.unet, self.parent_embedding = unet, parent_embedding
+
+    def forward(self, sample, timesteps, values: dict, dropped: dict) -> torch.Tensor:
+        return self.unet(sample, timesteps, class_labels=self.parent_embedding(values, dropped)).sample
 
 
 def build_unet(args: argparse.Namespace) -> UNet2DModel:
@@ -71,11 +104,44 @@ def load_or_build_unet(args: argparse.Namespace) -> UNet2DModel:
     return unet
 
 
-def save_samples(unet, scheduler, args, step: int):
-    """A 4x4 grid of unconditional DDIM samples (50 steps, fixed seed) from the current weights."""
-    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config, clip_sample=False))
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=16, num_inference_steps=50, generator=torch.manual_seed(0)).images
+def noise_model(args: argparse.Namespace, graph: CausalGraph | None) -> torch.nn.Module:
+    """The UNet, or (with --causal_graph) the UNet with identity class conditioning and its parent embedding; a
+    pretrained unconditional UNet keeps every weight (the identity class embedding has none)."""
+    unet = load_or_build_unet(args)
+    if graph is None:
+        return unet
+    if unet.config.class_embed_type is None:
+        conditional = UNet2DModel.from_config(unet.config, class_embed_type="identity")
+        conditional.load_state_dict(unet.state_dict())
+        unet = conditional
+    elif unet.config.class_embed_type != "identity":
+        raise SystemExit(f"error: the pretrained UNet has class_embed_type {unet.config.class_embed_type!r}.")
+    embedding_dir = os.path.join(args.pretrained_model_name_or_path or "", "parent_embedding")
+    if os.path.isdir(embedding_dir):
+        embedding = ParentEmbedding.from_pretrained(embedding_dir)
+        if embedding.parents != graph.parent_specs():
+            raise SystemExit(f"error: {embedding_dir} embeds {embedding.parents}, not this graph's parents.")
+    else:
+        embedding = ParentEmbedding(parents=graph.parent_specs(), embedding_dim=4 * unet.config.block_out_channels[0])
+    return ConditionalNoiseModel(unet, embedding)
+
+
+@torch.no_grad()
+def save_samples(model, scheduler, args, step: int, values: dict | None = None):
+    """A 4x4 grid of DDIM samples (50 steps, fixed seed) from the current weights; a conditional model's under the
+    parents of 16 training images (`values`)."""
+    scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+    if values is None:
+        pipe = DDIMPipeline(unet=model, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=16, num_inference_steps=50, generator=torch.manual_seed(0)).images
+    else:
+        size = model.unet.config.sample_size
+        sample = torch.randn(16, args.num_channels, size, size, generator=torch.manual_seed(0))
+        scheduler.set_timesteps(50)
+        for t in scheduler.timesteps:
+            sample = scheduler.step(model(sample, t, values, {}), t, sample).prev_sample
+        images = [PIL.Image.fromarray(x) for x in ((sample.clamp(-1, 1) + 1) * 127.5).round().byte()[:, 0].numpy()]
     path = os.path.join(args.output_dir, "samples", f"step-{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     make_image_grid(images, rows=4, cols=4).save(path)
@@ -84,11 +150,17 @@ def save_samples(unet, scheduler, args, step: int):
 def main(args: argparse.Namespace):
     accelerator = training.make_accelerator(args)
     split, split_record = training.load_split(args)
-    dataloader = training.make_dataloader(split["train"], args)
+    graph = CausalGraph.load(args.causal_graph) if args.causal_graph else None
+    columns = graph.data_columns if graph is not None else None
+    dataloader = training.make_dataloader(split["train"], args, value_columns=columns)
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
     unet, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(
-        accelerator, load_or_build_unet(args), dataloader, args
+        accelerator, noise_model(args, graph), dataloader, args
     )
+    sample_values = None
+    if graph is not None:  # the parents of the first 16 training images, for the sample grids
+        rows = split["train"].select(range(min(16, len(split["train"]))))
+        sample_values = {name: torch.as_tensor(rows[column]) for name, column in columns.items()}
     if accelerator.is_main_process:
         # The scheduler goes first so that the anti-causal classifier can train on this schedule in parallel.
         DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False).save_pretrained(
@@ -101,17 +173,28 @@ def main(args: argparse.Namespace):
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), device=clean.device)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        return F.mse_loss(model(noisy, timesteps).sample.float(), noise)
+        if graph is None:
+            return F.mse_loss(model(noisy, timesteps).sample.float(), noise)
+        values = training.batch_values(batch)
+        dropped = {name: torch.rand(len(clean), device=clean.device) < args.parent_dropout for name in values}
+        return F.mse_loss(model(noisy, timesteps, values, dropped).float(), noise)
 
     def write_samples(step):
         if accelerator.is_main_process and (step % args.save_images_steps == 0 or step == args.max_train_steps):
-            save_samples(training.trained_model(accelerator, unet, ema), noise_scheduler, args, step)
+            model = training.trained_model(accelerator, unet, ema)
+            save_samples(model, noise_scheduler, args, step, sample_values)
 
     steps, seconds = training.train(
         accelerator, args, unet, optimizer, lr_scheduler, dataloader, compute_loss, ema, after_step=write_samples
     )
     if accelerator.is_main_process:
-        training.trained_model(accelerator, unet, ema).save_pretrained(os.path.join(args.output_dir, "unet"))
+        model = training.trained_model(accelerator, unet, ema)
+        if graph is None:
+            model.save_pretrained(os.path.join(args.output_dir, "unet"))
+        else:
+            model.unet.save_pretrained(os.path.join(args.output_dir, "unet"))
+            model.parent_embedding.save_pretrained(os.path.join(args.output_dir, "parent_embedding"))
+            training.write_json(os.path.join(args.output_dir, "causal_graph.json"), graph.to_config())
         seconds_per_step = training.record_run(args, "train_unet.py", steps, seconds)
         logger.info(f"Saved the UNet to {args.output_dir}/unet ({seconds_per_step} s/step)")
     accelerator.end_training()

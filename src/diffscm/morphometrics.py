@@ -7,6 +7,8 @@ erosion at 16x resolution, then scaling to a median foreground intensity); they 
 of a do(thickness) up to the data's own process.
 """
 
+import functools
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -63,13 +65,31 @@ def measure(images) -> dict[str, np.ndarray]:
 
 
 def set_thickness(image: np.ndarray, target: float) -> np.ndarray:
-    """The digit (grey levels, `(H, W)`) re-drawn with mean stroke thickness `target` (dilation or erosion by a disk
-    at 16x resolution, then downsampled), in [0, 1]; as Morpho-MNIST's generator did from the original digit."""
+    """The digit (grey levels, `(H, W)`) re-drawn with mean stroke thickness `target`, in [0, 1]; as Morpho-MNIST's
+    generator did from the original digit (see `thickness_variants`)."""
+    return thickness_variants(image, [target])[0]
+
+
+def thickness_variants(image: np.ndarray, targets) -> list[np.ndarray]:
+    """The digit re-drawn at each of the mean stroke thicknesses `targets`, in [0, 1], by Morpho-MNIST's own
+    `SetThickness`: measured at 16x resolution, dilated or eroded there by its anti-aliased disk (a disk drawn 16x
+    larger and reduced, whose support is wider than `disk(radius)`), then downsampled; one measurement serves all."""
     binary, current = _morphology(np.asarray(image, dtype=np.float64), GENERATE_SCALE)
-    radius = int(GENERATE_SCALE * abs(target - current) / 2)
-    operation = morphology.dilation if target >= current else morphology.erosion
-    drawn = operation(binary, morphology.disk(radius)) if radius else binary
-    return transform.pyramid_reduce(drawn.astype(np.float64), downscale=GENERATE_SCALE, order=3)
+    drawn = []
+    for target in targets:
+        footprint = _generator_disk(int(GENERATE_SCALE * abs(target - current) / 2))
+        if target >= current:
+            mask = ndimage.binary_dilation(binary, structure=footprint)
+        else:
+            mask = ndimage.binary_erosion(binary, structure=footprint, border_value=1)
+        drawn.append(transform.pyramid_reduce(mask.astype(np.float64), downscale=GENERATE_SCALE, order=3))
+    return drawn
+
+
+@functools.cache
+def _generator_disk(radius: int) -> np.ndarray:
+    magnified = morphology.disk(GENERATE_SCALE * radius, dtype=np.float64)
+    return transform.pyramid_reduce(magnified, downscale=GENERATE_SCALE, order=1, channel_axis=None) > 0
 
 
 def set_intensity(image: np.ndarray, target: float) -> np.ndarray:
@@ -78,7 +98,10 @@ def set_intensity(image: np.ndarray, target: float) -> np.ndarray:
     return np.clip(image * target / intensity(image), 0, 255)
 
 
-def redraw(image: np.ndarray, thickness: float, intensity_value: float) -> np.ndarray:
+def redraw(image: np.ndarray, thickness, intensity_value):
     """The digit (grey levels, `(H, W)`) with the given thickness and intensity, made by the data's own process;
-    grey levels in [0, 255]."""
-    return set_intensity(set_thickness(image, thickness) * 255, intensity_value)
+    grey levels in [0, 255]. With sequences of thicknesses and intensities, a list of such variants."""
+    if np.ndim(thickness) == 0:
+        return redraw(image, [thickness], [intensity_value])[0]
+    drawn = thickness_variants(image, thickness)
+    return [set_intensity(d * 255, i) for d, i in zip(drawn, intensity_value, strict=True)]

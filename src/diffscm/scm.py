@@ -6,6 +6,7 @@ anti-causal predictors. A counterfactual is abduction (u of every node), action 
 (the descendants recomputed from the abducted noise, in causal order).
 """
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -161,9 +162,10 @@ class CausalGraph:
         self.order = self._topological_order()
 
     @classmethod
-    def single_parent(cls, name: str = "label", num_classes: int = 10) -> "CausalGraph":
+    def single_parent(cls, name: str = "label", num_classes: int = 10, column: str | None = None) -> "CausalGraph":
         """The simplest graph: one categorical parent -> image (the MNIST digit -> image)."""
-        return cls([Node(name, "categorical", num_classes=num_classes), Node("image", "image", parents=(name,))])
+        parent = Node(name, "categorical", num_classes=num_classes, column=column)
+        return cls([parent, Node("image", "image", parents=(name,))])
 
     @classmethod
     def morphomnist(cls) -> "CausalGraph":
@@ -177,6 +179,17 @@ class CausalGraph:
                 Node("image", "image", ("thickness", "intensity", "digit")),
             ]
         )
+
+    @classmethod
+    def load(cls, spec: str) -> "CausalGraph":
+        """A named preset (`"morphomnist"`, or `"digit"`: MNIST's label -> image) or a JSON file holding
+        `{"nodes": [...]}`."""
+        if spec == "morphomnist":
+            return cls.morphomnist()
+        if spec == "digit":
+            return cls.single_parent("digit", 10, column="label")
+        with open(spec, encoding="utf-8") as f:
+            return cls.from_config(json.load(f))
 
     @classmethod
     def from_config(cls, config: dict | list) -> "CausalGraph":
@@ -208,6 +221,23 @@ class CausalGraph:
     @property
     def edges(self) -> list[str]:
         return [f"{parent} -> {node.name}" for node in self.nodes.values() for parent in node.parents]
+
+    @property
+    def data_columns(self) -> dict[str, str]:
+        """{parent of the image: the data set column that holds its values}."""
+        return {name: self.nodes[name].data_column for name in self.image_parents}
+
+    def parent_specs(self) -> dict[str, dict]:
+        """The image's parents as model specs: `{"type": "categorical", "num_classes": K}` or
+        `{"type": "continuous", "range": [low, high]}`."""
+        specs = {}
+        for name in self.image_parents:
+            node = self.nodes[name]
+            if node.type == "categorical":
+                specs[name] = {"type": "categorical", "num_classes": node.num_classes}
+            else:
+                specs[name] = {"type": "continuous", "range": list(node.range)}
+        return specs
 
     def data_values(self, rows: list[dict]) -> dict[str, np.ndarray]:
         """The values of the image's parents in data set rows, read from each node's column."""

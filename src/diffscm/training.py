@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -35,6 +36,18 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     data.add_argument("--dataset", default=None, help=f"Built-in data set: {BUNDLED_MNIST!r} (the default).")
     data.add_argument("--dataset_name", default=None, help="A Hugging Face Hub data set id, e.g. ylecun/mnist.")
     data.add_argument("--train_data_dir", default=None, help="An imagefolder tree or a Morpho-MNIST folder.")
+    data.add_argument(
+        "--extra_train_data_dir",
+        nargs="+",
+        default=[],
+        help="More folders (e.g. from redraw_morphomnist.py) added to the training split only; never held out.",
+    )
+    data.add_argument(
+        "--split",
+        default=None,
+        help="The split to train on: a Hub data set's (default train), or the official "
+        "Morpho-MNIST release's train / test when --train_data_dir holds both.",
+    )
     data.add_argument("--image_column", default="image")
     data.add_argument("--label_column", default="label")
     data.add_argument("--cache_dir", default=None)
@@ -69,8 +82,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def check_training_args(args: argparse.Namespace):
     """Fail fast, before any model is built, on arguments that cannot work."""
-    if args.train_data_dir and not os.path.isdir(args.train_data_dir):
-        raise SystemExit(f"error: --train_data_dir {args.train_data_dir!r} is not a folder.")
+    for folder in filter(None, [args.train_data_dir, *args.extra_train_data_dir]):
+        if not os.path.isdir(folder):
+            raise SystemExit(f"error: the data folder {folder!r} does not exist.")
     if args.dataset not in (None, BUNDLED_MNIST):
         raise SystemExit(
             f"error: unknown --dataset {args.dataset!r}; use {BUNDLED_MNIST!r}, --dataset_name or --train_data_dir."
@@ -115,8 +129,9 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
 def load_split(args: argparse.Namespace):
     """The train / held-out `DatasetDict` and its record (source, seed, held-out source indices)."""
     ds = load_image_dataset(
-        args.dataset, args.dataset_name, args.train_data_dir, args.image_column, args.label_column, args.cache_dir
-    )
+        args.dataset, args.dataset_name, args.train_data_dir, args.image_column, args.label_column, args.cache_dir,
+        args.split,
+    )  # fmt: skip
     holdout = int(args.holdout_size) if args.holdout_size >= 1 else args.holdout_size
     split = split_dataset(ds, holdout, seed=args.split_seed)
     source = args.dataset_name or args.train_data_dir or args.dataset or BUNDLED_MNIST
@@ -128,6 +143,12 @@ def load_split(args: argparse.Namespace):
         "split_seed": args.split_seed,
         "heldout_indices": sorted(split["heldout"]["source_index"]),
     }
+    if args.extra_train_data_dir:
+        extra = [load_image_dataset(train_data_dir=folder) for folder in args.extra_train_data_dir]
+        columns = split["train"].column_names
+        extra = [ds.add_column("source_index", [-1] * len(ds)).select_columns(columns) for ds in extra]
+        split["train"] = datasets.concatenate_datasets([split["train"], *extra])
+        record |= {"extra_train_sources": args.extra_train_data_dir, "num_train": len(split["train"])}
     return split, record
 
 
@@ -235,7 +256,7 @@ def prepare_model(accelerator: Accelerator, model: torch.nn.Module, dataloader: 
     """AdamW, the LR schedule and (with --use_ema) an EMA of the weights, prepared and registered for checkpoints."""
     ema = None
     if args.use_ema:
-        ema = EMAModel(model.parameters(), decay=args.ema_max_decay, model_cls=type(model), model_config=model.config)
+        ema = EMAModel(model.parameters(), decay=args.ema_max_decay)
     optimizer, lr_scheduler = optimizer_and_schedule(model, args, accelerator.num_processes)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if ema is not None:

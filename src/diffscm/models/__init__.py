@@ -4,5 +4,12 @@ from .anticausal import (
     AntiCausalPredictor,
     AntiCausalPredictorOutput,
 )
+from .parent_embedding import ParentEmbedding
 
-__all__ = ["AntiCausalClassifier", "AntiCausalClassifierOutput", "AntiCausalPredictor", "AntiCausalPredictorOutput"]
+__all__ = [
+    "AntiCausalClassifier",
+    "AntiCausalClassifierOutput",
+    "AntiCausalPredictor",
+    "AntiCausalPredictorOutput",
+    "ParentEmbedding",
+]
