@@ -58,7 +58,7 @@ def main(args: argparse.Namespace):
     oracle = DigitOracle.from_pretrained(args.oracle).eval()
     images = to_model_images(pipe, [row["image"] for row in rows])
     factual = graph.data_values(rows)
-    noise = pipe.abduct(images)
+    abduction = pipe.abduct(images, {name: factual[name] for name in graph.image_parents})
     unchanged = measure(pipe, oracle, images)
     requests = {
         variable: (expected, score(unchanged, expected))
@@ -70,7 +70,7 @@ def main(args: argparse.Namespace):
         entry = {"guidance_scale": guidance}
         for variable, (expected, baseline) in requests.items():
             values = {name: expected[name] for name in graph.image_parents}
-            counterfactuals = pipe.intervene(noise, values, guidance_scale=guidance)
+            counterfactuals = pipe.intervene(abduction, values, guidance_scale=guidance)
             scores = score(measure(pipe, oracle, counterfactuals), expected)
             entry[f"do({variable})"] = scores | {"unchanged": baseline}
         entry["objective"] = objective(entry)

@@ -1,10 +1,15 @@
-"""Diff-SCM (Sanchez & Tsaftaris, CLeaR 2022): counterfactual images by DDIM abduction and guided intervention."""
+"""Diff-SCM (Sanchez & Tsaftaris, CLeaR 2022): counterfactual images by DDIM abduction and intervention."""
 
+import inspect
 import json
 import math
+import numbers
 import os
+import re
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -17,10 +22,12 @@ from huggingface_hub import snapshot_download
 
 from diffscm.image_processing import PipelineImageInput, preprocess_images
 from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor
+from diffscm.models.parent_embedding import ParentEmbedding
 from diffscm.scm import CausalGraph
 
 TargetInput = int | str | list | np.ndarray | torch.Tensor
 ValuesInput = dict[str, float | int | list | np.ndarray | torch.Tensor]
+ScaleInput = float | dict[str, float]
 PREDICTORS = {cls.__name__: cls for cls in (AntiCausalClassifier, AntiCausalPredictor)}
 
 
@@ -36,10 +43,10 @@ class DiffSCMPipelineOutput(BaseOutput):
         predicted_factuals (`list[str]`): the factual values that were predicted from the image by the anti-causal
             predictor at t = 0 because they were not given.
         predicted_values (`dict[str, np.ndarray]`): the anti-causal predictor's estimate of each parent of the image
-            from each counterfactual (a guide, not an independent judge).
+            from each counterfactual (a guide, not an independent judge); empty without a predictor.
         targets (`np.ndarray` of shape `(B*K,)`): with `target=`, the intervened class of each counterfactual.
         target_probabilities (`np.ndarray` of shape `(B*K,)`): with `target=`, p_phi(target | counterfactual, t=0).
-        reconstructions: the null-intervention (guidance 0) results, one per input image, when asked for.
+        reconstructions: the null-intervention results, one per input image, when asked for.
         noise (`torch.Tensor`): the abducted exogenous noise u, one per input image, when asked for.
     """
 
@@ -52,6 +59,43 @@ class DiffSCMPipelineOutput(BaseOutput):
     target_probabilities: np.ndarray | None = None
     reconstructions: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
     noise: torch.Tensor | None = None
+
+
+@dataclass
+class Abduction(BaseOutput):
+    """
+    The result of abduction: the exogenous noise of each factual image and what it was abducted under. [`intervene`]
+    follows these settings, so the prediction runs the very chain that the inversion ran.
+
+    Args:
+        noise (`torch.Tensor` `(B, C, H, W)`, float32): u, at the intervention's first timestep.
+        factual_values (`dict[str, np.ndarray]`): the factual value of each parent of the image, one per sample (a
+            conditional mechanism was inverted under them; anti-causal guidance acts only on parents that change).
+        num_inference_steps (`int`), strength (`float`), abduction_refinement_steps (`int`): the DDIM chain.
+        cfg_scale (`dict[str, float]`): the classifier-free guidance scale of each parent (conditional mechanism).
+    """
+
+    noise: torch.Tensor
+    factual_values: dict[str, np.ndarray]
+    num_inference_steps: int
+    strength: float
+    abduction_refinement_steps: int
+    cfg_scale: dict[str, float]
+
+    @property
+    def batch_size(self) -> int:
+        return self.noise.shape[0]
+
+    def repeat_interleave(self, repeats: int) -> "Abduction":
+        """Every sample repeated `repeats` times in a row, for several interventions from one abduction."""
+        values = {name: np.repeat(value, repeats) for name, value in self.factual_values.items()}
+        return replace(self, noise=self.noise.repeat_interleave(repeats, dim=0), factual_values=values)
+
+    def select(self, index) -> "Abduction":
+        """The samples at `index` (a slice, or a list / array of positions)."""
+        positions = np.arange(self.batch_size)[index]
+        values = {name: value[positions] for name, value in self.factual_values.items()}
+        return replace(self, noise=self.noise[torch.as_tensor(positions)], factual_values=values)
 
 
 def ddim_step(sample: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
@@ -67,54 +111,87 @@ class DiffSCMPipeline(DiffusionPipeline):
     1. Abduction: deterministic DDIM inversion of the factual image x_0 to its exogenous noise u = x_T, and the noise
        of every other variable of the causal graph through the inverse of its mechanism.
     2. Action: do(variable = value); descendants follow through their mechanisms with their abducted noise.
-    3. Prediction: DDIM from u back to x_0, guided by the anti-causal predictors p_phi(pa_k | x_t, t) towards the
-       counterfactual values pa_k* of all the image's parents at once:
-       eps_hat = eps_theta(x_t, t) - sqrt(1 - alpha_bar_t) * sum_k s_k grad_{x_t} log p_phi(pa_k* | x_t, t).
+    3. Prediction: DDIM from u back to x_0 under the counterfactual values pa* of the image's parents.
+
+    The image's mechanism is one of two kinds, which the checkpoint records by having a `parent_embedding` or not:
+
+    - **classifier-guided** (the paper's): an unconditional eps_theta(x_t, t) steered by the noise-aware anti-causal
+      predictors, eps_hat = eps_theta(x_t, t) - sqrt(1 - alpha_bar_t) sum_k s_k grad log p_phi(pa_k* | x_t, t);
+    - **conditional**: eps_theta(x_t, t, pa), the structural mechanism x = f(pa, u) itself, inverted under the
+      factual parents and run under the counterfactual ones, with classifier-free guidance per parent,
+      eps_hat = eps(pa) + sum_k (w_k - 1) (eps(pa) - eps(pa without k)), the same in both directions; anti-causal
+      guidance may act on top.
+
+    Anti-causal guidance acts only on the parents whose value the intervention changes, so that do(parents =
+    factual values) returns the factual image.
 
     Parameters:
-        unet ([`UNet2DModel`]): the noise model eps_theta (epsilon prediction).
+        unet ([`UNet2DModel`]): the noise model eps_theta (epsilon prediction); `class_embed_type="identity"` for a
+            conditional mechanism.
         scheduler ([`DDIMScheduler`]): its noise schedule; any scheduler config is read as a DDIM one.
-        classifier ([`AntiCausalClassifier`] or [`AntiCausalPredictor`]): the noise-aware anti-causal predictor(s)
-            of the image's parents, trained on the same schedule.
+        classifier ([`AntiCausalClassifier`] or [`AntiCausalPredictor`], *optional* for a conditional mechanism):
+            the noise-aware anti-causal predictor(s) of the image's parents, trained on the same schedule; they
+            guide, and predict factual values that are not given.
+        parent_embedding ([`ParentEmbedding`], *optional*): the parents as the UNet's class conditioning; present
+            for a conditional mechanism.
         causal_graph (`dict`): `{"nodes": [...]}`, the [`~diffscm.scm.CausalGraph`] config; by default the
             classifier's single categorical parent -> image.
-        guidance_scale (`float` or `dict`): default guidance scale s, or one per parent of the image, chosen by
-            measurement for the shipped checkpoints.
+        guidance_scale (`float` or `dict`): default anti-causal guidance scale s, or one per parent of the image
+            (default 1 with a predictor, 0 without).
+        cfg_scale (`float` or `dict`): default classifier-free guidance scale w per parent (conditional mechanism;
+            1 = plain conditioning).
         num_inference_steps (`int`): default number of DDIM steps, used by abduction and intervention alike.
         abduction_refinement_steps (`int`): default extra UNet passes per inversion step (exact abduction).
     """
 
-    model_cpu_offload_seq = "classifier->unet"
+    model_cpu_offload_seq = "classifier->parent_embedding->unet"
+    _optional_components = ["classifier", "parent_embedding"]
     _callback_tensor_inputs = ["sample"]
 
     def __init__(
         self,
         unet: UNet2DModel,
         scheduler: DDIMScheduler,
-        classifier: AntiCausalClassifier | AntiCausalPredictor,
+        classifier: AntiCausalClassifier | AntiCausalPredictor | None = None,
+        parent_embedding: ParentEmbedding | None = None,
         causal_graph: dict | None = None,
-        guidance_scale: float | dict = 1.0,
+        guidance_scale: ScaleInput | None = None,
+        cfg_scale: ScaleInput = 1.0,
         num_inference_steps: int = 50,
         abduction_refinement_steps: int = 0,
     ):
         super().__init__()
+        if guidance_scale is None:
+            guidance_scale = 1.0 if classifier is not None else 0.0
         if not isinstance(scheduler, DDIMScheduler):
             scheduler = DDIMScheduler.from_config(scheduler.config)
-        if causal_graph is None:
+        if causal_graph is not None:
+            self.causal_graph = CausalGraph.from_config(causal_graph)
+        elif classifier is not None:
             (parent, spec), *_ = classifier.parents.items()
             self.causal_graph = CausalGraph.single_parent(parent, spec["num_classes"])
+        elif parent_embedding is not None:
+            (parent, spec), *_ = parent_embedding.parents.items()
+            self.causal_graph = CausalGraph.single_parent(parent, spec["num_classes"])
         else:
-            self.causal_graph = CausalGraph.from_config(causal_graph)
-        _check_components(unet, scheduler, classifier, self.causal_graph)
-        self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
+            raise ValueError("A DiffSCMPipeline needs an anti-causal `classifier`, a `parent_embedding`, or both.")
+        _check_components(unet, scheduler, classifier, parent_embedding, self.causal_graph)
+        self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier, parent_embedding=parent_embedding)
         self.register_to_config(
             causal_graph=self.causal_graph.to_config(),
             guidance_scale=guidance_scale,
+            cfg_scale=cfg_scale,
             num_inference_steps=num_inference_steps,
             abduction_refinement_steps=abduction_refinement_steps,
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False)
         self.guidance_scales(guidance_scale)
+        self.cfg_scales(cfg_scale)
+
+    @property
+    def mechanism(self) -> str:
+        """`"conditional"` (eps_theta(x_t, t, pa)) or `"classifier-guided"` (eps_theta(x_t, t) and p_phi)."""
+        return "conditional" if self.parent_embedding is not None else "classifier-guided"
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiffSCMPipeline":
@@ -135,38 +212,59 @@ class DiffSCMPipeline(DiffusionPipeline):
             "unet": lambda: UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
             "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
             "classifier": lambda: PREDICTORS[config["classifier"][1]].from_pretrained(folder, subfolder="classifier"),
+            "parent_embedding": lambda: ParentEmbedding.from_pretrained(folder, subfolder="parent_embedding"),
         }
         for name, load in components.items():
-            if name not in kwargs:
+            recorded = config.get(name, [None, None])
+            if name not in kwargs and recorded[-1] is not None:
                 kwargs[name] = load()
         defaults = {k: v for k, v in config.items() if not k.startswith("_") and k not in components}
         pipe = cls(**(defaults | kwargs))
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipe
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """
+        diffusers' `save_pretrained`, plus this pipeline's code (the pipeline, its components' classes, image
+        processing and the causal graph), so that plain diffusers loads the folder with
+        `DiffusionPipeline.from_pretrained(folder_or_hub_id, trust_remote_code=True)`, however the pipeline was built.
+        """
+        if kwargs.get("push_to_hub"):
+            raise ValueError("Save first, then push the folder with `diffscm.hub.push_to_hub` (it adds the card).")
+        super().save_pretrained(save_directory, **kwargs)
+        write_remote_code(self, save_directory)
+
     @torch.no_grad()
     def abduct(
         self,
         image: PipelineImageInput,
+        factual_values: ValuesInput | None = None,
         num_inference_steps: int | None = None,
         strength: float = 1.0,
         abduction_refinement_steps: int | None = None,
-    ) -> torch.Tensor:
+        cfg_scale: ScaleInput | None = None,
+    ) -> Abduction:
         """
         Abduction: the exogenous noise u of each factual image by deterministic DDIM inversion (fp32, no clipping).
 
         Args:
             image: factual image(s); see [`~diffscm.image_processing.preprocess_images`] for the accepted forms.
-            num_inference_steps: DDIM steps of the whole chain; the intervention must use the same number.
+            factual_values: the image's parents' factual values `{name: value or one per image}`; those not given
+                are predicted by the anti-causal predictor at t = 0.
+            num_inference_steps: DDIM steps of the whole chain.
             strength: fraction of the chain to invert (1 = up to x_T; the official Diff-SCM code used 0.75).
             abduction_refinement_steps: K extra UNet passes per step. Each step solves x_t = step^-1(x_prev,
                 eps(x_t, t)) by fixed-point iteration, so that the generation step from x_t lands back on x_prev,
                 starting from the previous step's noise estimate; every pass (1 + K per step) is one iteration.
+            cfg_scale: classifier-free guidance scale per parent (conditional mechanism); the intervention uses it.
 
         Returns:
-            `torch.Tensor` `(B, C, H, W)`, float32: the abducted noise, at the intervention's first timestep.
+            [`Abduction`]: the noise and the settings that [`intervene`] follows.
         """
-        return self.invert(self.preprocess(image), num_inference_steps, strength, abduction_refinement_steps)
+        sample = self.preprocess(image)
+        factual, _ = self.infer_factual_values(sample, factual_values)
+        parents = {name: factual[name] for name in self.causal_graph.image_parents}
+        return self.invert(sample, parents, num_inference_steps, strength, abduction_refinement_steps, cfg_scale)
 
     def preprocess(self, image: PipelineImageInput) -> torch.Tensor:
         """Factual image(s) as a float32 `(B, C, H, W)` tensor in [-1, 1] of the model's size, on its device."""
@@ -177,33 +275,44 @@ class DiffSCMPipeline(DiffusionPipeline):
     def invert(
         self,
         sample: torch.Tensor,
+        factual_values: dict[str, np.ndarray],
         num_inference_steps: int | None = None,
         strength: float = 1.0,
         abduction_refinement_steps: int | None = None,
-    ) -> torch.Tensor:
-        """The DDIM inversion of [`abduct`] for a preprocessed `sample` in [-1, 1]."""
-        num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
-        refinements = _default(abduction_refinement_steps, self.config.abduction_refinement_steps)
-        if not isinstance(refinements, int) or refinements < 0:
-            raise ValueError(f"`abduction_refinement_steps` must be an integer >= 0, got {refinements!r}.")
+        cfg_scale: ScaleInput | None = None,
+    ) -> Abduction:
+        """The DDIM inversion of [`abduct`] for a preprocessed `sample` in [-1, 1] and the factual values of all the
+        image's parents, one per sample."""
+        num_inference_steps = _check_count("num_inference_steps", num_inference_steps, self.config.num_inference_steps)
+        refinements = _check_count(
+            "abduction_refinement_steps", abduction_refinement_steps, self.config.abduction_refinement_steps, 0
+        )
+        cfg_scales = self.cfg_scales(cfg_scale)
         timesteps, alphas = self.get_timesteps(num_inference_steps, strength)
+        parents = self.prepare_parent_values(factual_values, sample.shape[0])
 
         eps = torch.zeros_like(sample)  # each step starts from the previous step's noise estimate
         for i in self.progress_bar(reversed(range(len(timesteps))), total=len(timesteps)):
             t, alpha_t, alpha_prev = timesteps[i], alphas[i], alphas[i + 1]
             for _ in range(1 + refinements):  # fixed point of x_t = step^-1(x_prev, eps(x_t, t))
-                eps = self.predict_noise(ddim_step(sample, eps, alpha_prev, alpha_t), t)
+                eps = self.predict_noise(ddim_step(sample, eps, alpha_prev, alpha_t), t, parents, cfg_scales)
             sample = ddim_step(sample, eps, alpha_prev, alpha_t)
-        return sample
+        _check_finite(sample, "The abducted noise", cfg_scales)
+        return Abduction(
+            noise=sample,
+            factual_values={name: value.cpu().numpy() for name, value in parents.items()},
+            num_inference_steps=num_inference_steps,
+            strength=float(strength),
+            abduction_refinement_steps=refinements,
+            cfg_scale=cfg_scales,
+        )
 
     @torch.no_grad()
     def intervene(
         self,
-        noise: torch.Tensor,
-        target: TargetInput | ValuesInput | None,
-        guidance_scale: float | dict | None = None,
-        num_inference_steps: int | None = None,
-        strength: float = 1.0,
+        abduction: Abduction,
+        target: TargetInput | ValuesInput | None = None,
+        guidance_scale: ScaleInput | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pt",
@@ -211,48 +320,60 @@ class DiffSCMPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("sample",),
     ) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
         """
-        Prediction: DDIM from the abducted `noise` to x_0, guided towards the counterfactual values of the image's
-        parents.
+        Prediction: DDIM from the abducted noise to x_0 under the counterfactual values of the image's parents, with
+        the abduction's steps, strength and classifier-free guidance.
 
         Args:
-            noise: abducted noise `(B, C, H, W)` from [`abduct`], with the same `num_inference_steps` and `strength`.
+            abduction: the [`Abduction`] returned by [`abduct`] (or `Abduction.repeat_interleave` of it).
             target: the counterfactual value of every parent of the image, `{parent: value or one per sample}`; for
                 a graph whose image has one categorical parent, also just the class (an int or one per sample);
-                None for the null intervention (no guidance).
-            guidance_scale: s >= 0, or `{parent: s}` (parents left out keep their default); 0 everywhere is the null
-                intervention and reproduces the factual.
+                None for the null intervention (the factual values).
+            guidance_scale: anti-causal guidance scale s >= 0, or `{parent: s}` (parents left out keep their
+                default); it acts only on samples whose parent value differs from the factual one.
             eta: 0 for deterministic DDIM; > 0 adds fresh noise drawn from `generator` (then not a reconstruction).
             output_type: `"pt"`, `"np"`, `"pil"`, or `"latent"` for the raw sample in [-1, 1].
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` called after every step;
                 `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` (`"sample"`), and
                 a returned `"sample"` replaces the current one.
+
+        Returns:
+            The counterfactual images in the requested `output_type`.
         """
+        if not isinstance(abduction, Abduction):
+            raise TypeError(
+                f"`intervene` takes the Abduction returned by `abduct` (it carries the chain's settings), got "
+                f"{type(abduction).__name__}."
+            )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         scales = self.guidance_scales(guidance_scale)
-        num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
-        self.check_guidance(0.0, eta)
-        self.check_noise(noise)
+        _check_eta(eta)
+        self.check_noise(abduction.noise)
         if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be within {self._callback_tensor_inputs}.")
-        if isinstance(generator, list) and len(generator) != noise.shape[0]:
-            raise ValueError(f"Got {len(generator)} generators for {noise.shape[0]} samples; pass one per sample.")
-        if target is None and any(scales.values()):
-            raise ValueError("`target` is needed unless the guidance scale is 0 (the null intervention).")
-        values = None if target is None else self.prepare_parent_values(target, noise.shape[0])
-        timesteps, alphas = self.get_timesteps(num_inference_steps, strength)
-        sample = noise.to(self._execution_device, torch.float32)
+        size = abduction.batch_size
+        if isinstance(generator, list) and len(generator) != size:
+            raise ValueError(f"Got {len(generator)} generators for {size} samples; pass one per sample.")
+        factual = self.prepare_parent_values(abduction.factual_values, size)
+        values = factual if target is None else self.prepare_parent_values(target, size)
+        changed = {name: values[name] != factual[name] for name in values}  # guidance acts on these only
+        guided = {
+            name: scale * changed[name].float() for name, scale in scales.items() if scale and changed[name].any()
+        }
+        timesteps, alphas = self.get_timesteps(abduction.num_inference_steps, abduction.strength)
+        sample = abduction.noise.to(self._execution_device, torch.float32)
 
         for i, t in enumerate(self.progress_bar(timesteps)):
             alpha_t, alpha_prev = alphas[i], alphas[i + 1]
-            eps = self.predict_noise(sample, t)
-            if values is not None and any(scales.values()):
-                eps = eps - math.sqrt(1 - alpha_t) * self.log_likelihood_gradient(sample, t, values, scales)
+            eps = self.predict_noise(sample, t, values, abduction.cfg_scale)
+            if guided:
+                eps = eps - math.sqrt(1 - alpha_t) * self.log_likelihood_gradient(sample, t, values, guided)
             sample = self.denoising_step(sample, eps, alpha_t, alpha_prev, eta, generator)
             if callback_on_step_end is not None:
                 callback_kwargs = {name: {"sample": sample}[name] for name in callback_on_step_end_tensor_inputs}
                 sample = callback_on_step_end(self, i, t, callback_kwargs).pop("sample", sample)
 
+        _check_finite(sample, "The counterfactual", scales | {"cfg": abduction.cfg_scale})
         if output_type == "latent":
             return sample
         return self.image_processor.postprocess(sample, output_type=output_type)
@@ -264,7 +385,8 @@ class DiffSCMPipeline(DiffusionPipeline):
         target: TargetInput | None = None,
         intervention: ValuesInput | None = None,
         factual_values: ValuesInput | None = None,
-        guidance_scale: float | dict | None = None,
+        guidance_scale: ScaleInput | None = None,
+        cfg_scale: ScaleInput | None = None,
         num_inference_steps: int | None = None,
         strength: float = 1.0,
         abduction_refinement_steps: int | None = None,
@@ -278,7 +400,7 @@ class DiffSCMPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("sample",),
     ) -> DiffSCMPipelineOutput | tuple:
         r"""
-        The counterfactual "had `intervention` held": abduction, action on the causal graph, guided prediction.
+        The counterfactual "had `intervention` held": abduction, action on the causal graph, prediction.
 
         Args:
             image: factual image(s): PIL, numpy channels-last or torch channels-first, floats in [0, 1]; RGB/grey is
@@ -290,23 +412,26 @@ class DiffSCMPipeline(DiffusionPipeline):
                 `{"thickness": 4.0}` or `{"digit": 3, "intensity": 200}`; descendants follow their mechanisms.
             factual_values: known factual values `{name: value or one per image}`; the image's parents not given
                 are predicted from the image (listed in the output's `predicted_factuals`).
-            guidance_scale: s, or `{parent: s}` one per parent of the image; defaults to the checkpoint's measured
-                choice.
+            guidance_scale: anti-causal guidance s, or `{parent: s}`; defaults to the checkpoint's measured choice.
+            cfg_scale: classifier-free guidance w, or `{parent: w}` (conditional mechanism); the checkpoint's default.
             num_inference_steps: DDIM steps each way (abduction and intervention).
             strength: fraction of the chain that is inverted and regenerated (1 = the whole chain).
             abduction_refinement_steps: extra UNet passes per inversion step for exact abduction.
             eta, generator: stochastic DDIM (eta > 0) with reproducible noise; eta = 0 is deterministic.
             output_type: `"pil"`, `"np"` or `"pt"`.
-            return_reconstruction: also run the null intervention (guidance 0) and return it.
+            return_reconstruction: also run the null intervention and return it.
             return_noise: also return the abducted noise.
-            return_dict: return a [`DiffSCMPipelineOutput`] rather than a tuple of its fields.
+            return_dict: return a [`DiffSCMPipelineOutput`] rather than a tuple of its fields, in their order.
+
+        Returns:
+            [`DiffSCMPipelineOutput`] or a tuple of its nine fields (None where not asked for).
 
         Examples:
         ```py
         >>> from diffscm import DiffSCMPipeline
         >>> pipe = DiffSCMPipeline.from_pretrained("checkpoints/diffscm-mnist")
         >>> out = pipe(image, target=3)  # "what would this digit look like had it been a 3?"
-        >>> pipe = DiffSCMPipeline.from_pretrained("checkpoints/diffscm-morphomnist")
+        >>> pipe = DiffSCMPipeline.from_pretrained("checkpoints/diffscm-morphomnist-conditional")
         >>> out = pipe(image, intervention={"thickness": 4.0})  # intensity follows thickness through its mechanism
         >>> out.images[0].save("counterfactual.png"), out.counterfactual_values
         ```
@@ -316,8 +441,8 @@ class DiffSCMPipeline(DiffusionPipeline):
         if (target is None) == (intervention is None):
             raise ValueError("Give either `target` or `intervention` (a dict of variable values).")
         self.guidance_scales(guidance_scale)
-        self.check_guidance(0.0, eta)
-        num_inference_steps = _default(num_inference_steps, self.config.num_inference_steps)
+        cfg_scales = self.cfg_scales(cfg_scale)
+        _check_eta(eta)
         sample = self.preprocess(image)
 
         # The requested action and the factual values, checked before the costly abduction.
@@ -333,20 +458,21 @@ class DiffSCMPipeline(DiffusionPipeline):
             intervention = {k: self._per_image(k, v, batch_size) for k, v in intervention.items()}
         factual, predicted = self.infer_factual_values(sample, factual_values)
         factual_repeated = {k: np.repeat(v, num_targets) for k, v in factual.items()}
-
-        # 1. Abduction: u = DDIM^-1(x_0) once per factual image (the other variables' noise: inside the graph).
-        noise = self.invert(sample, num_inference_steps, strength, abduction_refinement_steps)
-
-        # 2. Action: do(intervention), descendants recomputed from their abducted noise.
         counterfactual = self.causal_graph.counterfactual(factual_repeated, intervention)
 
-        # 3. Prediction: guided DDIM from the same u towards the counterfactual values of all the image's parents.
+        # 1. Abduction: u = DDIM^-1(x_0) once per factual image, under its factual parents.
+        parents = self.causal_graph.image_parents
+        abduction = self.invert(
+            sample, {name: factual[name] for name in parents}, num_inference_steps, strength,
+            abduction_refinement_steps, cfg_scales,
+        )  # fmt: skip
+
+        # 2. Action: do(intervention) on the graph, descendants recomputed from their abducted noise (above).
+        # 3. Prediction: DDIM from the same u under the counterfactual values of the image's parents.
         counterfactuals = self.intervene(
-            noise.repeat_interleave(num_targets, dim=0),
-            {name: counterfactual[name] for name in self.causal_graph.image_parents},
+            abduction.repeat_interleave(num_targets),
+            {name: counterfactual[name] for name in parents},
             guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            strength=strength,
             eta=eta,
             generator=generator,
             output_type="latent",
@@ -355,28 +481,31 @@ class DiffSCMPipeline(DiffusionPipeline):
         )
         reconstructions = None
         if return_reconstruction:
-            reconstructions = self.intervene(
-                noise, None, guidance_scale=0.0, num_inference_steps=num_inference_steps, strength=strength,
-                output_type="latent",
-            )  # fmt: skip
-            reconstructions = self.image_processor.postprocess(reconstructions, output_type=output_type)
+            reconstructions = self.intervene(abduction, None, output_type=output_type)
 
         clean = counterfactuals.clamp(-1, 1)
-        estimates = self.classifier.predict(clean.to(self.classifier.dtype), 0)
         output = DiffSCMPipelineOutput(
             images=self.image_processor.postprocess(counterfactuals, output_type=output_type),
             counterfactual_values=counterfactual,
             factual_values=factual,
             predicted_factuals=predicted,
-            predicted_values={name: value.detach().cpu().numpy() for name, value in estimates.items()},
+            predicted_values=self.read_parents(clean),
             reconstructions=reconstructions,
-            noise=noise if return_noise else None,
+            noise=abduction.noise if return_noise else None,
         )
         if target is not None:
             output.targets = targets.flatten().numpy()
-            output.target_probabilities = self.target_probabilities(clean, targets.flatten()).cpu().numpy()
+            if self.classifier is not None:
+                output.target_probabilities = self.target_probabilities(clean, targets.flatten()).cpu().numpy()
         self.maybe_free_model_hooks()
-        return output if return_dict else output.to_tuple()
+        return output if return_dict else tuple(getattr(output, name) for name in output.__dataclass_fields__)
+
+    def read_parents(self, sample: torch.Tensor) -> dict[str, np.ndarray]:
+        """The anti-causal predictor's point estimates of the image's parents from clean samples (empty without)."""
+        if self.classifier is None:
+            return {}
+        estimates = self.classifier.predict(sample.to(self.classifier.dtype), 0)
+        return {name: value.detach().cpu().numpy() for name, value in estimates.items()}
 
     def infer_factual_values(self, sample: torch.Tensor, given: ValuesInput | None) -> tuple[dict, list[str]]:
         """Factual values: those `given`, and the image's parents not given predicted from the clean image by the
@@ -386,6 +515,11 @@ class DiffSCMPipeline(DiffusionPipeline):
             raise ValueError(f"`factual_values` must be a dict {{variable: value}}, got {given!r}.")
         values = {name: self._per_image(name, value, size) for name, value in (given or {}).items()}
         predicted = [name for name in graph.image_parents if name not in values]
+        if predicted and self.classifier is None:
+            raise ValueError(
+                f"This pipeline has no anti-causal predictor to read {predicted} from the image: give them in "
+                "`factual_values`."
+            )
         if predicted:
             known = {name: torch.as_tensor(value, device=sample.device) for name, value in values.items()}
             estimates = self.classifier.predict(sample.to(self.classifier.dtype), 0, given=known)
@@ -413,52 +547,58 @@ class DiffSCMPipeline(DiffusionPipeline):
             )
         return parents[0]
 
-    def guidance_scales(self, guidance_scale: float | dict | None = None) -> dict[str, float]:
-        """The guidance scale of every parent of the image: the given one(s) over the checkpoint's default(s)."""
+    def guidance_scales(self, guidance_scale: ScaleInput | None = None) -> dict[str, float]:
+        """The anti-causal guidance scale of every parent of the image: the given one(s) over the defaults."""
         parents = self.causal_graph.image_parents
-        scales = {}
-        for scale in (self.config.guidance_scale, guidance_scale):
-            if scale is None:
-                continue
-            if not isinstance(scale, dict):
-                scale = dict.fromkeys(parents, scale)
-            unknown = set(scale) - set(parents)
-            if unknown:
-                raise ValueError(
-                    f"`guidance_scale` names {sorted(unknown)}, not parents of the image {list(parents)}."
-                )
-            for name, value in scale.items():
-                self.check_guidance(value, 0.0)
-                scales[name] = float(value)
-        return {name: scales.get(name, 0.0) for name in parents}
+        scales = _per_parent("guidance_scale", parents, self.config.guidance_scale, guidance_scale, fill=0.0)
+        if self.classifier is None and any(scales.values()):
+            raise ValueError("This pipeline has no anti-causal predictor: `guidance_scale` must be 0.")
+        return scales
+
+    def cfg_scales(self, cfg_scale: ScaleInput | None = None) -> dict[str, float]:
+        """The classifier-free guidance scale of every parent of the image: the given one(s) over the defaults."""
+        scales = _per_parent("cfg_scale", self.causal_graph.image_parents, self.config.cfg_scale, cfg_scale, fill=1.0)
+        if self.parent_embedding is None and any(scale != 1 for scale in scales.values()):
+            raise ValueError("`cfg_scale` needs a conditional mechanism (a `parent_embedding`); this one has none.")
+        return scales
 
     def get_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> tuple[list[int], list[float]]:
         """The generation timesteps (descending) and alpha-bar before each step and after the last one."""
         train_steps = self.scheduler.config.num_train_timesteps
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= train_steps:
-            raise ValueError(
-                f"`num_inference_steps` must be an integer in [1, {train_steps}], got {num_inference_steps}."
-            )
-        if not 0 < strength <= 1:
-            raise ValueError(f"`strength` must be in (0, 1], got {strength}.")
+        num_inference_steps = _check_count("num_inference_steps", num_inference_steps, None)
+        if not num_inference_steps <= train_steps:
+            raise ValueError(f"`num_inference_steps` must be at most {train_steps}, got {num_inference_steps}.")
+        if not _is_real(strength) or not 0 < strength <= 1:
+            raise ValueError(f"`strength` must be a number in (0, 1], got {strength!r}.")
         self.scheduler.set_timesteps(num_inference_steps)
-        num_steps = max(1, round(num_inference_steps * strength))
+        num_steps = max(1, round(num_inference_steps * float(strength)))
         timesteps = self.scheduler.timesteps[-num_steps:].tolist()
-        alphas = [self.scheduler.alphas_cumprod[t].item() for t in timesteps]
+        alphas = self.scheduler.alphas_cumprod[timesteps].tolist()
         return timesteps, alphas + [float(self.scheduler.final_alpha_cumprod)]
 
-    def predict_noise(self, sample: torch.Tensor, timestep: int) -> torch.Tensor:
-        """eps_theta(x_t, t) in float32 whatever the UNet's dtype."""
-        return self.unet(sample.to(self.unet.dtype), timestep).sample.float()
+    def predict_noise(
+        self, sample: torch.Tensor, timestep: int, parents: dict[str, torch.Tensor], cfg_scales: dict[str, float]
+    ) -> torch.Tensor:
+        """eps_theta(x_t, t) in float32 whatever the UNet's dtype; for a conditional mechanism eps_theta(x_t, t, pa)
+        with per-parent classifier-free guidance, all its passes in one batched UNet call."""
+        if self.parent_embedding is None:
+            return self.unet(sample.to(self.unet.dtype), timestep).sample.float()
+        dropped = [{}] + [{name: True} for name, scale in cfg_scales.items() if scale != 1]
+        labels = torch.cat([self.parent_embedding(parents, drop) for drop in dropped])
+        batch = sample.to(self.unet.dtype).repeat(len(dropped), 1, 1, 1)
+        conditional, *without = self.unet(batch, timestep, class_labels=labels).sample.float().chunk(len(dropped))
+        guided = [name for name, scale in cfg_scales.items() if scale != 1]
+        return conditional + sum((cfg_scales[n] - 1) * (conditional - e) for n, e in zip(guided, without, strict=True))
 
     def log_likelihood_gradient(
-        self, sample: torch.Tensor, timestep: int, values: dict[str, torch.Tensor], scales: dict[str, float]
+        self, sample: torch.Tensor, timestep: int, values: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """grad_{x_t} sum_k s_k log p_phi(pa_k = values[k] | x_t, t); the gradient flows through the predictor only."""
+        """grad_{x_t} sum_k s_k log p_phi(pa_k = values[k] | x_t, t), with a scale per parent and sample; the
+        gradient flows through the predictor only."""
         with torch.enable_grad():
             sample = sample.detach().to(self.classifier.dtype).requires_grad_(True)
             log_likelihoods = self.classifier.log_likelihood(sample, timestep, values)
-            total = sum(scales[name] * log_likelihoods[name].sum() for name in scales if scales[name])
+            total = sum((scale.to(sample.device) * log_likelihoods[name]).sum() for name, scale in scales.items())
             return torch.autograd.grad(total, sample)[0].float()
 
     def target_probabilities(self, sample: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -505,22 +645,18 @@ class DiffSCMPipeline(DiffusionPipeline):
         if not isinstance(target, dict):
             targets = self.prepare_targets(target, batch_size)
             if targets.shape[1] != 1:
-                raise ValueError("`intervene` takes one target per noise sample; repeat `noise` for several targets.")
+                raise ValueError(
+                    "`intervene` takes one target per sample; `Abduction.repeat_interleave` gives several."
+                )
             target = {self.single_categorical_parent(): targets[:, 0]}
         if set(target) != set(parents):
             raise ValueError(
-                f"`intervene` needs the values of all the image's parents {list(parents)}, got {sorted(target)}."
+                f"The values of all the image's parents {list(parents)} are needed, got {sorted(target)}."
             )
         return {
             name: torch.as_tensor(self._per_image(name, value, batch_size), device=self._execution_device)
             for name, value in target.items()
         }
-
-    def check_guidance(self, guidance_scale: float, eta: float):
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}.")
-        if not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
-            raise ValueError(f"`eta` must be in [0, 1], got {eta!r}.")
 
     def check_noise(self, noise: torch.Tensor):
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
@@ -531,9 +667,58 @@ class DiffSCMPipeline(DiffusionPipeline):
             raise ValueError("`noise` contains NaN or infinite values.")
 
 
-def _check_components(unet: UNet2DModel, scheduler: DDIMScheduler, classifier, graph: CausalGraph):
+def write_remote_code(pipe: DiffSCMPipeline, folder: str | os.PathLike):
+    """The modules behind `pipe` as flat files of `folder` (and of each custom component's sub-folder), their
+    `diffscm.*` imports made relative, and `model_index.json` pointing at them."""
+    folder = Path(folder)
+    imported = (preprocess_images, CausalGraph, AntiCausalClassifier, ParentEmbedding)
+    modules = {sys.modules[__name__]} | {sys.modules[thing.__module__] for thing in imported}
+    custom = {name: type(pipe.components[name]) for name in pipe._optional_components if pipe.components[name]}
+    sources = {_module_file(module): _relative_imports(inspect.getsource(module)) for module in modules}
+    for name, source in sources.items():
+        (folder / name).write_text(source, encoding="utf-8")
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    index["_class_name"] = [_module_file(sys.modules[__name__]).removesuffix(".py"), type(pipe).__name__]
+    for name, cls in custom.items():
+        module_file = _module_file(sys.modules[cls.__module__])
+        (folder / name / module_file).write_text(sources[module_file], encoding="utf-8")
+        index[name] = [module_file.removesuffix(".py"), cls.__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _module_file(module) -> str:
+    return module.__name__.rsplit(".", 1)[-1] + ".py"
+
+
+def _relative_imports(source: str) -> str:
+    """`from diffscm.models.anticausal import X` -> `from .anticausal import X`: the shipped files lie side by side."""
+    return re.sub(r"^from diffscm(?:\.\w+)*\.(\w+) import", r"from .\1 import", source, flags=re.MULTILINE)
+
+
+def _check_components(unet: UNet2DModel, scheduler: DDIMScheduler, classifier, parent_embedding, graph: CausalGraph):
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"Only epsilon-prediction UNets are supported, got {scheduler.config.prediction_type!r}.")
+    conditional = unet.config.class_embed_type == "identity"
+    if conditional != (parent_embedding is not None):
+        raise ValueError(
+            "A conditional mechanism needs both a UNet with class_embed_type='identity' and a `parent_embedding`; "
+            f"got class_embed_type {unet.config.class_embed_type!r} and "
+            f"{'a' if parent_embedding is not None else 'no'} parent embedding."
+        )
+    if parent_embedding is not None:
+        width = unet.time_embedding.linear_2.out_features
+        if parent_embedding.config.embedding_dim != width:
+            raise ValueError(
+                f"The parent embedding is {parent_embedding.config.embedding_dim} wide; the UNet's timestep "
+                f"embedding is {width}."
+            )
+        if parent_embedding.parents != graph.parent_specs():
+            raise ValueError(
+                f"The parent embedding embeds {parent_embedding.parents}, but the image's parents in the causal "
+                f"graph are {graph.parent_specs()}."
+            )
+    if classifier is None:
+        return
     for name in ("in_channels", "sample_size"):
         if unet.config[name] != classifier.config[name]:
             raise ValueError(
@@ -555,9 +740,20 @@ def local_pipeline_folder(name_or_path: str, **download) -> str:
     """A pipeline folder as is, or a Hub id's local snapshot (downloaded, or from the cache offline)."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise FileNotFoundError(f"{name_or_path!r} is not a pipeline folder (and not a Hub id).")
-    return snapshot_download(name_or_path, **download)
+    first = name_or_path.split("/")[0]
+    if (
+        os.path.exists(name_or_path)
+        or name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+        or ("/" in name_or_path and os.path.isdir(first))
+    ):
+        raise FileNotFoundError(f"No such pipeline folder: {name_or_path!r}.")
+    try:
+        return snapshot_download(name_or_path, **download)
+    except Exception as error:  # the hub client raises many kinds; all mean the same to the user
+        raise OSError(
+            f"{name_or_path!r} is not a local folder, and as a Hub id it could not be fetched: {error}"
+        ) from error
 
 
 def _read_pipeline_config(folder: str) -> dict:
@@ -571,19 +767,65 @@ def _read_pipeline_config(folder: str) -> dict:
         raise ValueError(f"{path} is corrupt: {error}") from error
     class_name = config.get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, list) else class_name
-    missing = {"unet", "scheduler", "classifier"} - set(config)
+    missing = {"unet", "scheduler"} - set(config)
     if class_name != DiffSCMPipeline.__name__ or missing:
-        raise ValueError(
-            f"{folder} holds a {class_name} pipeline, not a DiffSCMPipeline (with unet, scheduler and classifier)."
-        )
-    predictor = config["classifier"][-1] if isinstance(config["classifier"], list) else None
-    if predictor not in PREDICTORS:
+        raise ValueError(f"{folder} holds a {class_name} pipeline, not a DiffSCMPipeline (with unet and scheduler).")
+    predictor = (config.get("classifier") or [None, None])[-1]
+    if predictor is not None and predictor not in PREDICTORS:
         raise ValueError(f"{path}: unknown anti-causal predictor {predictor!r}; expected one of {sorted(PREDICTORS)}.")
+    for name in ("classifier", "parent_embedding"):
+        recorded = (config.get(name) or [None, None])[-1]
+        if recorded is not None and not os.path.isdir(os.path.join(folder, name)):
+            raise ValueError(f"{folder} records a {name} ({recorded}) but has no {name}/ folder.")
     return config
 
 
-def _default(value, default):
-    return default if value is None else value
+def _is_real(value) -> bool:
+    """A real number (Python, numpy or a 0-d tensor), not a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.dtype.is_complex and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _check_count(name: str, value, default, minimum: int = 1) -> int:
+    """An integer setting (Python, numpy or 0-d tensor) >= `minimum`; `default` when None."""
+    value = default if value is None else value
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        value = value.item()
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool | np.bool_) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _check_eta(eta):
+    if not _is_real(eta) or not 0 <= float(eta) <= 1:
+        raise ValueError(f"`eta` must be a number in [0, 1], got {eta!r}.")
+
+
+def _per_parent(
+    name: str, parents: tuple[str, ...], default: ScaleInput, given: ScaleInput | None, fill: float
+) -> dict[str, float]:
+    """{parent: scale} from a scale or a per-parent dict, the given one(s) over the defaults (`fill` for parents
+    named by neither); finite and >= 0."""
+    scales = {}
+    for scale in (default, given):
+        if scale is None:
+            continue
+        if not isinstance(scale, dict):
+            scale = dict.fromkeys(parents, scale)
+        unknown = set(scale) - set(parents)
+        if unknown:
+            raise ValueError(f"`{name}` names {sorted(unknown)}, not parents of the image {list(parents)}.")
+        for parent, value in scale.items():
+            if not _is_real(value) or not math.isfinite(float(value)) or float(value) < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0 (or one per parent), got {value!r}.")
+            scales[parent] = float(value)
+    return {parent: scales.get(parent, fill) for parent in parents}
+
+
+def _check_finite(sample: torch.Tensor, what: str, scales: dict):
+    if not torch.isfinite(sample).all():
+        raise ValueError(f"{what} became NaN or infinite: the guidance is too strong ({scales}); lower it.")
 
 
 def _is_all(target) -> bool:

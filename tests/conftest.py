@@ -9,12 +9,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 
-from diffscm import AntiCausalClassifier, AntiCausalPredictor, CausalGraph, DiffSCMPipeline  # noqa: E402
+from diffscm import (  # noqa: E402
+    AntiCausalClassifier,
+    AntiCausalPredictor,
+    CausalGraph,
+    DiffSCMPipeline,
+    ParentEmbedding,
+)
 
 torch.set_num_threads(1)  # the tiny test models are slower with more threads
 
 
-def tiny_unet(channels: int = 1, size: int = 8) -> UNet2DModel:
+def tiny_unet(channels: int = 1, size: int = 8, **config) -> UNet2DModel:
     return UNet2DModel(
         sample_size=size,
         in_channels=channels,
@@ -25,6 +31,7 @@ def tiny_unet(channels: int = 1, size: int = 8) -> UNet2DModel:
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
         attention_head_dim=8,
+        **config,
     )
 
 
@@ -148,3 +155,38 @@ def factual_images() -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out synthetic images in [0, 1] (diffusers' convention for tensors) and their labels."""
     images, labels = two_class_images(6, torch.Generator().manual_seed(123))
     return (images + 1) / 2, labels
+
+
+def tiny_parent_embedding() -> ParentEmbedding:
+    """Embeds TINY_GRAPH's image parents for `tiny_unet(class_embed_type="identity")` (timestep embedding 32)."""
+    return ParentEmbedding(parents=CausalGraph.from_config(TINY_GRAPH).parent_specs(), embedding_dim=32, hidden_dim=16)
+
+
+@pytest.fixture(scope="session")
+def conditional_pipeline(scm_pipeline) -> DiffSCMPipeline:
+    """A tiny conditional mechanism eps(x_t, t, brightness, position), trained with parent dropout 0.2, with the
+    scm pipeline's predictor to read factual values."""
+    torch.manual_seed(0)
+    unet, embedding = tiny_unet(class_embed_type="identity"), tiny_parent_embedding()
+    scheduler = scm_pipeline.scheduler
+    generator = torch.Generator().manual_seed(2)
+    parameters = list(unet.parameters()) + list(embedding.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=3e-3)
+    for _ in range(400):
+        clean, labels, brightness = two_class_images(32, generator, with_brightness=True)
+        noise = torch.randn(clean.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=generator)
+        dropped = {name: torch.rand(32, generator=generator) < 0.2 for name in ("brightness", "position")}
+        labels_embedded = embedding({"brightness": brightness, "position": labels}, dropped)
+        loss = F.mse_loss(unet(scheduler.add_noise(clean, noise, t), t, class_labels=labels_embedded).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.eval().requires_grad_(False)
+    embedding.eval().requires_grad_(False)
+    pipe = DiffSCMPipeline(
+        unet, scheduler, scm_pipeline.classifier, embedding, causal_graph=TINY_GRAPH, guidance_scale=0.0,
+        num_inference_steps=10, abduction_refinement_steps=1,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

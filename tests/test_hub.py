@@ -9,17 +9,16 @@ import torch
 from conftest import tiny_pipeline
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from diffscm import DiffSCMPipeline, hub
+from diffscm import DiffSCMPipeline
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(scope="module")
 def shared_folder(tmp_path_factory):
-    """A saved tiny pipeline with its code shipped for trust_remote_code."""
+    """A saved tiny pipeline: `save_pretrained` ships its code for trust_remote_code."""
     folder = tmp_path_factory.mktemp("shared") / "diffscm-tiny"
     tiny_pipeline(size=16, guidance_scale=2.0, num_inference_steps=3).save_pretrained(folder)
-    hub.add_remote_code(folder)
     return folder
 
 
@@ -86,12 +85,20 @@ def test_plain_diffusers_loads_the_hub_id_with_trust_remote_code(shared_folder, 
 
 
 def test_unknown_hub_id_offline_fails_clearly(tmp_path):
-    with pytest.raises(LocalEntryNotFoundError):
+    with pytest.raises(OSError, match="'nobody/nothing-here' is not a local folder, and as a Hub id") as error:
         DiffSCMPipeline.from_pretrained("nobody/nothing-here", cache_dir=str(tmp_path))
+    assert isinstance(error.value.__cause__, LocalEntryNotFoundError)
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No such pipeline folder: 'checkpoints/diffscm-mnsit'"):
+        DiffSCMPipeline.from_pretrained("checkpoints/diffscm-mnsit")
 
 
 def test_missing_folder_and_foreign_folders_are_rejected(tmp_path, shared_folder):
-    with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
+    with pytest.raises(FileNotFoundError, match="No such pipeline folder"):
         DiffSCMPipeline.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="no model_index.json"):
         DiffSCMPipeline.from_pretrained(tmp_path)
@@ -132,7 +139,6 @@ def test_plain_diffusers_loads_a_causal_graph_pipeline_with_trust_remote_code(tm
         tiny_unet(), DDIMScheduler(clip_sample=False), tiny_predictor(), causal_graph=TINY_GRAPH,
         guidance_scale={"brightness": 3.0, "position": 1.0}, num_inference_steps=3,
     ).save_pretrained(folder)  # fmt: skip
-    hub.add_remote_code(folder)
     assert json.loads((folder / "model_index.json").read_text())["classifier"] == ["anticausal", "AntiCausalPredictor"]
     out = run_python(
         f"""

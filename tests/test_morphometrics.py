@@ -8,7 +8,7 @@ import torch
 
 from diffscm import morphometrics
 
-MORPHOMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "morphomnist"
+MORPHOMNIST = Path(__file__).resolve().parents[1] / "data" / "morphomnist"
 
 
 def bar(width: int, level: int = 200) -> np.ndarray:
@@ -57,7 +57,6 @@ def test_bad_images_are_refused(images, message):
         morphometrics.measure(images)
 
 
-@pytest.mark.skipif(not MORPHOMNIST.is_dir(), reason="the Morpho-MNIST folder is not next to this checkout")
 def test_morphometrics_agree_with_the_sampled_values_of_real_data():
     from diffscm.data import load_morphomnist
 

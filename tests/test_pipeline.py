@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -62,9 +64,10 @@ def test_batch_matches_single_images(trained_pipeline, factual_images):
 
 def test_abduct_then_intervene_equals_call(trained_pipeline, factual_images):
     images, _ = factual_images
-    noise = trained_pipeline.abduct(images, num_inference_steps=6, strength=0.5)
-    assert noise.dtype == torch.float32 and noise.shape == images.shape
-    manual = trained_pipeline.intervene(noise, 1, guidance_scale=2, num_inference_steps=6, strength=0.5)
+    abduction = trained_pipeline.abduct(images, num_inference_steps=6, strength=0.5)
+    assert abduction.noise.dtype == torch.float32 and abduction.noise.shape == images.shape
+    assert (abduction.num_inference_steps, abduction.strength, abduction.abduction_refinement_steps) == (6, 0.5, 0)
+    manual = trained_pipeline.intervene(abduction, 1, guidance_scale=2)  # follows the abduction's chain
     called = trained_pipeline(images, 1, guidance_scale=2, num_inference_steps=6, strength=0.5, output_type="pt")
     torch.testing.assert_close(manual, called.images)
 
@@ -105,7 +108,8 @@ def test_output_types_and_diagnostics(trained_pipeline, factual_images):
     null = trained_pipeline(images, labels, guidance_scale=0, num_inference_steps=3, output_type="pt")
     torch.testing.assert_close(tensor.reconstructions, null.images)
     as_tuple = trained_pipeline(images, labels, num_inference_steps=3, output_type="pt", return_dict=False)
-    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], tensor.images)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 9 and torch.equal(as_tuple[0], tensor.images)
+    assert as_tuple[7] is None and as_tuple[8] is None, "the tuple keeps its layout: no reconstructions, no noise"
 
 
 def test_callback_sees_and_can_replace_every_step(trained_pipeline, factual_images):
@@ -143,7 +147,7 @@ def test_rgb_16x16_model_takes_grey_and_rgb_input():
 def test_low_precision_unet_keeps_abduction_in_float32(factual_images):
     pipe = tiny_pipeline()
     pipe.unet.to(torch.bfloat16)
-    noise = pipe.abduct(factual_images[0], num_inference_steps=3)
+    noise = pipe.abduct(factual_images[0], num_inference_steps=3).noise
     assert noise.dtype == torch.float32 and torch.isfinite(noise).all()
 
 
@@ -191,16 +195,20 @@ def test_bad_images_are_rejected(image, message):
         tiny_pipeline()(image, target=0, num_inference_steps=2)
 
 
-def test_bad_noise_is_rejected():
+def test_bad_abductions_are_rejected():
     pipe = tiny_pipeline()
+    abduction = pipe.abduct(torch.rand(2, 1, 8, 8), num_inference_steps=2)
+    with pytest.raises(TypeError, match="Abduction returned by `abduct`"):
+        pipe.intervene(torch.randn(2, 1, 8, 8), 0)
     with pytest.raises(ValueError, match="from `abduct`"):
-        pipe.intervene(torch.randn(2, 1, 4, 4), 0, num_inference_steps=2)
+        pipe.intervene(replace(abduction, noise=torch.randn(2, 1, 4, 4)), 0)
     with pytest.raises(ValueError, match="NaN"):
-        pipe.intervene(torch.full((2, 1, 8, 8), float("nan")), 0, num_inference_steps=2)
-    with pytest.raises(ValueError, match="one target per noise sample"):
-        pipe.intervene(torch.randn(2, 1, 8, 8), "all", num_inference_steps=2)
+        pipe.intervene(replace(abduction, noise=torch.full((2, 1, 8, 8), float("nan"))), 0)
+    with pytest.raises(ValueError, match="one target per sample"):
+        pipe.intervene(abduction, "all")
     with pytest.raises(ValueError, match="output_type"):
-        pipe.intervene(torch.randn(2, 1, 8, 8), 0, num_inference_steps=2, output_type="jpg")
+        pipe.intervene(abduction, 0, output_type="jpg")
+    assert pipe.intervene(abduction.repeat_interleave(3), [0, 1, 0, 1, 0, 1]).shape == (6, 1, 8, 8)
 
 
 def test_mismatched_components_are_rejected():
@@ -270,13 +278,22 @@ def test_scm_bad_requests_are_refused(scm_pipeline, factual_images, kwargs, erro
         scm_pipeline(factual_images[0], num_inference_steps=2, **kwargs)
 
 
-def test_scm_intervene_needs_every_parent_unless_unguided(scm_pipeline):
-    noise = torch.randn(2, 1, 8, 8)
+def test_scm_intervene_needs_every_parent(scm_pipeline):
+    abduction = scm_pipeline.abduct(torch.rand(2, 1, 8, 8), num_inference_steps=2)
+    assert set(abduction.factual_values) == {"brightness", "position"}, "parents not given were predicted"
     with pytest.raises(ValueError, match="all the image's parents"):
-        scm_pipeline.intervene(noise, {"position": 1}, num_inference_steps=2)
-    with pytest.raises(ValueError, match="`target` is needed"):
-        scm_pipeline.intervene(noise, None, num_inference_steps=2)
-    assert scm_pipeline.intervene(noise, None, guidance_scale=0.0, num_inference_steps=2).shape == (2, 1, 8, 8)
+        scm_pipeline.intervene(abduction, {"position": 1})
+    assert scm_pipeline.intervene(abduction, None).shape == (2, 1, 8, 8)  # the null intervention
+
+
+def test_scm_do_parents_equal_to_the_factual_ones_is_the_reconstruction(scm_pipeline, factual_images):
+    images, labels = factual_images
+    factual = {"position": labels, "brightness": 0.8}
+    out = scm_pipeline(
+        images, intervention=factual, factual_values=factual, output_type="pt", return_reconstruction=True
+    )
+    assert scm_pipeline.guidance_scales()["brightness"] > 0, "guidance is on, but nothing changes, so none acts"
+    torch.testing.assert_close(out.images, out.reconstructions)
 
 
 def test_scm_pipeline_save_load_keeps_its_graph_and_scales(scm_pipeline, tmp_path):
@@ -296,5 +313,6 @@ def test_predictor_must_cover_the_graphs_image_parents(scm_pipeline):
 
 def test_a_generator_list_must_match_the_batch(scm_pipeline):
     generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    abduction = scm_pipeline.abduct(torch.rand(2, 1, 8, 8), num_inference_steps=2)
     with pytest.raises(ValueError, match="3 generators for 2 samples"):
-        scm_pipeline.intervene(torch.randn(2, 1, 8, 8), None, guidance_scale=0.0, eta=0.5, generator=generators)
+        scm_pipeline.intervene(abduction, None, eta=0.5, generator=generators)

@@ -7,7 +7,7 @@ from diffscm import CausalGraph, Mechanism, Node
 
 
 def morpho_intensity(thickness, noise):
-    """The data set's own formula (../shared/data/morphomnist/README.md)."""
+    """The data set's own formula (data/morphomnist/README.md)."""
     return 64 + 191 / (1 + np.exp(-(0.5 * noise + 2 * thickness - 5)))
 
 

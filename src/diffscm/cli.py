@@ -101,8 +101,9 @@ def scm_demo(pipe, args: argparse.Namespace):
     options = pipeline_options(args)
     steps, scale = options["num_inference_steps"], options["guidance_scale"]
     sample = pipe.preprocess([row["image"] for row in rows])
-    noise = pipe.invert(sample, steps, abduction_refinement_steps=options["abduction_refinement_steps"])
-    columns = [(sample + 1) / 2, pipe.intervene(noise, None, 0.0, steps)]
+    parents = {name: factual[name] for name in graph.image_parents}
+    abduction = pipe.invert(sample, parents, steps, abduction_refinement_steps=options["abduction_refinement_steps"])
+    columns = [(sample + 1) / 2, pipe.intervene(abduction)]
     headers, asked = ["x", "null"], [factual, factual]
     for name in graph.variables:
         node = graph.nodes[name]
@@ -114,7 +115,7 @@ def scm_demo(pipe, args: argparse.Namespace):
                                                           round(high - 0.15 * (high - low), 1))]  # fmt: skip
         for label, value in choices:
             expected = graph.counterfactual(factual, {name: value})
-            columns.append(pipe.intervene(noise, {p: expected[p] for p in graph.image_parents}, scale, steps))
+            columns.append(pipe.intervene(abduction, {p: expected[p] for p in graph.image_parents}, scale))
             headers.append(f"do({name}={label})")
             asked.append(expected)
 

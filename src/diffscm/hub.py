@@ -11,36 +11,6 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 TEMPLATE = "diffscm_pipeline.md"
 ORACLE_TEMPLATE = "oracle.md"
 VAE_TEMPLATE = "vae.md"
-PIPELINE_MODULE = "pipeline_diffscm"
-CLASSIFIER_MODULE = "anticausal"
-
-
-def add_remote_code(pipeline_dir: str):
-    """
-    Ship the pipeline and classifier code inside a saved pipeline folder, so that plain diffusers loads it with
-    `DiffusionPipeline.from_pretrained(folder_or_id, trust_remote_code=True)` without diffscm installed.
-    """
-    from . import image_processing, scm
-    from .models import anticausal
-    from .pipelines import pipeline_diffscm
-
-    folder = Path(pipeline_dir)
-    code = Path(pipeline_diffscm.__file__).read_text(encoding="utf-8")
-    code = code.replace("from diffscm.image_processing import", "from .image_processing import")
-    code = code.replace("from diffscm.models.anticausal import", f"from .{CLASSIFIER_MODULE} import")
-    code = code.replace("from diffscm.scm import", "from .scm import")
-    if "diffscm." in "".join(line for line in code.splitlines() if line.startswith(("import", "from"))):
-        raise RuntimeError("pipeline_diffscm.py imports a diffscm module that add_remote_code does not ship.")
-    classifier_code = Path(anticausal.__file__).read_text(encoding="utf-8")
-    (folder / f"{PIPELINE_MODULE}.py").write_text(code, encoding="utf-8")
-    for module in (image_processing, scm):
-        (folder / Path(module.__file__).name).write_text(Path(module.__file__).read_text(encoding="utf-8"))
-    (folder / f"{CLASSIFIER_MODULE}.py").write_text(classifier_code, encoding="utf-8")
-    (folder / "classifier" / f"{CLASSIFIER_MODULE}.py").write_text(classifier_code, encoding="utf-8")
-    index = _read_json(folder, "model_index.json")
-    index["_class_name"] = [PIPELINE_MODULE, "DiffSCMPipeline"]
-    index["classifier"] = [CLASSIFIER_MODULE, index["classifier"][-1]]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_dir: str):

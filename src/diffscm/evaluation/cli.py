@@ -109,9 +109,11 @@ def evaluate_scm(args: argparse.Namespace):
     }
     vae = load_vae(args.vae, pipe)
     result = evaluate_interventions(pipe, oracle, images, factual, seed=args.seed, vae=vae, **options)
+    few = slice(0, args.composition_samples)
     result["composition"] = composition(
-        pipe, oracle, images[: args.composition_samples], args.composition_cycles, args.steps, args.refinement
-    )
+        pipe, oracle, images[few], {name: value[few] for name, value in factual.items()}, args.composition_cycles,
+        args.steps, args.refinement,
+    )  # fmt: skip
     result["morphometrics_agreement"] = morphometrics_agreement(images, factual)
     result["settings"] = {
         "model": str(pipe.config._name_or_path),
@@ -218,7 +220,7 @@ def evaluate(args: argparse.Namespace):
     options = {"steps": args.steps, "refinement": args.refinement}
 
     # Headline numbers at one scale on every image; the sweep and the costlier metrics on the first few.
-    result, _, counterfactuals = evaluate_counterfactuals(
+    result, targets, counterfactuals = evaluate_counterfactuals(
         pipe, oracle, images, labels, [scale], seed=args.seed, vae=vae, **options
     )
     few, fewest = slice(0, args.sweep_samples), slice(0, args.composition_samples)
@@ -235,12 +237,13 @@ def evaluate(args: argparse.Namespace):
         )
         result["sweep"] = {"num_images": sweep["num_images"], "scales": sweep["scales"], "knee": knee(sweep["scales"])}
     result["reversibility"] = reversibility(
-        pipe, oracle, images[few], counterfactuals[scale][few], labels[few], scale, **options
+        pipe, oracle, images[few], counterfactuals[scale][few], labels[few], targets[few], scale, **options
     )
+    factual = {pipe.single_categorical_parent(): labels[fewest]}
     if args.composition_cycles:
-        result["composition"] = composition(pipe, oracle, images[fewest], args.composition_cycles, **options)
+        result["composition"] = composition(pipe, oracle, images[fewest], factual, args.composition_cycles, **options)
     settings = [tuple(int(n) for n in pair.split(":")) for pair in args.abduction_settings]
-    result["abduction_curve"] = abduction_curve(pipe, images[fewest], settings)
+    result["abduction_curve"] = abduction_curve(pipe, images[fewest], settings, factual)
     result["model"] = str(pipe.config._name_or_path)
     result["data"] = args.data_dir or "held-out split of mnist-bundled"
     oracle_record = Path(oracle_dir) / "oracle.json"

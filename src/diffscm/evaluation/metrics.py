@@ -49,20 +49,24 @@ def evaluate_counterfactuals(
     classifier-gradient evaluations and seconds per counterfactual. Returns the metrics, the targets and the
     counterfactuals of each scale.
     """
-    num_classes = pipe.classifier.config.num_classes
-    targets = random_other_targets(labels, num_classes, seed)
+    parent = pipe.single_categorical_parent()
+    targets = random_other_targets(labels, pipe.causal_graph.nodes[parent].num_classes, seed)
     steps = pipe.config.num_inference_steps if steps is None else steps
     count = len(images)
 
     with count_calls(pipe.unet) as unet_calls:
         started = time.perf_counter()
-        noise = pipe.abduct(
-            images, num_inference_steps=steps, strength=strength, abduction_refinement_steps=refinement
+        abduction = pipe.abduct(
+            images,
+            {parent: labels},
+            num_inference_steps=steps,
+            strength=strength,
+            abduction_refinement_steps=refinement,
         )
         abduction_seconds = time.perf_counter() - started
     abduction_nfe = unet_calls["samples"] / count
 
-    null = pipe.intervene(noise, None, guidance_scale=0.0, num_inference_steps=steps, strength=strength)
+    null = pipe.intervene(abduction)
     null_predictions, factual_predictions = oracle_predictions(oracle, null), oracle_predictions(oracle, images)
     result = {
         "num_images": count,
@@ -82,9 +86,7 @@ def evaluate_counterfactuals(
     for scale in scales:
         with count_calls(pipe.unet) as unet_calls, count_calls(pipe.classifier) as classifier_calls:
             started = time.perf_counter()
-            counterfactuals = pipe.intervene(
-                noise, targets, guidance_scale=scale, num_inference_steps=steps, strength=strength
-            )
+            counterfactuals = pipe.intervene(abduction, targets, guidance_scale=scale)
             seconds = time.perf_counter() - started
         predictions = oracle_predictions(oracle, counterfactuals)
         result["scales"][str(scale)] = {
@@ -103,13 +105,14 @@ def evaluate_counterfactuals(
 
 
 @torch.no_grad()
-def abduction_curve(pipe, images: torch.Tensor, settings: list[tuple[int, int]]) -> list[dict]:
-    """Null-intervention L1 (grey levels) against UNet evaluations per round trip, for (steps, refinement) pairs."""
+def abduction_curve(pipe, images: torch.Tensor, settings: list[tuple[int, int]], factual: dict) -> list[dict]:
+    """Null-intervention L1 (grey levels) against UNet evaluations per round trip, for (steps, refinement) pairs;
+    `factual` holds the factual values of the image's parents."""
     curve = []
     for steps, refinement in settings:
         with count_calls(pipe.unet) as calls:
-            noise = pipe.abduct(images, num_inference_steps=steps, abduction_refinement_steps=refinement)
-            null = pipe.intervene(noise, None, guidance_scale=0.0, num_inference_steps=steps)
+            abduction = pipe.abduct(images, factual, num_inference_steps=steps, abduction_refinement_steps=refinement)
+            null = pipe.intervene(abduction)
         curve.append(
             {
                 "num_inference_steps": steps,
@@ -122,28 +125,36 @@ def abduction_curve(pipe, images: torch.Tensor, settings: list[tuple[int, int]])
 
 
 @torch.no_grad()
-def composition(pipe, oracle, images: torch.Tensor, cycles: int = 10, steps=None, refinement=None) -> dict:
+def composition(
+    pipe, oracle, images: torch.Tensor, factual: dict, cycles: int = 10, steps=None, refinement=None, judge=None
+) -> dict:
     """
-    Null intervention applied again and again (abduct, then regenerate with guidance 0): how far does the image drift?
-    L1 (grey levels) and the oracle-feature perceptual distance to the factual after 1 and after `cycles` cycles.
+    The null intervention do(every parent = its factual value), through the public call, applied again and again:
+    how far does the image drift? L1 (grey levels) and the oracle-feature perceptual distance to the factual after 1
+    and after `cycles` cycles; with `judge` (a distance of its own, e.g. the benchmark's), that too.
     """
     result, current = {}, images
+    options = {"num_inference_steps": steps, "abduction_refinement_steps": refinement, "output_type": "pt"}
     for cycle in range(1, cycles + 1):
-        noise = pipe.abduct(current, num_inference_steps=steps, abduction_refinement_steps=refinement)
-        current = pipe.intervene(noise, None, guidance_scale=0.0, num_inference_steps=steps)
+        current = pipe(current, intervention=factual, factual_values=factual, **options).images
         if cycle in (1, cycles):
             result[f"cycles_{cycle}"] = {
                 "l1_grey_levels": grey_level_l1(current, images),
                 "perceptual_distance": perceptual_distance(oracle, current, images),
             }
+            if judge is not None:
+                result[f"cycles_{cycle}"]["judge_l1"] = judge(current, images)
     return result
 
 
 @torch.no_grad()
-def reversibility(pipe, oracle, images, counterfactuals, labels, scale, steps=None, refinement=None) -> dict:
+def reversibility(pipe, oracle, images, counterfactuals, labels, targets, scale, steps=None, refinement=None) -> dict:
     """x -> do(target) -> do(original label): L1 to x and the oracle's accuracy on the original label."""
-    noise = pipe.abduct(counterfactuals, num_inference_steps=steps, abduction_refinement_steps=refinement)
-    reversed_images = pipe.intervene(noise, labels, guidance_scale=scale, num_inference_steps=steps)
+    parent = pipe.single_categorical_parent()
+    abduction = pipe.abduct(
+        counterfactuals, {parent: targets}, num_inference_steps=steps, abduction_refinement_steps=refinement
+    )
+    reversed_images = pipe.intervene(abduction, labels, guidance_scale=scale)
     return {
         "guidance_scale": scale,
         "l1_grey_levels": grey_level_l1(reversed_images, images),

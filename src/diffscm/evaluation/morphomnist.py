@@ -87,18 +87,20 @@ def evaluate_interventions(
         options: `guidance_scale`, `num_inference_steps`, `abduction_refinement_steps` passed to the pipeline.
     """
     graph = pipe.causal_graph
-    steps = options.get("num_inference_steps")
-    noise = pipe.abduct(
-        images, num_inference_steps=steps, abduction_refinement_steps=options.get("abduction_refinement_steps")
+    abduction = pipe.abduct(
+        images,
+        {name: factual[name] for name in graph.image_parents},
+        num_inference_steps=options.get("num_inference_steps"),
+        abduction_refinement_steps=options.get("abduction_refinement_steps"),
+        cfg_scale=options.get("cfg_scale"),
     )
     unchanged = measure(pipe, oracle, images)
     result = {"factual": score(unchanged, factual)}
     for variable, expected in benchmark_interventions(graph, factual, seed).items():
         counterfactuals = pipe.intervene(
-            noise,
+            abduction,
             {name: expected[name] for name in graph.image_parents},
             guidance_scale=options.get("guidance_scale"),
-            num_inference_steps=steps,
         )
         entry = score(measure(pipe, oracle, counterfactuals), expected)
         entry["unchanged_image"] = score(unchanged, expected)

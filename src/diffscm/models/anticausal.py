@@ -1,8 +1,8 @@
 """Anti-causal predictors p_phi(parent | x_t, t): noise-aware models built like a UNet's encoder half.
 
 `AntiCausalClassifier` predicts one categorical parent; `AntiCausalPredictor` predicts every parent of the image at
-once (categorical and continuous heads on one shared encoder). Both answer `log_likelihood` (what the guidance
-differentiates) and `predict` (point estimates) with dicts keyed by parent name.
+once (a categorical or continuous head per parent, each on its own encoder). Both answer `log_likelihood` (what the
+guidance differentiates) and `predict` (point estimates) with dicts keyed by parent name.
 """
 
 from dataclasses import dataclass
