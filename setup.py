@@ -9,7 +9,14 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     package_dir={"diffscm": "src/diffscm", "diffscm.pipelines": "pipelines", "diffscm.model_cards": "model_cards"},
-    packages=["diffscm", "diffscm.models", "diffscm.evaluation", "diffscm.pipelines", "diffscm.model_cards"],
+    packages=[
+        "diffscm",
+        "diffscm.cli",
+        "diffscm.models",
+        "diffscm.evaluation",
+        "diffscm.pipelines",
+        "diffscm.model_cards",
+    ],
     package_data={"diffscm.model_cards": ["*.md"]},
     install_requires=[
         "torch>=2.6",

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from diffscm.cli import DEFAULT_ORACLE, default_checkpoint, heldout_digits, load_pipeline, to_model_images
-from diffscm.data import load_bundled_mnist
+from diffscm import hub
+from diffscm.data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist
 from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.metrics import count_calls, evaluate_counterfactuals
+from diffscm.paths import shipped_checkpoint
 
 
 def parse_args():
@@ -104,10 +105,11 @@ def markdown(results: dict, reuse: dict, args, device: str) -> str:
 
 def main():
     args = parse_args()
-    pipe = load_pipeline(args.model, argparse.Namespace(quiet=True))
-    oracle = DigitOracle.from_pretrained(args.oracle or default_checkpoint(DEFAULT_ORACLE)).eval()
-    digits = heldout_digits(pipe, load_bundled_mnist(), args.num_samples)
-    images = to_model_images(pipe, [row["image"] for row in digits])
+    pipe = hub.load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint("mnist-oracle")).eval()
+    digits = heldout_rows(pipe.config._name_or_path, load_bundled_mnist(), args.num_samples, source=BUNDLED_MNIST)
+    images = (pipe.preprocess([row["image"] for row in digits]) + 1) / 2
     labels = torch.tensor([row["label"] for row in digits])
 
     results = {}

@@ -1,12 +1,14 @@
-"""Choose the guidance scale of each parent of a Morpho-MNIST pipeline by measurement, on a tuning subset.
+"""Choose the guidance of each parent of a Morpho-MNIST pipeline by measurement, on a tuning subset.
 
-    python benchmarks/tune_scm_guidance.py --model checkpoints/diffscm-morphomnist \\
-        --data-dir ../shared/data/morphomnist --num-samples 100 --thickness 1 3 --intensity 2 4 --digit 8 16
+    python benchmarks/tune_scm_guidance.py --model checkpoints/diffscm-morphomnist-conditional --num-samples 100 \\
+        --cfg-scale thickness=1,2 intensity=1,2 digit=1,3 --guidance-scale digit=0,8
 
-Uses the first --num-samples images of the model's held-out split (evaluate the chosen scales on the rest with
-`diffscm evaluate-scm --skip N`). One abduction serves every setting. For each combination of scales it scores
-do(thickness), do(intensity) and do(digit) by morphometrics and the oracle, and ranks the settings by the benchmark's
-three effectiveness numbers, each divided by its do-nothing baseline (the unchanged image).
+Uses the first --num-samples images of the model's held-out split (report the chosen setting on the rest with
+`diffscm evaluate-scm --skip N`). Every combination of the listed values is tried: one abduction per classifier-free
+setting (the abduction depends on it), every anti-causal setting on top. Each is scored by the benchmark's own judges
+under the benchmark's do(thickness), do(intensity) and do(digit), and ranked by the mean of the three effectiveness
+errors and two side effects, each divided by its target (thickness 0.08 px, intensity 3, digit error 0.02, thickness
+moved by do(intensity) 0.15 px, intensity moved by do(digit) 4).
 """
 
 import argparse
@@ -17,74 +19,82 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffscm.cli import heldout_rows, load_pipeline, to_model_images
-from diffscm.data import load_image_dataset
+from diffscm import hub
+from diffscm.data import heldout_rows, load_image_dataset
 from diffscm.evaluation import DigitOracle
-from diffscm.evaluation.morphomnist import benchmark_interventions, measure, score
+from diffscm.evaluation.benchmark_judges import BenchmarkJudges
+from diffscm.evaluation.morphomnist import PARENTS, intervention_requests, judge
+from diffscm.paths import shipped_checkpoint, shipped_data
+
+TARGETS = {"t": 0.08, "i": 3.0, "digit error": 0.02, "t moved by do(i)": 0.15, "i moved by do(digit)": 4.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--oracle", required=True)
+    parser.add_argument("--data-dir", default=None, help="Default: the repository's Morpho-MNIST test split.")
+    parser.add_argument("--oracle", default=None, help="Default: the shipped Morpho-MNIST oracle.")
     parser.add_argument("--num-samples", type=int, default=100)
-    for name in ("thickness", "intensity", "digit"):
-        parser.add_argument(f"--{name}", type=float, nargs="+", required=True, help=f"Scales to try for {name}.")
+    parser.add_argument("--cfg-scale", nargs="*", default=[], help="NAME=v1,v2,... classifier-free values to try.")
+    parser.add_argument("--guidance-scale", nargs="*", default=[], help="NAME=v1,v2,... anti-causal values to try.")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--refinement", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="docs/evaluation-morphomnist-scm/tuning.json")
     return parser.parse_args(argv)
 
 
-def objective(entry: dict) -> float:
-    """Mean of the three effectiveness errors relative to leaving the image unchanged (lower is better)."""
-    return float(
-        np.mean(
-            [
-                entry["do(thickness)"]["thickness_mae"] / entry["do(thickness)"]["unchanged"]["thickness_mae"],
-                entry["do(intensity)"]["intensity_mae"] / entry["do(intensity)"]["unchanged"]["intensity_mae"],
-                (1 - entry["do(digit)"]["digit_accuracy"]) / (1 - entry["do(digit)"]["unchanged"]["digit_accuracy"]),
-            ]
-        )
-    )
+def grid(pairs: list[str]) -> list[dict[str, float]]:
+    """["digit=1,3", "thickness=2"] -> [{"digit": 1, "thickness": 2}, {"digit": 3, "thickness": 2}]."""
+    axes = {}
+    for pair in pairs:
+        name, _, values = pair.partition("=")
+        axes[name] = [float(value) for value in values.split(",")]
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def summary(entry: dict) -> dict[str, float]:
+    family = "benchmark"
+    return {
+        "t": entry["do(thickness)"][family]["thickness_mae"],
+        "i": entry["do(intensity)"][family]["intensity_mae"],
+        "digit error": 1 - entry["do(digit)"][family]["digit_accuracy"],
+        "t moved by do(i)": entry["do(intensity)"][family]["thickness_mae"],
+        "i moved by do(digit)": entry["do(digit)"][family]["intensity_mae"],
+    }
 
 
 @torch.no_grad()
 def main(args: argparse.Namespace):
-    args.quiet = True
-    pipe = load_pipeline(args.model, args)
+    pipe = hub.load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
     graph = pipe.causal_graph
-    rows = heldout_rows(pipe, load_image_dataset(train_data_dir=args.data_dir), args.num_samples)
-    oracle = DigitOracle.from_pretrained(args.oracle).eval()
-    images = to_model_images(pipe, [row["image"] for row in rows])
+    dataset = load_image_dataset(train_data_dir=args.data_dir or shipped_data("morphomnist"))
+    rows = heldout_rows(pipe.config._name_or_path, dataset, args.num_samples)
+    oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint("morphomnist-oracle")).eval()
+    judges = BenchmarkJudges.from_pretrained()
+    images = (pipe.preprocess([row["image"] for row in rows]) + 1) / 2
     factual = graph.data_values(rows)
-    abduction = pipe.abduct(images, {name: factual[name] for name in graph.image_parents})
-    unchanged = measure(pipe, oracle, images)
-    requests = {
-        variable: (expected, score(unchanged, expected))
-        for variable, expected in benchmark_interventions(graph, factual, args.seed).items()
-    }
+    pool = {name: np.asarray(dataset[name]) for name in ("thickness", "intensity")}
+    requests = intervention_requests(graph, factual, pool, args.seed)
     results = []
-    for scales in itertools.product(args.thickness, args.intensity, args.digit):
-        guidance = dict(zip(("thickness", "intensity", "digit"), scales, strict=True))
-        entry = {"guidance_scale": guidance}
-        for variable, (expected, baseline) in requests.items():
-            values = {name: expected[name] for name in graph.image_parents}
-            counterfactuals = pipe.intervene(abduction, values, guidance_scale=guidance)
-            scores = score(measure(pipe, oracle, counterfactuals), expected)
-            entry[f"do({variable})"] = scores | {"unchanged": baseline}
-        entry["objective"] = objective(entry)
-        results.append(entry)
-        print(
-            f"{guidance}: t-MAE {entry['do(thickness)']['thickness_mae']:.3f}, "
-            f"i-MAE {entry['do(intensity)']['intensity_mae']:.2f}, acc {entry['do(digit)']['digit_accuracy']:.3f}, "
-            f"objective {entry['objective']:.3f}",
-            flush=True,
-        )
+    for cfg in grid(args.cfg_scale):
+        abduction = pipe.abduct(images, factual, args.steps, abduction_refinement_steps=args.refinement, cfg_scale=cfg)
+        for guidance in grid(args.guidance_scale):
+            entry = {"cfg_scale": pipe.cfg_scales(cfg), "guidance_scale": pipe.guidance_scales(guidance)}
+            for variable in PARENTS:
+                expected = requests[variable]
+                counterfactuals = pipe.intervene(abduction, {p: expected[p] for p in graph.image_parents}, guidance)
+                entry[f"do({variable})"] = judge(counterfactuals, expected, oracle, judges)
+            entry["summary"] = summary(entry)
+            entry["objective"] = float(np.mean([entry["summary"][k] / target for k, target in TARGETS.items()]))
+            results.append(entry)
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in entry["summary"].items())
+            print(f"cfg {cfg} guidance {guidance}: {shown}; objective {entry['objective']:.2f}", flush=True)
     results.sort(key=lambda entry: entry["objective"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"num_images": len(rows), "results": results}, indent=2) + "\n")
-    print(f"best: {results[0]['guidance_scale']} (wrote {args.out})")
+    print(f"best: cfg {results[0]['cfg_scale']}, guidance {results[0]['guidance_scale']} (wrote {args.out})")
 
 
 if __name__ == "__main__":

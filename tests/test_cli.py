@@ -96,8 +96,8 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["counterfactual", "missing.png", "--target", "1"], "no such image file"),
-        (["counterfactual", "{text}", "--target", "1"], "cannot read"),
+        (["counterfactual", "missing.png", "--target", "1"], "No such image file"),
+        (["counterfactual", "{text}", "--target", "1"], "Cannot read"),
         (["counterfactual", "{image}", "--target", "12"], "class in 0..9"),
         (["counterfactual", "{image}", "--target", "three"], "class in 0..9"),
         (["counterfactual", "{image}", "--target", "1", "--model", "{tmp}"], "not a DiffSCMPipeline"),

@@ -174,7 +174,7 @@ def test_bad_arguments_fail_fast(tmp_path, args, message):
         (["--causal_graph", "/no/such/graph.json"], "--causal_graph '/no/such/graph.json'"),
         (["--causal_graph", "morphomnist", "--guidance_scale", "width=3"], "NAME=SCALE pairs for the parents"),
         (["--guidance_scale", "digit=3"], "NAME=SCALE pairs for the parents ['label']"),
-        (["--guidance_scale", "strong"], "--guidance-scale takes a number or NAME=NUMBER"),
+        (["--guidance_scale", "strong"], "--guidance_scale takes a number or NAME=NUMBER"),
         (["--causal_graph", "morphomnist", "--guidance_scale", "digit=x"], "NAME=NUMBER pairs"),
     ],
 )
@@ -288,7 +288,7 @@ def test_causal_graph_pipeline_trains_intervenes_and_evaluates(tmp_path):
     table = (demo / "interventions.md").read_text()
     assert "| do(thickness=1.3) |" in table and "| do(digit=next) |" in table
     assert PIL.Image.open(demo / "counterfactuals.png").size == (7 * 28 * 4, 14 + 2 * 28 * 4)  # x, null, 5 do()
-    with pytest.raises(SystemExit, match="pass --data-dir"):
+    with pytest.raises(SystemExit, match="split was drawn from 40 images"):  # the default: the repository's 10,000
         main(["demo", "--model", str(pipeline_dir), "--out", str(demo)])
 
     report, oracle = tmp_path / "report", tmp_path / "oracle"
@@ -301,7 +301,9 @@ def test_causal_graph_pipeline_trains_intervenes_and_evaluates(tmp_path):
     result = json.loads((report / "metrics.json").read_text())
     assert set(result) >= {"do(thickness)", "do(intensity)", "do(digit)", "composition", "factual"}
     assert result["settings"]["num_images"] == 4 and "ground_truth_l1" in result["do(thickness)"]
-    assert "| Composition L1, 2 cycles" in (report / "report.md").read_text()
+    assert set(result["do(digit)"]) >= {"benchmark", "benchmark (batch statistics)", "morphometrics", "reversibility"}
+    assert result["settings"]["unet_evaluations_per_counterfactual"] == 2 + 2  # 2 steps, no refinement, each way
+    assert "| composition L1, 1 cycle" in (report / "report.md").read_text()
 
 
 def test_conditional_mechanism_trains_with_redrawn_digits_and_exports(tmp_path):

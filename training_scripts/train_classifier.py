@@ -31,7 +31,7 @@ from diffscm import (
     hub,
     training,
 )
-from diffscm.cli import parse_guidance_scale
+from diffscm.options import parse_scale
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--causal_graph {args.causal_graph!r}: {error}")
     parents = graph.image_parents if graph is not None else ("label",)
     for name in ("guidance_scale", "cfg_scale"):
-        setattr(args, name, parse_guidance_scale(getattr(args, name)))
+        try:
+            setattr(args, name, parse_scale(getattr(args, name), f"--{name}"))
+        except ValueError as error:
+            parser.error(str(error))
         if isinstance(getattr(args, name), dict) and set(getattr(args, name)) - set(parents):
             parser.error(f"--{name} takes one number or NAME=SCALE pairs for the parents {list(parents)}.")
     return args

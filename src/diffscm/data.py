@@ -2,6 +2,7 @@
 
 import csv
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -74,6 +75,28 @@ def load_morphomnist(data_dir: str, split: str | None = None) -> datasets.Datase
         )
     columns = {name: [float(row[name]) for row in rows] for name in ("thickness", "intensity")}
     return _from_arrays(images, labels, columns)
+
+
+def heldout_rows(
+    pipeline_dir: str, dataset: datasets.Dataset, count: int, skip: int = 0, source: str | None = None
+) -> list[dict]:
+    """Rows `skip .. skip + count` of the held-out split recorded in a pipeline folder's `training.json` (images no
+    network of the pipeline trained on); with `source`, the split must have been drawn from that data set."""
+    record = Path(pipeline_dir) / "training.json"
+    split = json.loads(record.read_text()).get("split", {}) if record.is_file() else {}
+    if not split.get("heldout_indices"):
+        raise ValueError(f"{record} holds no held-out split; pass your own images instead.")
+    if source is not None and split.get("source") != source:
+        raise ValueError(
+            f"This model held out images of {split.get('source')!r}, not of {source!r}; evaluate it with --data-dir "
+            "on its own data."
+        )
+    if split.get("num_images", len(dataset)) != len(dataset):
+        raise ValueError(
+            f"The model's split was drawn from {split.get('num_images')} images of {split.get('source')!r}, but this "
+            f"data has {len(dataset)}."
+        )
+    return [dataset[i] for i in split["heldout_indices"][skip : skip + count]]
 
 
 def split_dataset(ds: datasets.Dataset, holdout_size: int | float, seed: int = 0) -> datasets.DatasetDict:

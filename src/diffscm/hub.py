@@ -8,9 +8,31 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from .paths import shipped_checkpoint
+
+DEFAULT_MODEL = "diffscm-mnist"
 TEMPLATE = "diffscm_pipeline.md"
 ORACLE_TEMPLATE = "oracle.md"
 VAE_TEMPLATE = "vae.md"
+
+
+def load_pipeline(name_or_path: str | None = None, **kwargs):
+    """A DiffSCMPipeline from a folder or Hub id (default: the shipped MNIST one), loaded from its resolved folder so
+    that `_name_or_path` points at the folder holding `training.json`."""
+    from .pipelines import DiffSCMPipeline
+    from .pipelines.pipeline_diffscm import local_pipeline_folder
+
+    return DiffSCMPipeline.from_pretrained(
+        local_pipeline_folder(name_or_path or shipped_checkpoint(DEFAULT_MODEL)), **kwargs
+    )
+
+
+def write_evaluation(pipeline_dir: str, command: str, report: str):
+    """Put an evaluation report (and the command that measured it) into a pipeline folder and re-render its card."""
+    if not os.path.isdir(pipeline_dir):
+        raise ValueError(f"Writing the model card needs a local pipeline folder, not {pipeline_dir!r}.")
+    (Path(pipeline_dir) / "evaluation.md").write_text(f"Measured with `{command}`:\n\n{report}")
+    write_model_card(pipeline_dir)
 
 
 def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_dir: str):

@@ -22,12 +22,15 @@ def preprocess_images(image: PipelineImageInput, num_channels: int, sample_size:
     integers in [0, 255]. RGB is converted to grey for a 1-channel model (luma) and grey repeated for a 3-channel one;
     images of another size are resized (bilinear, antialiased) with a warning.
     """
+    return unit_images(image, num_channels, sample_size).mul(2).sub(1)
+
+
+def unit_images(image: PipelineImageInput, num_channels: int, sample_size: int) -> torch.Tensor:
+    """[`preprocess_images`] in [0, 1] (diffusers' convention for image tensors): the images as a model sees them."""
     images = image if isinstance(image, (list, tuple)) else [image]
     if len(images) == 0:
         raise ValueError("`image` is empty: pass at least one image.")
-    batch = [_to_unit_tensor(img, num_channels) for img in images]
-    batch = [_resize(x, sample_size) for x in batch]
-    return torch.cat(batch).mul(2).sub(1)
+    return torch.cat([_resize(_to_unit_tensor(img, num_channels), sample_size) for img in images])
 
 
 def _to_unit_tensor(image, num_channels: int) -> torch.Tensor:

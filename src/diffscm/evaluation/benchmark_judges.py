@@ -18,6 +18,7 @@ shipped in `checkpoints/benchmark-judges`. Sources (under `counterfactual_benchm
   of `datasets/morphomnist/dataset.py`: the intervention values (`benchmark_intervention_values`).
 """
 
+import copy
 import os
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-CHECKPOINTS = "checkpoints"
+from ..paths import shipped_checkpoint
+
 DEFAULT_FOLDER = "benchmark-judges"
 
 # The benchmark's fixed min-max constants: value in [low, high] <-> 2 * (value - low) / (high - low) - 1 in [-1, 1].
@@ -184,15 +186,6 @@ def _values(values, name: str) -> np.ndarray:
     return values
 
 
-def default_folder() -> Path:
-    """The shipped judges: under $DIFFSCM_CHECKPOINTS, the repository this package is installed from, or ./."""
-    roots = [os.environ.get("DIFFSCM_CHECKPOINTS"), Path(__file__).resolve().parents[3] / CHECKPOINTS, CHECKPOINTS]
-    for root in filter(None, roots):
-        if (Path(root) / DEFAULT_FOLDER).is_dir():
-            return Path(root) / DEFAULT_FOLDER
-    raise FileNotFoundError(f"the shipped benchmark judges {DEFAULT_FOLDER!r} were not found; pass their folder.")
-
-
 class BenchmarkJudges(nn.Module):
     """
     The benchmark's thickness, intensity and digit judges. Load with `BenchmarkJudges.from_pretrained()`, then
@@ -215,7 +208,7 @@ class BenchmarkJudges(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        folder = Path(folder) if folder is not None else default_folder()
+        folder = Path(folder) if folder is not None else Path(shipped_checkpoint(DEFAULT_FOLDER))
         if not folder.is_dir():
             raise FileNotFoundError(f"benchmark judges folder {str(folder)!r} does not exist.")
         judges = cls()
@@ -238,7 +231,9 @@ class BenchmarkJudges(nn.Module):
         return next(self.parameters()).device
 
     @torch.no_grad()
-    def predict(self, images, intensity_for_thickness=None, batch_size: int = 1000) -> dict[str, np.ndarray]:
+    def predict(
+        self, images, intensity_for_thickness=None, batch_size: int = 1000, batch_statistics: bool = False
+    ) -> dict[str, np.ndarray]:
         """
         Judge `(B, 1, 28, 28)` images in [0, 1]: `thickness` (px), `intensity` (grey levels) and `digit` (argmax
         class), as numpy arrays of length B.
@@ -247,22 +242,29 @@ class BenchmarkJudges(nn.Module):
         intended intensity: pass it in grey levels as `intensity_for_thickness` `(B,)`; by default the intensity
         judge's own reading is used. The intensity output is the raw regression (no sigmoid): the shipped judge was
         trained with MSE on [-1, 1] targets before the benchmark's code put a sigmoid on it.
+
+        With `batch_statistics`, BatchNorm normalises each batch of `batch_size` by its own statistics, as the
+        benchmark's evaluation script ran these judges (it never calls `.eval()`); the stored statistics are untouched.
         """
         images = check_images(images)
         if intensity_for_thickness is not None:
             intensity_for_thickness = torch.as_tensor(intensity_for_thickness, dtype=torch.float32).reshape(-1)
             if len(intensity_for_thickness) != len(images):
                 raise ValueError(f"{len(intensity_for_thickness)} intensities given for {len(images)} images.")
+        judges = copy.deepcopy(self.judges).train() if batch_statistics else self.judges
         outputs = {name: [] for name in JUDGES}
-        for start in range(0, max(len(images), 1), batch_size):  # an empty batch gives empty arrays
-            sample = benchmark_input(images[start : start + batch_size]).to(self.device)
-            intensity = self.judges["intensity"](sample)
+        bounds = list(range(0, len(images), batch_size)) + [len(images)]
+        if batch_statistics and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]  # batch statistics need two samples: the last one joins the batch before
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True) if len(images) else [(0, 0)]:
+            sample = benchmark_input(images[start:stop]).to(self.device)
+            intensity = judges["intensity"](sample)
             if intensity_for_thickness is None:
                 condition = intensity
             else:
-                condition = scale(intensity_for_thickness[start : start + batch_size, None], INTENSITY_RANGE)
-            thickness = self.judges["thickness"](sample, condition.to(self.device))
+                condition = scale(intensity_for_thickness[start:stop, None], INTENSITY_RANGE)
+            thickness = judges["thickness"](sample, condition.to(self.device))
             outputs["thickness"].append(unscale(thickness[:, 0], THICKNESS_RANGE))
             outputs["intensity"].append(unscale(intensity[:, 0], INTENSITY_RANGE))
-            outputs["digit"].append(self.judges["digit"](sample).argmax(-1))
+            outputs["digit"].append(judges["digit"](sample).argmax(-1))
         return {name: torch.cat(values).cpu().numpy() for name, values in outputs.items()}

@@ -41,7 +41,7 @@ def grey_level_l1(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def evaluate_counterfactuals(
-    pipe, oracle, images, labels, scales, steps=None, refinement=None, seed=0, strength=1.0, vae=None
+    pipe, oracle, images, labels, scales, steps=None, refinement=None, seed=0, strength=1.0, vae=None, cfg_scale=None
 ):
     """
     Effectiveness (oracle flip rate to a random other target) and realism per guidance scale, and the null
@@ -72,7 +72,8 @@ def evaluate_counterfactuals(
         "num_images": count,
         "num_inference_steps": steps,
         "strength": strength,
-        "abduction_refinement_steps": pipe.config.abduction_refinement_steps if refinement is None else refinement,
+        "abduction_refinement_steps": abduction.abduction_refinement_steps,
+        "cfg_scale": abduction.cfg_scale,
         "abduction_nfe": abduction_nfe,
         "null_intervention": {
             "oracle_keeps_label": (null_predictions == labels).float().mean().item(),
@@ -84,7 +85,7 @@ def evaluate_counterfactuals(
     }
     outputs = {}
     for scale in scales:
-        with count_calls(pipe.unet) as unet_calls, count_calls(pipe.classifier) as classifier_calls:
+        with count_calls(pipe.unet) as unet_calls, count_calls(pipe.classifier or pipe.unet) as classifier_calls:
             started = time.perf_counter()
             counterfactuals = pipe.intervene(abduction, targets, guidance_scale=scale)
             seconds = time.perf_counter() - started
@@ -94,7 +95,7 @@ def evaluate_counterfactuals(
             "flip_rate": (predictions == targets).float().mean().item(),
             "l1_grey_levels_to_factual": grey_level_l1(counterfactuals, images),
             "nfe_per_counterfactual": abduction_nfe + unet_calls["samples"] / count,
-            "classifier_gradients_per_counterfactual": classifier_calls["samples"] / count,
+            "classifier_gradients_per_counterfactual": classifier_calls["samples"] / count if pipe.classifier else 0,
             "seconds_per_counterfactual": (abduction_seconds + seconds) / count,
             "realism": realism(oracle, counterfactuals, images),
         }
@@ -105,13 +106,15 @@ def evaluate_counterfactuals(
 
 
 @torch.no_grad()
-def abduction_curve(pipe, images: torch.Tensor, settings: list[tuple[int, int]], factual: dict) -> list[dict]:
+def abduction_curve(
+    pipe, images: torch.Tensor, settings: list[tuple[int, int]], factual: dict, cfg_scale=None
+) -> list[dict]:
     """Null-intervention L1 (grey levels) against UNet evaluations per round trip, for (steps, refinement) pairs;
     `factual` holds the factual values of the image's parents."""
     curve = []
     for steps, refinement in settings:
         with count_calls(pipe.unet) as calls:
-            abduction = pipe.abduct(images, factual, num_inference_steps=steps, abduction_refinement_steps=refinement)
+            abduction = pipe.abduct(images, factual, steps, abduction_refinement_steps=refinement, cfg_scale=cfg_scale)
             null = pipe.intervene(abduction)
         curve.append(
             {
@@ -126,34 +129,32 @@ def abduction_curve(pipe, images: torch.Tensor, settings: list[tuple[int, int]],
 
 @torch.no_grad()
 def composition(
-    pipe, oracle, images: torch.Tensor, factual: dict, cycles: int = 10, steps=None, refinement=None, judge=None
+    pipe, oracle, images: torch.Tensor, factual: dict, cycles: int = 10, steps=None, refinement=None, cfg_scale=None
 ) -> dict:
     """
     The null intervention do(every parent = its factual value), through the public call, applied again and again:
     how far does the image drift? L1 (grey levels) and the oracle-feature perceptual distance to the factual after 1
-    and after `cycles` cycles; with `judge` (a distance of its own, e.g. the benchmark's), that too.
+    and after `cycles` cycles.
     """
     result, current = {}, images
-    options = {"num_inference_steps": steps, "abduction_refinement_steps": refinement, "output_type": "pt"}
+    options = {"num_inference_steps": steps, "abduction_refinement_steps": refinement, "cfg_scale": cfg_scale}
     for cycle in range(1, cycles + 1):
-        current = pipe(current, intervention=factual, factual_values=factual, **options).images
+        current = pipe(current, intervention=factual, factual_values=factual, output_type="pt", **options).images
         if cycle in (1, cycles):
             result[f"cycles_{cycle}"] = {
                 "l1_grey_levels": grey_level_l1(current, images),
                 "perceptual_distance": perceptual_distance(oracle, current, images),
             }
-            if judge is not None:
-                result[f"cycles_{cycle}"]["judge_l1"] = judge(current, images)
     return result
 
 
 @torch.no_grad()
-def reversibility(pipe, oracle, images, counterfactuals, labels, targets, scale, steps=None, refinement=None) -> dict:
+def reversibility(
+    pipe, oracle, images, counterfactuals, labels, targets, scale, steps=None, refinement=None, cfg_scale=None
+) -> dict:
     """x -> do(target) -> do(original label): L1 to x and the oracle's accuracy on the original label."""
     parent = pipe.single_categorical_parent()
-    abduction = pipe.abduct(
-        counterfactuals, {parent: targets}, num_inference_steps=steps, abduction_refinement_steps=refinement
-    )
+    abduction = pipe.abduct(counterfactuals, {parent: targets}, steps, 1.0, refinement, cfg_scale)
     reversed_images = pipe.intervene(abduction, labels, guidance_scale=scale)
     return {
         "guidance_scale": scale,

@@ -1,0 +1,232 @@
+"""`diffscm evaluate` (MNIST-style: one categorical parent) and `diffscm evaluate-scm` (the Morpho-MNIST benchmark's
+protocol): metrics.json and a Markdown report on held-out images."""
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import hub
+from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
+from ..evaluation import DigitOracle, DigitVAE, metrics, morphomnist
+from ..evaluation.benchmark_judges import BenchmarkJudges
+from ..evaluation.plots import plot_abduction_curve, plot_guidance_sweep
+from ..options import add_pipeline_options, pipeline_options
+from ..paths import shipped_checkpoint, shipped_data
+
+DEFAULT_SCM_MODEL = "diffscm-morphomnist-conditional"
+
+
+def add_commands(commands):
+    parser = commands.add_parser("evaluate", help="Measure a pipeline on its held-out digits, judged by the oracle.")
+    add_pipeline_options(parser)
+    parser.add_argument("--oracle", default=None, help="Oracle folder (default: the shipped MNIST oracle).")
+    parser.add_argument("--vae", default=None, help="VAE folder for CLD (default: the shipped MNIST VAE, if any).")
+    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="Evaluate on a random sample of another labelled folder (imagefolder or Morpho-MNIST) instead of the "
+        "pipeline's held-out split of the bundled digits.",
+    )
+    parser.add_argument("--guidance-scales", type=float, nargs="*", default=[], help="Scales of the sweep.")
+    parser.add_argument("--sweep-samples", type=int, default=100, help="Images for the sweep and reversibility.")
+    parser.add_argument("--composition-samples", type=int, default=50, help="Images for composition and abduction.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random targets.")
+    parser.add_argument("--composition-cycles", type=int, default=10, help="Null-intervention cycles (0: skip).")
+    parser.add_argument(
+        "--abduction-settings",
+        nargs="*",
+        default=["10:0", "20:0", "50:0", "10:1", "20:1", "25:1", "10:3", "20:3"],
+        help="STEPS:REFINEMENT pairs for the curve of reconstruction error against UNet evaluations.",
+    )
+    parser.add_argument("--out", default="diffscm-evaluation")
+    parser.add_argument("--write-model-card", action="store_true", help="Put the report into the model's card.")
+    parser.set_defaults(func=evaluate)
+
+    scm = commands.add_parser(
+        "evaluate-scm", help="The Morpho-MNIST benchmark's protocol: do(thickness / intensity / digit), its judges."
+    )
+    add_pipeline_options(scm, model_help=f"the shipped {DEFAULT_SCM_MODEL}")
+    scm.add_argument(
+        "--data-dir", default=None, help="The Morpho-MNIST folder of the model's split (default: the repository's)."
+    )
+    scm.add_argument("--split", default=None, help="train / test, for a folder holding the official full release.")
+    scm.add_argument("--oracle", default=None, help="Digit oracle folder (default: the shipped Morpho-MNIST one).")
+    scm.add_argument(
+        "--judges", default=None, help="The benchmark's judges' folder (default: the shipped one), or 'none'."
+    )
+    scm.add_argument("--num-samples", type=int, default=500)
+    scm.add_argument(
+        "--skip", type=int, default=0, help="Leave out the first N held-out images (e.g. those a scale was tuned on)."
+    )
+    scm.add_argument("--vae", default=None, help="VAE folder for the CLD of do(digit) (default: the shipped one).")
+    scm.add_argument("--composition-samples", type=int, default=100)
+    scm.add_argument("--composition-cycles", type=int, default=10)
+    scm.add_argument("--seed", type=int, default=0, help="Seed of the intervened values.")
+    scm.add_argument("--out", default="diffscm-evaluation-scm")
+    scm.add_argument("--write-model-card", action="store_true", help="Put the report into the model's card.")
+    scm.set_defaults(func=evaluate_scm)
+
+
+def evaluate_scm(args: argparse.Namespace):
+    """The benchmark's protocol on the model's held-out Morpho-MNIST images; writes metrics.json and report.md."""
+    if args.num_samples < 2 or args.skip < 0 or args.composition_samples < 1 or args.composition_cycles < 1:
+        raise ValueError("--num-samples >= 2, --skip >= 0, --composition-samples/-cycles >= 1 are required.")
+    pipe = hub.load_pipeline(args.model or shipped_checkpoint(DEFAULT_SCM_MODEL))
+    pipe.set_progress_bar_config(leave=False, disable=args.quiet)
+    if set(pipe.causal_graph.image_parents) != set(morphomnist.PARENTS):
+        raise ValueError(f"{args.model}: its image's parents are {pipe.causal_graph.image_parents}, not thickness, "
+                         "intensity and digit.")  # fmt: skip
+    dataset = load_image_dataset(train_data_dir=args.data_dir or shipped_data("morphomnist"), split=args.split)
+    rows = heldout_rows(pipe.config._name_or_path, dataset, args.num_samples, skip=args.skip)
+    if len(rows) < 2:
+        raise ValueError(f"Only {len(rows)} held-out images remain after --skip {args.skip}.")
+    oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint("morphomnist-oracle")).eval()
+    judges = None if args.judges == "none" else BenchmarkJudges.from_pretrained(args.judges)
+    images = (pipe.preprocess([row["image"] for row in rows]) + 1) / 2
+    factual = pipe.causal_graph.data_values(rows)
+    pool = {name: np.asarray(dataset[name]) for name in ("thickness", "intensity")}
+    options = pipeline_options(args)
+    chain = {key: options[key] for key in ("cfg_scale", "num_inference_steps", "abduction_refinement_steps")}
+    nfe = unet_evaluations(pipe, images[:1], {k: v[:1] for k, v in factual.items()}, chain)
+
+    result = morphomnist.evaluate_interventions(
+        pipe, oracle, images, factual, pool, judges, seed=args.seed, vae=load_vae(args.vae, pipe), **options
+    )
+    few = slice(0, args.composition_samples)
+    result["composition"] = morphomnist.composition(
+        pipe, images[few], {name: value[few] for name, value in factual.items()}, args.composition_cycles, **chain
+    )
+    result["morphometrics_agreement"] = morphomnist.morphometrics_agreement(images, factual)
+    split = json.loads((Path(pipe.config._name_or_path) / "training.json").read_text())["split"]
+    extra = "".join(f", plus {source}" for source in split.get("extra_train_sources", []))
+    result["settings"] = {
+        "model": str(pipe.config._name_or_path),
+        "mechanism": pipe.mechanism,
+        "num_images": len(rows),
+        "skipped_heldout_images": args.skip,
+        "training_images": f"{split['num_train']:,} training images ({split['source']} less its held-out "
+        f"{split['num_heldout']:,}{extra})",
+        "guidance_scale": pipe.guidance_scales(options["guidance_scale"]),
+        "cfg_scale": pipe.cfg_scales(options["cfg_scale"]),
+        "num_inference_steps": args.steps or pipe.config.num_inference_steps,
+        "abduction_refinement_steps": pipe.config.abduction_refinement_steps if args.refinement is None
+        else args.refinement,
+        "unet_evaluations_per_counterfactual": nfe,
+        "composition_images": min(args.composition_samples, len(rows)),
+    }  # fmt: skip
+    write_report(args, "evaluate-scm", result, morphomnist.report(result))
+
+
+def unet_evaluations(pipe, images: torch.Tensor, factual: dict, chain: dict) -> float:
+    """UNet evaluations (image passes) of one abduction and one intervention, per image."""
+    with metrics.count_calls(pipe.unet) as calls:
+        pipe.intervene(pipe.abduct(images, factual, **chain))
+    return calls["samples"] / len(images)
+
+
+def evaluate(args: argparse.Namespace):
+    for name in ("num_samples", "sweep_samples", "composition_samples"):
+        if getattr(args, name) < 2:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 2 (realism compares feature sets).")
+    if args.composition_cycles < 0:
+        raise ValueError("--composition-cycles must be >= 0.")
+    if not all(re.fullmatch(r"\d+:\d+", pair) for pair in args.abduction_settings):
+        raise ValueError(f"--abduction-settings takes STEPS:REFINEMENT pairs, got {args.abduction_settings}.")
+    pipe = hub.load_pipeline(args.model)
+    pipe.set_progress_bar_config(leave=False, disable=args.quiet)
+    oracle_dir = args.oracle or shipped_checkpoint("mnist-oracle")
+    oracle = DigitOracle.from_pretrained(oracle_dir).eval()
+    digits = evaluation_digits(pipe, args)
+    images = (pipe.preprocess([row["image"] for row in digits]) + 1) / 2
+    labels = torch.tensor([row["label"] for row in digits])
+    vae = load_vae(args.vae, pipe)
+    options = pipeline_options(args)
+    scale = pipe.guidance_scales(options["guidance_scale"])[pipe.single_categorical_parent()]
+    chain = {"steps": args.steps, "refinement": args.refinement, "cfg_scale": options["cfg_scale"]}
+
+    # Headline numbers at one scale on every image; the sweep and the costlier metrics on the first few.
+    result, targets, counterfactuals = metrics.evaluate_counterfactuals(
+        pipe, oracle, images, labels, [scale], seed=args.seed, vae=vae, **chain
+    )
+    few, fewest = slice(0, args.sweep_samples), slice(0, args.composition_samples)
+    if args.guidance_scales:
+        scales = sorted(set(args.guidance_scales) | {scale})
+        sweep, _, _ = metrics.evaluate_counterfactuals(
+            pipe, oracle, images[few], labels[few], scales, seed=args.seed, vae=vae, **chain
+        )
+        result["sweep"] = {
+            "num_images": sweep["num_images"], "scales": sweep["scales"], "knee": metrics.knee(sweep["scales"])
+        }  # fmt: skip
+    result["reversibility"] = metrics.reversibility(
+        pipe, oracle, images[few], counterfactuals[scale][few], labels[few], targets[few], scale, **chain
+    )
+    factual = {pipe.single_categorical_parent(): labels[fewest]}
+    if args.composition_cycles:
+        result["composition"] = metrics.composition(
+            pipe, oracle, images[fewest], factual, args.composition_cycles, **chain
+        )
+    settings = [tuple(int(n) for n in pair.split(":")) for pair in args.abduction_settings]
+    result["abduction_curve"] = metrics.abduction_curve(pipe, images[fewest], settings, factual, chain["cfg_scale"])
+    result["model"] = str(pipe.config._name_or_path)
+    result["data"] = args.data_dir or "held-out split of mnist-bundled"
+    oracle_record = Path(oracle_dir) / "oracle.json"
+    if oracle_record.is_file():
+        result["oracle_heldout_accuracy"] = json.loads(oracle_record.read_text())["heldout_accuracy"]
+    if "sweep" in result:
+        os.makedirs(args.out, exist_ok=True)
+        plot_guidance_sweep(result["sweep"], Path(args.out) / "guidance_sweep.png")
+    if result["abduction_curve"]:
+        os.makedirs(args.out, exist_ok=True)
+        plot_abduction_curve(result["abduction_curve"], Path(args.out) / "abduction_curve.png")
+    write_report(args, "evaluate", result, metrics.summary_table(result))
+
+
+def write_report(args: argparse.Namespace, command: str, result: dict, report: str):
+    """`metrics.json` and `report.md` under --out, printed; with --write-model-card also into the model's card."""
+    os.makedirs(args.out, exist_ok=True)
+    (Path(args.out) / "metrics.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+    (Path(args.out) / "report.md").write_text(report)
+    print(report)
+    print(f"Wrote {args.out}/metrics.json and {args.out}/report.md")
+    if args.write_model_card:
+        line = "diffscm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == [command] else f"diffscm {command}"
+        model = result.get("model") or result["settings"]["model"]
+        hub.write_evaluation(model, line, report)
+        print(f"Updated the model card {model}/README.md")
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+def evaluation_digits(pipe, args: argparse.Namespace) -> list[dict]:
+    """The pipeline's held-out digits, or a seeded random sample of `--data-dir`."""
+    if not args.data_dir:
+        return heldout_rows(pipe.config._name_or_path, load_bundled_mnist(), args.num_samples, source=BUNDLED_MNIST)
+    if not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder.")
+    dataset = load_image_dataset(train_data_dir=args.data_dir)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+    return [dataset[i] for i in order[: args.num_samples].tolist()]
+
+
+def load_vae(path: str | None, pipe):
+    """The VAE for CLD: `--vae`, else the shipped MNIST one when it fits the model's images, else none (no CLD)."""
+    explicit = path is not None
+    if not explicit:
+        try:
+            path = shipped_checkpoint("mnist-vae")
+        except FileNotFoundError:
+            return None
+    vae = DigitVAE.from_pretrained(path).eval()
+    fits = all(vae.config[key] == pipe.unet.config[key] for key in ("sample_size", "in_channels"))
+    if not fits and explicit:
+        raise ValueError(f"The VAE {path} takes other images than the model ({vae.config.sample_size} px).")
+    return vae if fits else None
