@@ -34,6 +34,6 @@ setup(
         "scikit-image>=0.22",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={"web": ["gradio>=4"], "test": ["pytest", "ruff", "selenium", "gradio>=4"]},
     entry_points={"console_scripts": ["diffscm = diffscm.cli:main"]},
 )

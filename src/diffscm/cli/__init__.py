@@ -1,4 +1,4 @@
-"""The `diffscm` command: `demo`, `counterfactual`, `evaluate` and `evaluate-scm`.
+"""The `diffscm` command: `demo`, `counterfactual`, `evaluate`, `evaluate-scm` and `serve`.
 
 The top floor of the package: the commands only parse arguments, call the library and turn its exceptions into an
 `error:` line and exit status 2.
@@ -7,13 +7,13 @@ The top floor of the package: the commands only parse arguments, call the librar
 import argparse
 import sys
 
-from . import counterfactual, demo, evaluate
+from . import counterfactual, demo, evaluate, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffscm", description="Counterfactual images with Diff-SCM.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, counterfactual, evaluate):
+    for module in (demo, counterfactual, evaluate, serve):
         module.add_commands(commands)
     return parser
 

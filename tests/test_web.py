@@ -1,0 +1,83 @@
+"""The web demo end to end in a real headless browser (Debian's chromium and chromedriver, driven by selenium)."""
+
+import io
+import json
+import shutil
+import socket
+import urllib.request
+
+import numpy as np
+import PIL.Image
+import pytest
+from conftest import tiny_pipeline
+
+from diffscm.cli.serve import CounterfactualDemo, build_app, drawn_digit
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("web") / "pipeline"
+    tiny_pipeline(size=28, num_classes=10, num_inference_steps=2, guidance_scale=1.0).save_pretrained(folder)
+    split = {"source": "mnist-bundled", "heldout_indices": [3, 10, 42]}
+    (folder / "training.json").write_text(json.dumps({"split": split}))
+    return {"tiny MNIST": str(folder)}
+
+
+def test_demo_logic_makes_a_grid_and_a_table(tiny_model):
+    demo = CounterfactualDemo(tiny_model, device="cpu")
+    image, values = demo.example("tiny MNIST", 1)
+    assert image.size == (28, 28) and set(values) == {"label"}
+    grid, table = demo.counterfactuals("tiny MNIST", image, {"label": "3"})
+    assert grid.size == (3 * 28 * 4, 14 + 28 * 4) and "| do(label=3) | 3 |" in table
+    with pytest.raises(ValueError, match="fewer than 5"):
+        demo.example("tiny MNIST", 4)
+
+
+def test_a_drawing_becomes_a_white_on_black_digit():
+    canvas = np.full((40, 40, 4), 255, dtype=np.uint8)
+    canvas[10:30, 18:22, :3] = 0  # a black stroke on white
+    digit = drawn_digit({"composite": PIL.Image.fromarray(canvas)})
+    assert digit.mode == "L" and np.asarray(digit)[20, 20] == 255 and np.asarray(digit)[0, 0] == 0
+    assert drawn_digit({"composite": None}) is None
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run)")
+def test_upload_press_and_see_the_counterfactuals_in_a_browser(tiny_model, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = build_app(tiny_model, device="cpu")
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    digit = tmp_path / "digit.png"
+    PIL.Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)).save(digit)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    browser = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+    try:
+        browser.get(f"http://127.0.0.1:{port}")
+        wait = WebDriverWait(browser, 120)
+        upload = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#factual input[type=file]"))
+        upload.send_keys(str(digit))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))
+        wait.until(expected_conditions.element_to_be_clickable((By.ID, "run"))).click()
+        result = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#grid img"))
+        wait.until(lambda b: "do(label=9)" in b.find_element(By.ID, "values").text)
+        table = browser.find_element(By.ID, "values").text
+        with urllib.request.urlopen(result[0].get_attribute("src")) as response:  # the image the page shows
+            grid = PIL.Image.open(io.BytesIO(response.read()))
+    finally:
+        browser.quit()
+        app.close()
+    assert "Factual values (predicted from the image)" in table and "do(label=0)" in table
+    assert grid.size == (12 * 28 * 4, 14 + 28 * 4), "factual, null and the 10 counterfactuals of do(label = 0..9)"
