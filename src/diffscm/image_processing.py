@@ -19,7 +19,8 @@ def preprocess_images(image: PipelineImageInput, num_channels: int, sample_size:
 
     Accepted: a PIL image (any mode), a numpy array channels-last `(H, W)`, `(H, W, C)` or `(B, H, W, C)`, a torch
     tensor channels-first `(C, H, W)` or `(B, C, H, W)`, or a list of any of these. Floats must lie in [0, 1],
-    integers in [0, 255]. RGB is converted to grey for a 1-channel model (luma) and grey repeated for a 3-channel one;
+    uint16 in [0, 65535] (16-bit images, also PIL's), other integers in [0, 255]; transparency is composited over
+    black. RGB is converted to grey for a 1-channel model (luma) and grey repeated for a 3-channel one;
     images of another size are resized (bilinear, antialiased) with a warning.
     """
     return unit_images(image, num_channels, sample_size).mul(2).sub(1)
@@ -36,7 +37,7 @@ def unit_images(image: PipelineImageInput, num_channels: int, sample_size: int) 
 def _to_unit_tensor(image, num_channels: int) -> torch.Tensor:
     """One input -> float32 `(B, C, H, W)` in [0, 1] with `num_channels` channels."""
     if isinstance(image, PIL.Image.Image):
-        image = np.asarray(image.convert("L" if num_channels == 1 else "RGB"))
+        image = _pil_to_array(image, num_channels)
     if isinstance(image, np.ndarray):
         tensor = _numpy_to_channels_first(image)
     elif isinstance(image, torch.Tensor):
@@ -50,6 +51,29 @@ def _to_unit_tensor(image, num_channels: int) -> torch.Tensor:
             f"`image` must be a PIL image, numpy array, torch tensor or a list of them; got {type(image).__name__}."
         )
     return _match_channels(_to_unit_range(tensor), num_channels)
+
+
+def _pil_to_array(image: PIL.Image.Image, num_channels: int) -> np.ndarray:
+    """Any PIL mode as a channels-last array in [0, 1] (floats) or [0, 255] (uint8): 16- and 32-bit integer images
+    by their real range, float ("F") images as floats, and transparency composited over black (the digits'
+    background); an image whose colour channels are empty and whose content is only its alpha is refused."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        if array.min() < 0 or array.max() > 65535:
+            raise ValueError(f"A 32-bit integer ({image.mode}) image must hold 16-bit values 0..65535.")
+        return (array / 65535)[..., None].repeat(num_channels, axis=-1).astype(np.float32)
+    if image.mode == "F":
+        return np.asarray(image, dtype=np.float32)[..., None].repeat(num_channels, axis=-1)
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
+        composite, alpha = rgba[..., :3] * rgba[..., 3:], rgba[..., 3]
+        if np.ptp(composite) == 0 and np.ptp(alpha) > 0:
+            raise ValueError(
+                "The image's colour channels are empty: its content is only in the alpha channel. Pass "
+                "image.getchannel('A') if the alpha is the digit."
+            )
+        image = PIL.Image.fromarray(np.round(composite * 255).astype(np.uint8))
+    return np.asarray(image.convert("L" if num_channels == 1 else "RGB"))
 
 
 def _numpy_to_channels_first(array: np.ndarray) -> torch.Tensor:
@@ -77,6 +101,8 @@ def _to_unit_range(tensor: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(tensor).all():
             raise ValueError("The image contains NaN or infinite pixel values.")
         low, high = 0, 1
+    elif tensor.dtype == torch.uint16:
+        tensor, low, high = tensor.to(torch.int32), 0, 65535
     else:
         low, high = 0, 255
     if tensor.min() < low - 1e-3 or tensor.max() > high + 1e-3:

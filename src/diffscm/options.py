@@ -1,6 +1,8 @@
 """The command-line options that several commands and scripts share, defined once, and their parsers."""
 
 import argparse
+import os
+import tempfile
 
 
 def parse_assignments(pairs: list[str] | None, flag: str) -> dict[str, float]:
@@ -49,3 +51,17 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         "num_inference_steps": args.steps,
         "abduction_refinement_steps": args.refinement,
     }
+
+
+def check_output_dir(path: str, flag: str = "--out") -> str:
+    """Make sure results can be written under `path` before any work starts: a folder that exists or can be made,
+    and that accepts a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{flag} {path!r} is a file, not a folder.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{flag} {path!r} cannot be written: {error.strerror or error}.") from error
+    return path

@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 
 from .. import hub
-from ..options import add_pipeline_options, parse_assignments, pipeline_options
+from ..options import add_pipeline_options, check_output_dir, parse_assignments, pipeline_options
 
 
 def add_commands(commands):
@@ -26,6 +26,7 @@ def add_commands(commands):
 
 def counterfactual(args: argparse.Namespace):
     """Counterfactuals of the user's images, written as PNG files."""
+    check_output_dir(args.out)
     images = [read_image(path) for path in args.images]
     pipe = hub.load_pipeline(args.model)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
@@ -36,20 +37,29 @@ def counterfactual(args: argparse.Namespace):
     else:
         request["intervention"] = parse_assignments(args.intervention, "--intervention")
     out = pipe(images, **request, return_reconstruction=args.reconstruction, **pipeline_options(args))
-    os.makedirs(args.out, exist_ok=True)
-    per_image = len(out.images) // len(images)
+    names, per_image = unique_stems(args.images), len(out.images) // len(images)
     if out.predicted_factuals:
         print(f"Factual {', '.join(out.predicted_factuals)} predicted from the image(s) (not given).")
     suffix = "_".join(f"{k}{v}" for k, v in sorted(request.get("intervention", {}).items()))
     for i, image in enumerate(out.images):
         name = f"do{out.targets[i]}" if out.targets is not None else f"do_{suffix}"
-        path = Path(args.out) / f"{Path(args.images[i // per_image]).stem}_{name}.png"
+        path = Path(args.out) / f"{names[i // per_image]}_{name}.png"
         image.save(path)
         values = ", ".join(f"{k}={_show(v[i])}" for k, v in out.counterfactual_values.items())
         estimates = ", ".join(f"{k}={_show(v[i])}" for k, v in out.predicted_values.items())
         print(f"{path}  counterfactual {values}; predictor reads {estimates}")
-    for path, image in zip(args.images, out.reconstructions or [], strict=False):
-        image.save(Path(args.out) / f"{Path(path).stem}_null.png")
+    for stem, image in zip(names, out.reconstructions or [], strict=False):
+        image.save(Path(args.out) / f"{stem}_null.png")
+
+
+def unique_stems(paths: list[str]) -> list[str]:
+    """File stems for the outputs, `x`, `x-2`, `x-3` ... where several inputs share one, so none overwrites another."""
+    seen, stems = {}, []
+    for path in paths:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
 
 
 def read_image(path: str) -> PIL.Image.Image:

@@ -14,7 +14,7 @@ from .. import hub, morphometrics
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
 from ..evaluation import DigitOracle
 from ..evaluation.metrics import oracle_predictions
-from ..options import add_pipeline_options, pipeline_options
+from ..options import add_pipeline_options, check_output_dir, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
 
 DEFAULT_ORACLE = "mnist-oracle"
@@ -37,6 +37,7 @@ def demo(args: argparse.Namespace):
     """Counterfactuals of held-out bundled digits under do(digit = 0..9), as a PNG grid and an oracle table."""
     if args.num_digits < 1:
         raise ValueError(f"--num-digits must be >= 1, got {args.num_digits}.")
+    check_output_dir(args.out)
     pipe = hub.load_pipeline(args.model)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     if len(pipe.causal_graph.image_parents) > 1:

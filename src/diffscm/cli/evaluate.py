@@ -16,7 +16,7 @@ from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_d
 from ..evaluation import DigitOracle, DigitVAE, metrics, morphomnist
 from ..evaluation.benchmark_judges import BenchmarkJudges
 from ..evaluation.plots import plot_abduction_curve, plot_guidance_sweep
-from ..options import add_pipeline_options, pipeline_options
+from ..options import add_pipeline_options, check_output_dir, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
 
 DEFAULT_SCM_MODEL = "diffscm-morphomnist-conditional"
@@ -78,6 +78,7 @@ def evaluate_scm(args: argparse.Namespace):
     """The benchmark's protocol on the model's held-out Morpho-MNIST images; writes metrics.json and report.md."""
     if args.num_samples < 2 or args.skip < 0 or args.composition_samples < 1 or args.composition_cycles < 1:
         raise ValueError("--num-samples >= 2, --skip >= 0, --composition-samples/-cycles >= 1 are required.")
+    check_output_dir(args.out)
     pipe = hub.load_pipeline(args.model or shipped_checkpoint(DEFAULT_SCM_MODEL))
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     if set(pipe.causal_graph.image_parents) != set(morphomnist.PARENTS):
@@ -139,6 +140,7 @@ def evaluate(args: argparse.Namespace):
         raise ValueError("--composition-cycles must be >= 0.")
     if not all(re.fullmatch(r"\d+:\d+", pair) for pair in args.abduction_settings):
         raise ValueError(f"--abduction-settings takes STEPS:REFINEMENT pairs, got {args.abduction_settings}.")
+    check_output_dir(args.out)
     pipe = hub.load_pipeline(args.model)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     oracle_dir = args.oracle or shipped_checkpoint("mnist-oracle")

@@ -1,0 +1,177 @@
+"""One table of bad (and awkward but valid) input for the pipeline, the command line and the training scripts: every
+bad one gets a clear error that names the problem, every valid one the right result, none a raw traceback."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import tiny_pipeline
+
+from diffscm.cli import main
+
+IMAGE = torch.rand(2, 1, 8, 8)
+
+# (keyword arguments of pipe(IMAGE, ...), exception, message)
+PIPELINE_CALLS = [
+    ({"target": 2}, ValueError, r"class indices in \[0, 1\]"),
+    ({"target": 0.5}, TypeError, "integer class indices"),
+    ({"target": "three"}, ValueError, "'all'"),
+    ({"target": [0, 1, 0]}, ValueError, "one per image"),
+    ({"target": 0, "guidance_scale": True}, ValueError, "guidance_scale` must be a finite number"),
+    ({"target": 0, "guidance_scale": -1}, ValueError, "guidance_scale` must be a finite number"),
+    ({"target": 0, "guidance_scale": float("inf")}, ValueError, "guidance_scale` must be a finite number"),
+    ({"target": 0, "guidance_scale": "12"}, ValueError, "guidance_scale` must be a finite number"),
+    ({"target": 0, "guidance_scale": {"colour": 1.0}}, ValueError, "not parents of the image"),
+    ({"target": 0, "guidance_scale": 1e30}, ValueError, "became NaN or infinite: the guidance is too strong"),
+    ({"target": 0, "num_inference_steps": True}, ValueError, "num_inference_steps` must be an integer"),
+    ({"target": 0, "num_inference_steps": 2.5}, ValueError, "num_inference_steps` must be an integer"),
+    ({"target": 0, "num_inference_steps": 0}, ValueError, "num_inference_steps` must be an integer >= 1"),
+    ({"target": 0, "num_inference_steps": 5000}, ValueError, "at most 1000"),
+    ({"target": 0, "abduction_refinement_steps": -1}, ValueError, "abduction_refinement_steps"),
+    ({"target": 0, "abduction_refinement_steps": 1.5}, ValueError, "abduction_refinement_steps"),
+    ({"target": 0, "strength": "1"}, ValueError, "`strength` must be a number in \\(0, 1\\]"),
+    ({"target": 0, "strength": 0}, ValueError, "strength"),
+    ({"target": 0, "eta": 2.0}, ValueError, "eta"),
+    ({"target": 0, "eta": "0"}, ValueError, "eta"),
+    ({"target": 0, "cfg_scale": 2.0}, ValueError, "needs a conditional mechanism"),
+    ({"target": 0, "output_type": "jpg"}, ValueError, "output_type"),
+    ({"target": 0, "generator": [torch.Generator()] * 3, "eta": 0.5}, ValueError, "3 generators for 2 samples"),
+    ({"intervention": {"colour": 1}}, ValueError, "Unknown variable 'colour'"),
+    ({"intervention": {"label": 1}, "factual_values": [1]}, ValueError, "must be a dict"),
+    ({}, ValueError, "either `target` or `intervention`"),
+]
+
+# (image given to pipe(image, target=0), exception, message)
+BAD_IMAGES = [
+    (np.full((8, 8), np.nan, dtype=np.float32), ValueError, "NaN"),
+    (torch.full((1, 1, 8, 8), float("inf")), ValueError, "NaN or infinite"),
+    (torch.rand(1, 2, 8, 8), ValueError, "2 channels"),
+    (torch.rand(1, 1, 1, 8, 8), ValueError, r"\(C, H, W\)"),
+    (torch.rand(1, 1, 8, 8) * 2 - 1, ValueError, r"\[0, 1\]"),
+    (np.full((8, 8), 300, dtype=np.int32), ValueError, r"\[0, 255\]"),
+    (np.zeros((8, 8), dtype=bool), TypeError, "dtype"),
+    (torch.zeros(1, 1, 8, 8, dtype=torch.complex64), TypeError, "dtype"),
+    ("digit.png", TypeError, "PIL image, numpy array"),
+    ([], ValueError, "empty"),
+    (PIL.Image.fromarray(np.dstack([np.zeros((8, 8, 3), np.uint8), np.eye(8, dtype=np.uint8) * 255])), ValueError,
+     "only in the alpha channel"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(num_inference_steps=2)
+
+
+@pytest.mark.parametrize("kwargs, error, message", PIPELINE_CALLS)
+def test_pipeline_call(pipe, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        pipe(IMAGE, **kwargs)
+
+
+@pytest.mark.parametrize("image, error, message", BAD_IMAGES)
+def test_bad_image(pipe, image, error, message):
+    with pytest.raises(error, match=message):
+        pipe(image, target=0)
+
+
+def grey(value: float) -> torch.Tensor:
+    return torch.full((1, 1, 8, 8), value)
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (PIL.Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)), grey(32768 / 65535)),  # 16-bit PNG, "I;16"
+        (np.full((8, 8), 65535, dtype=np.uint16), grey(1.0)),
+        (torch.full((1, 8, 8), 65535, dtype=torch.uint16), grey(1.0)),
+        (PIL.Image.fromarray(np.full((8, 8), 0.25, dtype=np.float32)), grey(0.25)),  # PIL "F" in [0, 1]
+        (PIL.Image.fromarray(np.dstack([np.full((8, 8, 3), 255, np.uint8), np.full((8, 8), 128, np.uint8)])),
+         grey(128 / 255)),  # white at half alpha over black
+    ],
+)  # fmt: skip
+def test_awkward_images_are_read_by_their_real_range(pipe, image, expected):
+    torch.testing.assert_close((pipe.preprocess(image) + 1) / 2, expected, atol=1 / 255, rtol=0)
+
+
+def test_numpy_and_torch_scalars_are_numbers(pipe):
+    out = pipe(IMAGE, target=np.int64(1), guidance_scale=np.float32(2), num_inference_steps=np.int64(2),
+               strength=np.float64(1.0), abduction_refinement_steps=torch.tensor(0), output_type="pt")  # fmt: skip
+    assert out.images.shape == (2, 1, 8, 8)
+
+
+def test_an_abduction_carries_its_chain(pipe):
+    abduction = pipe.abduct(IMAGE, num_inference_steps=3, strength=0.5, abduction_refinement_steps=1)
+    assert (abduction.num_inference_steps, abduction.strength, abduction.abduction_refinement_steps) == (3, 0.5, 1)
+    with pytest.raises(TypeError, match="Abduction returned by `abduct`"):
+        pipe.intervene(abduction.noise, 0)
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.intervene(replace(abduction, noise=abduction.noise * float("nan")), 0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad") / "pipeline"
+    tiny_pipeline(size=28, num_classes=10, num_inference_steps=2).save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps({"split": {"source": "mnist-bundled", "heldout_indices": [1]}}))
+    return folder
+
+
+def digit_file(folder, name="x.png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / name)
+    return str(folder / name)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["counterfactual", "missing.png", "--target", "1"], "No such image file"),
+        (["counterfactual", "{text}", "--target", "1"], "Cannot read"),
+        (["counterfactual", "{image}", "--target", "12"], "class in 0..9"),
+        (["counterfactual", "{image}", "--intervention", "label"], "NAME=NUMBER"),
+        (["counterfactual", "{image}", "--target", "1", "--steps", "0"], "num_inference_steps"),
+        (["counterfactual", "{image}", "--target", "1", "--guidance-scale", "strong"], "--guidance-scale takes"),
+        (["counterfactual", "{image}", "--target", "1", "--out", "{file}"], "is a file, not a folder"),
+        (["counterfactual", "{image}", "--target", "1", "--model", "{tmp}/checkpoints/diffscm-mnsit"],
+         "No such pipeline folder"),
+        (["evaluate", "--model", "{model}", "--out", "{file}"], "is a file, not a folder"),
+        (["evaluate-scm", "--model", "{model}", "--out", "{file}"], "is a file, not a folder"),
+        (["demo", "--model", "{model}", "--out", "{file}"], "is a file, not a folder"),
+        (["demo", "--num-digits", "0"], "--num-digits"),
+        (["evaluate", "--abduction-settings", "20"], "STEPS:REFINEMENT"),
+        (["evaluate", "--model", "{model}", "--data-dir", "/no/such", "--out", "{tmp}/o"], "is not a folder"),
+    ],
+)  # fmt: skip
+def test_command_line(model_dir, tmp_path, argv, message):
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "checkpoints").mkdir()
+    names = {"text": tmp_path / "notes.png", "image": digit_file(tmp_path), "tmp": tmp_path, "model": model_dir,
+             "file": tmp_path / "notes.png"}  # fmt: skip
+    argv = [arg.format(**names) for arg in argv]
+    if argv[0] == "counterfactual" and "--model" not in argv:
+        argv += ["--model", str(model_dir)]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    assert message in str(excinfo.value)
+
+
+def test_an_unwritable_out_is_found_before_the_work(model_dir, tmp_path, monkeypatch):
+    import diffscm.cli.counterfactual as command
+
+    monkeypatch.setattr(
+        command.hub, "load_pipeline", lambda *_: pytest.fail("the model loaded before --out was checked")
+    )
+    with pytest.raises(SystemExit, match="cannot be written"):  # a folder below a file can never be made
+        main(["counterfactual", digit_file(tmp_path), "--target", "1", "--out", digit_file(tmp_path) + "/out"])
+
+
+def test_two_inputs_with_one_name_do_not_overwrite_each_other(model_dir, tmp_path):
+    first, second = digit_file(tmp_path / "a"), digit_file(tmp_path / "b")
+    main(["counterfactual", first, second, "--target", "3", "--model", str(model_dir), "--out", str(tmp_path / "cf")])
+    assert sorted(p.name for p in (tmp_path / "cf").iterdir()) == ["x-2_do3.png", "x_do3.png"]
