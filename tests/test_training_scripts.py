@@ -3,13 +3,17 @@
 import gzip
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from diffscm import DiffSCMPipeline
 from diffscm.cli import main
@@ -352,3 +356,56 @@ def test_the_official_release_layout_chooses_a_split(tmp_path):
         load_morphomnist(str(tmp_path))
     with pytest.raises(ValueError, match="no Morpho-MNIST split 'validation2'"):
         load_morphomnist(str(tmp_path), split="validation2")
+
+
+def run_args(out: Path, steps: int = 6) -> list[str]:
+    return ["--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", "2",
+            "--save_images_steps", "100", "--use_ema", "--report_to", "none", *TINY_UNET]  # fmt: skip
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    first, second = load_file(str(a)), load_file(str(b))
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_run_killed_at_a_random_step_resumes_bit_exactly(tmp_path):
+    reference = tmp_path / "reference"
+    launch("train_unet.py", *run_args(reference))
+    killed = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "training_scripts" / "train_unet.py"), *run_args(killed)]
+    process = subprocess.Popen(command, env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    target = random.choice([2, 4])  # kill it somewhere after this checkpoint, mid-step or mid-write
+    while not (killed / f"checkpoint-{target}").is_dir() and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 0.5))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = launch("train_unet.py", *run_args(killed), "--resume_from_checkpoint", "latest")
+    assert "Resumed from" in result.stderr
+    for name in (
+        "checkpoint-6/model.safetensors",
+        "checkpoint-6/ema.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+    ):
+        assert same_weights(reference / name, killed / name), name
+    assert not list(killed.glob("checkpoint-*/*.pkl")) or all(
+        p.name.startswith("random_states") for p in killed.glob("checkpoint-*/*.pkl")
+    ), "the EMA is kept as safetensors, never pickled"
+
+
+def test_a_broken_latest_checkpoint_is_named_and_the_one_before_is_used(unet_run, tmp_path):
+    run = tmp_path / "unet"
+    subprocess.run(["cp", "-r", str(unet_run), str(run)], check=True)
+    weights = run / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    result = launch("train_unet.py", *run_args(run, steps=4), "--resume_from_checkpoint", "latest")
+    assert f"Cannot resume from {run / 'checkpoint-4'}" in result.stderr
+    assert "Resumed from" in result.stderr and "checkpoint-2 at step 2" in result.stderr
+    empty = tmp_path / "empty"
+    (empty / "checkpoint-2").mkdir(parents=True)
+    result = launch("train_unet.py", *run_args(empty, steps=2), "--resume_from_checkpoint", "latest", check=False)
+    assert result.returncode != 0 and "No checkpoint could be read" in result.stderr
+    assert str(empty / "checkpoint-2") in result.stderr

@@ -20,6 +20,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -28,6 +30,7 @@ from .data import BUNDLED_MNIST, images_to_tensor, load_image_dataset, split_dat
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+EMA_FILE = "ema.safetensors"
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -180,6 +183,9 @@ def make_dataloader(
         shuffle=shuffle,
         num_workers=args.dataloader_num_workers,
         drop_last=shuffle and len(dataset) >= args.train_batch_size,
+        # Its own generator: starting an epoch (or a resumed run's first batches) then draws no number from the
+        # global RNG, whose restored state a resumed run's noise must continue from.
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
 
@@ -205,9 +211,10 @@ def batches_from(accelerator: Accelerator, dataloader: DataLoader, start_step: i
         epoch, skip = epoch + 1, 0
 
 
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int):
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int, ema: EMAModel | None = None):
     """Write `checkpoint-{step}` atomically: every process saves its part (its RNG state included) into a temporary
-    folder, then the main process renames it and prunes the oldest beyond --checkpoints_total_limit."""
+    folder, the EMA weights go to `ema.safetensors`, then the main process renames the folder and prunes the oldest
+    beyond --checkpoints_total_limit."""
     final = Path(args.output_dir) / f"checkpoint-{step}"
     partial = Path(args.output_dir) / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
@@ -216,6 +223,9 @@ def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: in
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:
+            tensors = {f"shadow.{i}": param.contiguous() for i, param in enumerate(ema.shadow_params)}
+            save_file(tensors, partial / EMA_FILE, metadata={"optimization_step": str(ema.optimization_step)})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         if args.checkpoints_total_limit is not None:
@@ -232,24 +242,46 @@ def list_checkpoints(output_dir: str) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
-def maybe_resume(accelerator: Accelerator, args: argparse.Namespace) -> int:
-    """Restore models, optimizer, LR schedule, EMA and RNG from a checkpoint; returns the step to continue from."""
+def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, ema: EMAModel | None = None) -> int:
+    """Restore models, optimizer, LR schedule, EMA and RNG from a checkpoint; returns the step to continue from.
+    With `latest`, a checkpoint that cannot be read (truncated, emptied) is named and the one before it is used."""
     if not args.resume_from_checkpoint:
         return 0
     if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
+        candidates = list_checkpoints(args.output_dir)[::-1]
+        if not candidates:
             logger.info("No checkpoint to resume from; starting a new run.")
             return 0
-        path = found[-1]
     else:
         path = Path(args.resume_from_checkpoint)
         if not CHECKPOINT_PATTERN.match(path.name) or not path.is_dir():
-            raise SystemExit(f"error: {path} is not a checkpoint-N folder.")
+            raise ValueError(f"{path} is not a checkpoint-N folder.")
+        candidates = [path]
+    problems = []
+    for path in candidates:
+        try:
+            load_checkpoint(accelerator, path, ema)
+        except Exception as error:  # torch, safetensors and accelerate raise many kinds for one broken file
+            problems.append(f"{path}: {error}")
+            logger.warning(f"Cannot resume from {path} ({error}); trying the checkpoint before it.")
+            continue
+        step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
+        logger.info(f"Resumed from {path} at step {step}")
+        return step
+    raise RuntimeError("No checkpoint could be read:\n" + "\n".join(problems))
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMAModel | None):
+    """accelerate's state (weights, optimizer, schedule, RNG) and the EMA weights of one checkpoint folder."""
+    if ema is not None and not (path / EMA_FILE).is_file():
+        raise FileNotFoundError(f"{path / EMA_FILE} is missing")
     accelerator.load_state(str(path))
-    step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
-    logger.info(f"Resumed from {path} at step {step}")
-    return step
+    if ema is not None:
+        with safe_open(str(path / EMA_FILE), framework="pt") as f:
+            shadow = [f.get_tensor(f"shadow.{i}") for i in range(len(ema.shadow_params))]
+            ema.optimization_step = int(f.metadata()["optimization_step"])
+        for param, saved in zip(ema.shadow_params, shadow, strict=True):
+            param.data.copy_(saved.to(param.device))
 
 
 def prepare_model(accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, args: argparse.Namespace):
@@ -260,8 +292,7 @@ def prepare_model(accelerator: Accelerator, model: torch.nn.Module, dataloader: 
     optimizer, lr_scheduler = optimizer_and_schedule(model, args, accelerator.num_processes)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        ema.to(accelerator.device)  # checkpointed as ema.safetensors by save_checkpoint, never pickled
     return model, optimizer, dataloader, lr_scheduler, ema
 
 
@@ -279,7 +310,7 @@ def train(
     """The training loop every script shares: resume, accumulate, clip, EMA, log, checkpoint.
 
     Returns the number of steps this run made and the seconds they took."""
-    first_step = maybe_resume(accelerator, args)
+    first_step = maybe_resume(accelerator, args, ema)
     batches = batches_from(accelerator, dataloader, first_step, args.gradient_accumulation_steps)
     progress = tqdm(range(first_step, args.max_train_steps), disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
@@ -302,7 +333,7 @@ def train(
         progress.set_postfix(**logs)
         accelerator.log(logs, step=done)
         if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
-            save_checkpoint(accelerator, args, done)
+            save_checkpoint(accelerator, args, done, ema)
         if after_step is not None:
             after_step(done)
     accelerator.wait_for_everyone()
