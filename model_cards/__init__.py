@@ -1,1 +1,325 @@
-"""Model card templates (Jinja2, rendered by huggingface_hub.ModelCard.from_template)."""
+"""Model cards: the `README.md` of a pipeline folder and of the judges' folders, rendered from the folder's own files
+(configs, weights, `training.json`, `evaluation.md`) with the Jinja2 templates next to this module
+(huggingface_hub's `ModelCard.from_template`).
+
+A pipeline card renders for any `DiffSCMPipeline` folder, whichever way it was built: by hand and saved, exported by
+a training script, or loaded, changed and saved again; what the folder does not record, the card says is not recorded.
+This module only reads files: it imports no model or pipeline code (floor 1; the causal graph from `diffscm.scm`).
+"""
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+from safetensors import safe_open
+
+from diffscm.scm import CausalGraph, Node
+
+PIPELINE_TEMPLATE = "diffscm_pipeline.md"
+ORACLE_TEMPLATE = "oracle.md"
+VAE_TEMPLATE = "vae.md"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+CODE_LIBRARIES = ("diffusers", "transformers")  # components whose classes the loader knows without remote code
+
+
+def write_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
+    """Render the `README.md` of a pipeline folder from its files (see [`render_model_card`]) and save it there."""
+    card = render_model_card(pipeline_dir, repo_id=repo_id)
+    card.save(Path(pipeline_dir) / "README.md")
+    return card
+
+
+def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
+    """
+    The card of any DiffSCMPipeline folder: its mechanism (conditional with a `parent_embedding/`, else
+    classifier-guided), causal graph, components with their parameter counts, defaults, usage with diffscm and with
+    plain diffusers, and, when the folder holds them, `training.json` (data, commands, the predictor's held-out scores)
+    and `evaluation.md`; what is missing is named as not recorded.
+
+    Args:
+        pipeline_dir: a folder written by `DiffSCMPipeline.save_pretrained`.
+        repo_id: the Hub id that the usage examples load (default: the folder as typed from here).
+    """
+    folder = Path(pipeline_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No such pipeline folder: {str(pipeline_dir)!r}.")
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"{folder} is not a DiffSCMPipeline folder: it has no model_index.json.")
+    index = _read_json(folder, "model_index.json")
+    unet = _read_json(folder / "unet", "config.json")
+    scheduler = _read_json(folder / "scheduler", "scheduler_config.json")
+    present = {
+        name: _recorded(index, name) and (folder / name).is_dir() for name in ("classifier", "parent_embedding")
+    }
+    conditional, has_classifier = present["parent_embedding"], present["classifier"]
+    graph = _causal_graph(index, folder, has_classifier, conditional)
+    parents = graph.image_parents
+    guidance = index.get("guidance_scale", 1.0 if has_classifier else 0.0)
+    cfg = index.get("cfg_scale", 1.0)
+    steps, refinements = index.get("num_inference_steps", 50), index.get("abduction_refinement_steps", 0)
+    cfg_passes = sum(scale != 1 for scale in _scales(cfg, parents, 1.0).values()) if conditional else 0
+    record = _read_json(folder, "training.json") if (folder / "training.json").is_file() else None
+    split = (record or {}).get("split")
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        tags=["diffscm", "counterfactual", "causality", "diffusion", "image-to-image"]
+        + ["classifier-free-guidance" if conditional else "classifier-guidance"],
+        datasets=[split["source"]] if split and _is_hub_id(split["source"]) else None,
+        pipeline_tag="image-to-image",
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=_template(PIPELINE_TEMPLATE),
+        model_name=repo_id.rsplit("/", 1)[-1] if repo_id else folder.resolve().name,
+        repo_id=repo_id or _display_path(folder),
+        conditional=conditional,
+        has_classifier=has_classifier,
+        graph=", ".join(graph.edges),
+        variables=[_variable_row(graph.nodes[name], unet, conditional) for name in graph.order],
+        usage=_usage_example(graph, has_classifier),
+        parents=", ".join(parents),
+        unet_params=_format_count(_count_params(folder / "unet")),
+        classifier_params=_format_count(_count_params(folder / "classifier")) if has_classifier else None,
+        embedding_params=_format_count(_count_params(folder / "parent_embedding")) if conditional else None,
+        resolution=unet["sample_size"],
+        channels=unet["in_channels"],
+        num_train_timesteps=scheduler.get("num_train_timesteps", 1000),
+        beta_schedule=scheduler.get("beta_schedule", "linear"),
+        guidance_scale=_format_scale(guidance, parents, 0.0),
+        cfg_scale=_format_scale(cfg, parents, 1.0),
+        num_inference_steps=steps,
+        abduction_refinement_steps=refinements,
+        unet_evaluations=steps * (2 + refinements) * (1 + cfg_passes),
+        missing_code=missing_remote_code(folder),
+        training=record,
+        split=split,
+        commands=(record or {}).get("commands"),
+        unet_seconds_per_step=(record or {}).get("unet_seconds_per_step"),
+        classifier_seconds_per_step=(record or {}).get("classifier_seconds_per_step"),
+        predictor_metrics=_predictor_metrics(record) if record else None,
+        evaluation=_evaluation_section(folder),
+    )
+
+
+def write_oracle_card(oracle_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
+    """Render `README.md` of an oracle folder from its `oracle.json` (command, split, held-out accuracy)."""
+    folder = Path(oracle_dir)
+    record = _read_json(folder, "oracle.json")
+    return _write_judge_card(
+        folder, ORACLE_TEMPLATE, "oracle", record, repo_id=repo_id or _display_path(folder),
+        heldout_accuracy=record["heldout_accuracy"],
+    )  # fmt: skip
+
+
+def write_vae_card(vae_dir: str | os.PathLike) -> ModelCard:
+    """Render `README.md` of a VAE folder from its `vae.json` and config."""
+    folder = Path(vae_dir)
+    record = _read_json(folder, "vae.json")
+    return _write_judge_card(
+        folder, VAE_TEMPLATE, "vae", record, latent_dim=_read_json(folder, "config.json")["latent_dim"],
+        heldout_negative_elbo=record["heldout_negative_elbo"],
+    )  # fmt: skip
+
+
+def missing_remote_code(pipeline_dir: str | os.PathLike) -> list[str]:
+    """The code files that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` needs and the folder
+    lacks (the pipeline's module, its custom components' modules in their sub-folders and what they import
+    relatively); `["model_index.json"]` when it does not name the pipeline's module. Empty: plain diffusers loads
+    the folder."""
+    folder = Path(pipeline_dir)
+    index = _read_json(folder, "model_index.json")
+    class_name = index.get("_class_name")
+    if not (isinstance(class_name, list) and len(class_name) == 2 and class_name[0]):
+        return ["model_index.json"]
+    needed = [Path(f"{class_name[0]}.py")] + [
+        Path(name, f"{spec[0]}.py")
+        for name, spec in index.items()
+        if not name.startswith("_") and _recorded(index, name) and spec[0] not in CODE_LIBRARIES
+    ]
+    missing, seen = [], set()
+    while needed:
+        path = needed.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        if not (folder / path).is_file():
+            missing.append(path.as_posix())
+            continue
+        source = (folder / path).read_text(encoding="utf-8")
+        needed += [path.parent / f"{module}.py" for module in re.findall(r"^\s*from\s+\.(\w+)\s+import", source, re.M)]
+    return missing
+
+
+def _write_judge_card(folder: Path, template: str, tag: str, record: dict, **fields) -> ModelCard:
+    """A judge's card: its command, parameter count and split, plus the template's own `fields`."""
+    card_data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=["diffscm", "evaluation", tag])
+    card = ModelCard.from_template(
+        card_data,
+        template_str=_template(template),
+        model_name=folder.name,
+        num_params=_format_count(_count_params(folder)),
+        command=record["command"],
+        **{key: record["split"][key] for key in ("num_train", "num_heldout", "split_seed", "source")},
+        **fields,
+    )
+    card.save(folder / "README.md")
+    return card
+
+
+def _recorded(index: dict, name: str) -> bool:
+    """Whether `model_index.json` records component `name` (`[library, class]`, not `[null, null]`)."""
+    spec = index.get(name)
+    return isinstance(spec, list) and len(spec) == 2 and spec[-1] is not None
+
+
+def _causal_graph(index: dict, folder: Path, has_classifier: bool, conditional: bool) -> CausalGraph:
+    """The pipeline's graph; folders saved before graphs were recorded have the predictor's (or the embedding's)
+    single categorical parent -> image, as the pipeline itself assumes."""
+    if index.get("causal_graph"):
+        return CausalGraph.from_config(index["causal_graph"])
+    specs = {}
+    if has_classifier:
+        config = _read_json(folder / "classifier", "config.json")
+        specs = config.get("parents") or {
+            config.get("parent", "label"): {"num_classes": config.get("num_classes", 10)}
+        }
+    elif conditional:
+        specs = _read_json(folder / "parent_embedding", "config.json")["parents"]
+    (name, spec), *_ = specs.items() or [("label", {"num_classes": 10})]
+    return CausalGraph.single_parent(name, spec.get("num_classes", 10))
+
+
+def _variable_row(node: Node, unet: dict, conditional: bool) -> dict:
+    """One row of the card's table of variables: type, values, parents and mechanism."""
+    if node.type == "image":
+        values = f"{unet['sample_size']}x{unet['sample_size']}, {unet['in_channels']} channel(s)"
+        mechanism = (
+            "the UNet, eps_theta(x_t, t, pa)"
+            if conditional
+            else "the UNet, eps_theta(x_t, t), guided by the anti-causal predictor"
+        )
+    else:
+        values = (
+            f"{node.num_classes} classes"
+            if node.type == "categorical"
+            else f"[{_g(node.range[0])}, {_g(node.range[1])}]"
+        )
+        mechanism = _mechanism_formula(node)
+    return {"name": node.name, "type": node.type, "domain": values, "parents": ", ".join(node.parents),
+            "mechanism": mechanism}  # fmt: skip
+
+
+def _mechanism_formula(node: Node) -> str:
+    """`v = f(pa, u)` of a non-image node, with its fitted or given numbers."""
+    m = node.mechanism
+    if m.kind == "identity":
+        return "root: its value is its own noise" if not node.parents else "identity"
+    terms = [_g(m.bias)] if m.bias else []
+    terms += [f"{_g(weight)} {parent}".removeprefix("1 ") for parent, weight in m.weights.items()]
+    terms += [f"{_g(m.scale)} u".removeprefix("1 ")]
+    linear = " + ".join(terms).replace("+ -", "- ")
+    if m.kind == "affine":
+        return linear
+    return f"{_g(m.low)} + {_g(m.high - m.low)} sigmoid({linear})"
+
+
+def _usage_example(graph: CausalGraph, has_classifier: bool) -> str:
+    """The card's example call: `target=` for one categorical parent, else an intervention on the image's first
+    parent; without an anti-causal predictor the factual values it needs are given, since none can be read."""
+    parents = graph.image_parents
+    first = graph.nodes[next(name for name in graph.order if name in parents)]
+    if len(parents) == 1 and first.type == "categorical":
+        value = min(3, first.num_classes - 1)
+        call = f"out = pipe(image, target={value}"
+        comment = f"had this image's {first.name} been {value}"
+    else:
+        value = min(3, first.num_classes - 1) if first.type == "categorical" else _g(round(sum(first.range) / 2, 1))
+        call = f'out = pipe(image, intervention={{"{first.name}": {value}}}'
+        comment = "descendants follow their mechanisms"
+    if not has_classifier:  # the factual values of the parents and of what the intervention changes
+        changed = graph.descendants(first.name) - {graph.image.name}
+        needed = set(parents) | changed | {p for name in changed for p in graph.nodes[name].parents}
+        factual = ", ".join(f'"{name}": {_example_value(graph.nodes[name])}' for name in graph.order if name in needed)
+        call += f", factual_values={{{factual}}}"
+        comment = "no predictor reads factual values from an image here"
+    return f"{call})  # {comment}"
+
+
+def _example_value(node: Node):
+    return 0 if node.type == "categorical" else _g(node.range[0])
+
+
+def _scales(scale, parents: tuple[str, ...], fill: float) -> dict[str, float]:
+    """{parent: scale} from a recorded scale or per-parent dict, as the pipeline reads it."""
+    if not isinstance(scale, dict):
+        return dict.fromkeys(parents, float(scale))
+    return {parent: float(scale.get(parent, fill)) for parent in parents}
+
+
+def _format_scale(scale, parents: tuple[str, ...], fill: float) -> str:
+    if not isinstance(scale, dict):
+        return str(float(scale))
+    return ", ".join(f"{parent} {value}" for parent, value in _scales(scale, parents, fill).items())
+
+
+def _predictor_metrics(record: dict) -> dict[str, dict] | None:
+    """{parent: {"metric", "levels"}}; records written before multi-parent graphs hold `classifier_accuracy`."""
+    if "predictor_metrics" in record:
+        return record["predictor_metrics"] or None
+    if "classifier_accuracy" in record:
+        return {"label": {"metric": "accuracy", "levels": record["classifier_accuracy"]}}
+    return None
+
+
+def _g(value: float) -> str:
+    return f"{value:g}"
+
+
+def _is_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
+
+
+def _display_path(folder: Path) -> str:
+    """The folder as a user would type it here: relative to the working directory when below it."""
+    relative = os.path.relpath(folder)
+    return str(folder) if relative.startswith("..") else relative
+
+
+def _template(name: str) -> str:
+    return (Path(__file__).parent / name).read_text(encoding="utf-8")
+
+
+def _evaluation_section(pipeline_dir: Path) -> str | None:
+    path = pipeline_dir / "evaluation.md"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def _count_params(model_dir: Path) -> int | None:
+    """Parameters in a model folder's safetensors weights (all shards); None when they are not safetensors."""
+    files = [model_dir / WEIGHTS] if (model_dir / WEIGHTS).is_file() else sorted(model_dir.glob("*-of-*.safetensors"))
+    files = files or sorted(model_dir.glob("*.safetensors"))[:1]
+    if not files:
+        return None
+    total = 0
+    for weights in files:
+        with safe_open(weights, framework="pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
+
+
+def _format_count(count: int | None) -> str:
+    return f"{count:,}" if count is not None else "an unknown number of"
+
+
+def _read_json(folder, name: str) -> dict:
+    path = Path(folder) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is corrupt: {error}") from error

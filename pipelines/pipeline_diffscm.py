@@ -17,7 +17,6 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
 from diffscm.image_processing import PipelineImageInput, preprocess_images
@@ -163,8 +162,9 @@ class DiffSCMPipeline(DiffusionPipeline):
         super().__init__()
         if guidance_scale is None:
             guidance_scale = 1.0 if classifier is not None else 0.0
-        if not isinstance(scheduler, DDIMScheduler):
-            scheduler = DDIMScheduler.from_config(scheduler.config)
+        if not isinstance(scheduler, DDIMScheduler) or scheduler.config.clip_sample or scheduler.config.thresholding:
+            # DDIM (abduction inverts it), never clipped: a clipped step cannot be inverted.
+            scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
         if causal_graph is not None:
             self.causal_graph = CausalGraph.from_config(causal_graph)
         elif classifier is not None:
@@ -201,18 +201,30 @@ class DiffSCMPipeline(DiffusionPipeline):
 
         Args:
             pretrained_model_name_or_path: a folder written by `save_pretrained` or a Hub model id.
-            kwargs: `torch_dtype`; `revision`, `cache_dir`, `token`, `local_files_only` for the download; any other
-                keyword overrides a recorded default (`guidance_scale`, `num_inference_steps`, ...) or a component.
+            kwargs: `torch_dtype` for every component loaded (unet, classifier, parent_embedding), or a dict
+                `{component: dtype, "default": dtype}` as in diffusers; abduction and the guidance stay in float32.
+                `revision`, `cache_dir`, `token`, `local_files_only` for the download; any other keyword overrides
+                a recorded default (`guidance_scale`, `num_inference_steps`, ...) or a component.
         """
         download = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
         torch_dtype = kwargs.pop("torch_dtype", None)
         folder = local_pipeline_folder(str(pretrained_model_name_or_path), **download)
         config = _read_pipeline_config(folder)
+
+        def dtype(name: str) -> torch.dtype | None:  # one for all, or diffusers' {name: dtype, "default": dtype}
+            if isinstance(torch_dtype, dict):
+                return torch_dtype.get(name, torch_dtype.get("default", torch.float32))
+            return torch_dtype
+
         components = {
-            "unet": lambda: UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
+            "unet": lambda: UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype("unet")),
             "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
-            "classifier": lambda: PREDICTORS[config["classifier"][1]].from_pretrained(folder, subfolder="classifier"),
-            "parent_embedding": lambda: ParentEmbedding.from_pretrained(folder, subfolder="parent_embedding"),
+            "classifier": lambda: PREDICTORS[config["classifier"][1]].from_pretrained(
+                folder, subfolder="classifier", torch_dtype=dtype("classifier")
+            ),
+            "parent_embedding": lambda: ParentEmbedding.from_pretrained(
+                folder, subfolder="parent_embedding", torch_dtype=dtype("parent_embedding")
+            ),
         }
         for name, load in components.items():
             recorded = config.get(name, [None, None])
@@ -227,12 +239,27 @@ class DiffSCMPipeline(DiffusionPipeline):
         """
         diffusers' `save_pretrained`, plus this pipeline's code (the pipeline, its components' classes, image
         processing and the causal graph), so that plain diffusers loads the folder with
-        `DiffusionPipeline.from_pretrained(folder_or_hub_id, trust_remote_code=True)`, however the pipeline was built.
+        `DiffusionPipeline.from_pretrained(folder_or_hub_id, trust_remote_code=True)`, however the pipeline was built;
+        and its model card `README.md`, rendered from the folder's files, so that a `training.json` or
+        `evaluation.md` already there stays in the card (without diffscm installed, the card is skipped).
         """
+        import importlib
+
         if kwargs.get("push_to_hub"):
             raise ValueError("Save first, then push the folder with `diffscm.hub.push_to_hub` (it adds the card).")
         super().save_pretrained(save_directory, **kwargs)
         write_remote_code(self, save_directory)
+        try:  # by name: loading the shipped code must not need diffscm (diffusers checks the imports it sees)
+            model_cards = importlib.import_module("diffscm.model_cards")
+        except ImportError:
+            from diffusers.utils import logging
+
+            logging.get_logger(__name__).warning(
+                f"Saved {save_directory} without its model card (README.md): diffscm, which renders it, is not "
+                "installed."
+            )
+            return
+        model_cards.write_model_card(save_directory)
 
     @torch.no_grad()
     def abduct(
@@ -364,11 +391,10 @@ class DiffSCMPipeline(DiffusionPipeline):
         sample = abduction.noise.to(self._execution_device, torch.float32)
 
         for i, t in enumerate(self.progress_bar(timesteps)):
-            alpha_t, alpha_prev = alphas[i], alphas[i + 1]
             eps = self.predict_noise(sample, t, values, abduction.cfg_scale)
             if guided:
-                eps = eps - math.sqrt(1 - alpha_t) * self.log_likelihood_gradient(sample, t, values, guided)
-            sample = self.denoising_step(sample, eps, alpha_t, alpha_prev, eta, generator)
+                eps = eps - math.sqrt(1 - alphas[i]) * self.log_likelihood_gradient(sample, t, values, guided)
+            sample = self.scheduler.step(eps, t, sample, eta=float(eta), generator=generator).prev_sample
             if callback_on_step_end is not None:
                 callback_kwargs = {name: {"sample": sample}[name] for name in callback_on_step_end_tensor_inputs}
                 sample = callback_on_step_end(self, i, t, callback_kwargs).pop("sample", sample)
@@ -606,16 +632,6 @@ class DiffSCMPipeline(DiffusionPipeline):
         parent = self.single_categorical_parent()
         sample = sample.clamp(-1, 1).to(self.classifier.dtype)
         return self.classifier.log_likelihood(sample, 0, {parent: target.to(sample.device)})[parent].exp()
-
-    def denoising_step(self, sample, eps, alpha_t, alpha_prev, eta, generator) -> torch.Tensor:
-        """DDIM step x_t -> x_prev (Song et al. 2021, eq. 12); deterministic when `eta` is 0."""
-        if eta == 0:
-            return ddim_step(sample, eps, alpha_t, alpha_prev)
-        sigma = eta * math.sqrt((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev))
-        pred_original = (sample - math.sqrt(1 - alpha_t) * eps) / math.sqrt(alpha_t)
-        fresh = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        direction = math.sqrt(max(1 - alpha_prev - sigma**2, 0.0)) * eps
-        return math.sqrt(alpha_prev) * pred_original + direction + sigma * fresh
 
     def prepare_targets(self, target: TargetInput, batch_size: int) -> torch.Tensor:
         """Validated targets as a `(batch_size, K)` long tensor."""

@@ -4,27 +4,30 @@ import torch
 from diffscm.evaluation import DigitOracle, DigitVAE, counterfactual_latent_divergence
 from diffscm.evaluation.metrics import (
     count_calls,
-    frechet_distance,
     grey_level_l1,
-    kernel_inception_distance,
     knee,
     perceptual_distance,
     random_other_targets,
+    realism,
 )
 from diffscm.evaluation.vae import gaussian_kl, vae_loss
 
 
-def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
-    features = torch.randn(400, 4, generator=torch.Generator().manual_seed(0)).double()
-    assert frechet_distance(features, features) == pytest.approx(0, abs=1e-6)
-    assert frechet_distance(features + 2, features) == pytest.approx(16, rel=1e-3)  # ||mu shift||^2 = 4 * 2^2
+class PixelOracle:
+    """A stand-in judge whose embedding is four pixels, so that the Frechet distance is known in closed form."""
+
+    config = type("Config", (), {"sample_size": 8, "in_channels": 1})
+
+    def embed(self, sample: torch.Tensor) -> torch.Tensor:
+        return sample.flatten(1)[:, :4]
 
 
-def test_kid_separates_distributions():
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(300, 8, generator=generator).double(), torch.randn(300, 8, generator=generator).double()
-    assert abs(kernel_inception_distance(a, b)) < 0.05
-    assert kernel_inception_distance(a + 1, b) > 10 * abs(kernel_inception_distance(a, b))
+def test_realism_is_zero_for_the_same_set_and_grows_with_a_shift():
+    real = (0.5 + 0.05 * torch.randn(400, 1, 8, 8, generator=torch.Generator().manual_seed(0))).double()
+    same, shifted = realism(PixelOracle(), real, real), realism(PixelOracle(), real + 0.1, real)
+    assert same["frechet_distance"] == pytest.approx(0, abs=1e-6) and abs(same["kid"]) < 1e-3
+    assert shifted["frechet_distance"] == pytest.approx(4 * 0.2**2, rel=1e-3)  # ||mean shift||^2 in [-1, 1] units
+    assert shifted["kid"] > 10 * abs(same["kid"])
 
 
 def test_perceptual_distance_and_l1():

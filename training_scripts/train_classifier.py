@@ -29,6 +29,7 @@ from diffscm import (
     DiffSCMPipeline,
     ParentEmbedding,
     hub,
+    model_cards,
     training,
 )
 from diffscm.options import parse_scale
@@ -242,7 +243,7 @@ def export_pipeline(
     )
     pipe.save_pretrained(args.pipeline_output_dir)
     hub.write_training_record(args.pipeline_output_dir, args.unet_model_name_or_path, args.output_dir)
-    hub.write_model_card(args.pipeline_output_dir)
+    model_cards.write_model_card(args.pipeline_output_dir)
     logger.info(f"Saved the DiffSCMPipeline to {args.pipeline_output_dir}")
     if args.push_to_hub:
         url = hub.push_to_hub(args.pipeline_output_dir, args.hub_model_id, token=args.hub_token)

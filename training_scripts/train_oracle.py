@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from diffscm import hub, training
+from diffscm import model_cards, training
 from diffscm.evaluation import DigitOracle, random_affine
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def main(args: argparse.Namespace):
         heldout_accuracy = accuracy(final, heldout, accelerator.device)
         record = {"heldout_accuracy": heldout_accuracy, "split": split_record}
         training.export_judge(args, final, "train_oracle.py", steps, seconds, record)
-        hub.write_oracle_card(args.export_dir)
+        model_cards.write_oracle_card(args.export_dir)
         print(f"held-out accuracy of the oracle: {heldout_accuracy:.4f} ({split_record['num_heldout']} images)")
     accelerator.end_training()
 

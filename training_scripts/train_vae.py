@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from diffscm import hub, training
+from diffscm import model_cards, training
 from diffscm.evaluation.vae import DigitVAE, vae_loss
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def main(args: argparse.Namespace):
         loss = heldout_loss(final, heldout, args, accelerator.device)
         record = {"heldout_negative_elbo": loss, "split": split_record}
         training.export_judge(args, final, "train_vae.py", steps, seconds, record)
-        hub.write_vae_card(args.export_dir)
+        model_cards.write_vae_card(args.export_dir)
         print(f"held-out negative ELBO of the VAE: {loss:.2f} per image ({split_record['num_heldout']} images)")
     accelerator.end_training()
 

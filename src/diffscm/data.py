@@ -131,6 +131,12 @@ def _load_local_folder(data_dir: str, split: str | None = None) -> datasets.Data
         raise FileNotFoundError(f"Data folder {data_dir!r} does not exist.")
     if any(Path(data_dir).glob("*-morpho.csv")):
         return load_morphomnist(data_dir, split)
+    extensions = {f".{e.lower()}" for e in PIL.Image.registered_extensions()}
+    if not any(path.suffix.lower() in extensions for path in Path(data_dir).rglob("*") if path.is_file()):
+        raise ValueError(
+            f"{data_dir} holds no images: use an imagefolder tree (one sub-folder of PNG/JPEG files per class) or a "
+            "Morpho-MNIST folder (*-images-idx3-ubyte.gz, *-labels-idx1-ubyte.gz, *-morpho.csv)."
+        )
     ds = datasets.load_dataset("imagefolder", data_dir=data_dir, split="train")
     if "label" not in ds.column_names:
         raise ValueError(f"{data_dir}: an imagefolder needs one sub-folder per class to give labels.")

@@ -1,19 +1,23 @@
-"""Sharing pipelines: training records, model cards from `model_cards/` templates, and uploads to the Hub."""
+"""Sharing pipelines: loading, training records, evaluation reports in the model card, and uploads to the Hub of
+any DiffSCMPipeline folder (with the code plain diffusers needs). The cards themselves: `diffscm.model_cards`."""
 
-import importlib.resources
 import json
-import math
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi
 
+from . import model_cards
 from .paths import shipped_checkpoint
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "diffscm-mnist"
-TEMPLATE = "diffscm_pipeline.md"
-ORACLE_TEMPLATE = "oracle.md"
-VAE_TEMPLATE = "vae.md"
+RECORDS = ("training.json", "evaluation.md")  # what a staged upload carries over besides the pipeline itself
+SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
 
 
 def load_pipeline(name_or_path: str | None = None, **kwargs):
@@ -32,7 +36,7 @@ def write_evaluation(pipeline_dir: str, command: str, report: str):
     if not os.path.isdir(pipeline_dir):
         raise ValueError(f"Writing the model card needs a local pipeline folder, not {pipeline_dir!r}.")
     (Path(pipeline_dir) / "evaluation.md").write_text(f"Measured with `{command}`:\n\n{report}")
-    write_model_card(pipeline_dir)
+    model_cards.write_model_card(pipeline_dir)
 
 
 def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_dir: str):
@@ -54,149 +58,75 @@ def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_d
     (Path(pipeline_dir) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def write_model_card(pipeline_dir: str, repo_id: str | None = None) -> ModelCard:
-    """Render `README.md` of a pipeline folder from its configs, `training.json` and `evaluation.md` when present."""
-    folder = Path(pipeline_dir)
-    record = _read_json(folder, "training.json")
-    unet = _read_json(folder / "unet", "config.json")
-    scheduler, index = (
-        _read_json(folder / "scheduler", "scheduler_config.json"),
-        _read_json(folder, "model_index.json"),
-    )
-    split = record["split"]
-    graph = _causal_graph(index)
-    card_data = ModelCardData(
-        library_name="diffusers",
-        license="apache-2.0",
-        tags=["diffscm", "counterfactual", "causality", "diffusion", "image-to-image"],
-        datasets=[split["source"]] if _is_hub_id(split["source"]) else None,
-        pipeline_tag="image-to-image",
-    )
-    card = ModelCard.from_template(
-        card_data,
-        template_str=_template(TEMPLATE),
-        model_name=folder.name,
-        repo_id=repo_id or _display_path(folder),
-        graph=", ".join(graph.edges),
-        usage=_usage_example(graph),
-        parents=", ".join(graph.image_parents),
-        unet_params=f"{_count_params(folder / 'unet'):,}",
-        classifier_params=f"{_count_params(folder / 'classifier'):,}",
-        resolution=unet["sample_size"],
-        channels=unet["in_channels"],
-        num_train_timesteps=scheduler["num_train_timesteps"],
-        beta_schedule=scheduler["beta_schedule"],
-        guidance_scale=index["guidance_scale"],
-        num_inference_steps=index["num_inference_steps"],
-        abduction_refinement_steps=index["abduction_refinement_steps"],
-        data_source=split["source"],
-        num_images=split["num_images"],
-        num_train=split["num_train"],
-        num_heldout=split["num_heldout"],
-        split_seed=split["split_seed"],
-        evaluation=_evaluation_section(folder),
-        **{k: record[k] for k in ("commands", "unet_seconds_per_step", "classifier_seconds_per_step")},
-        predictor_metrics=_predictor_metrics(record),
-    )
-    card.save(folder / "README.md")
-    return card
+def push_to_hub(
+    pipeline_dir: str | os.PathLike, repo_id: str | None, token: str | None = None, private: bool = False
+) -> str:
+    """
+    Upload any DiffSCMPipeline folder to the Hub model repo `repo_id` (created if needed) with its model card and
+    the code that `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)` needs; returns the repo URL.
 
-
-def write_oracle_card(oracle_dir: str, repo_id: str | None = None) -> ModelCard:
-    """Render `README.md` of an oracle folder from its `oracle.json` (command, split, held-out accuracy)."""
-    folder = Path(oracle_dir)
-    record = _read_json(folder, "oracle.json")
-    return _write_judge_card(
-        folder, ORACLE_TEMPLATE, "oracle", record, repo_id=repo_id or _display_path(folder),
-        heldout_accuracy=record["heldout_accuracy"],
-    )  # fmt: skip
-
-
-def write_vae_card(vae_dir: str) -> ModelCard:
-    """Render `README.md` of a VAE folder from its `vae.json` and config."""
-    folder = Path(vae_dir)
-    record = _read_json(folder, "vae.json")
-    return _write_judge_card(
-        folder, VAE_TEMPLATE, "vae", record, latent_dim=_read_json(folder, "config.json")["latent_dim"],
-        heldout_negative_elbo=record["heldout_negative_elbo"],
-    )  # fmt: skip
-
-
-def _write_judge_card(folder: Path, template: str, tag: str, record: dict, **fields) -> ModelCard:
-    """A judge's card: its command, parameter count and split, plus the template's own `fields`."""
-    card_data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=["diffscm", "evaluation", tag])
-    card = ModelCard.from_template(
-        card_data,
-        template_str=_template(template),
-        model_name=folder.name,
-        num_params=f"{_count_params(folder):,}",
-        command=record["command"],
-        **{key: record["split"][key] for key in ("num_train", "num_heldout", "split_seed", "source")},
-        **fields,
-    )
-    card.save(folder / "README.md")
-    return card
-
-
-def push_to_hub(pipeline_dir: str, repo_id: str | None, token: str | None = None, private: bool = False) -> str:
-    """Create (or reuse) the model repo and upload the pipeline folder; returns the repo URL."""
+    A folder that lacks that code (such as the shipped `checkpoints/diffscm-mnist`) is staged rather than changed:
+    loaded, saved with its code into a temporary folder with its `training.json` and `evaluation.md`, and uploaded
+    from there. A folder that has it gets its card re-rendered for `repo_id` and is uploaded as it is.
+    """
     if not repo_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/diffscm-mnist).")
-    write_model_card(pipeline_dir, repo_id=repo_id)
-    api = HfApi(token=token)
-    url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
-    api.upload_folder(repo_id=repo_id, folder_path=pipeline_dir, commit_message="Upload DiffSCMPipeline")
+        raise ValueError(
+            "Pushing a pipeline needs a Hub repo id such as 'your-name/diffscm-mnist' (--hub_model_id in the "
+            "training scripts)."
+        )
+    from .pipelines.pipeline_diffscm import _read_pipeline_config
+
+    folder = Path(pipeline_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No such pipeline folder: {str(pipeline_dir)!r}.")
+    _read_pipeline_config(str(folder))  # a ValueError that names what is wrong when it is not a pipeline folder
+    with tempfile.TemporaryDirectory(prefix="diffscm-push-") as staging:
+        missing = model_cards.missing_remote_code(folder)
+        if missing:
+            logger.info(f"{folder} lacks the pipeline's code ({', '.join(missing)}): staging it for the upload.")
+            folder = _stage(folder, Path(staging) / folder.resolve().name)
+        model_cards.write_model_card(folder, repo_id=repo_id)
+        api = HfApi(token=token)
+        url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message="Upload DiffSCMPipeline",
+            ignore_patterns=["**/__pycache__/**", "*.pyc"],
+        )
     return str(url)
 
 
-def _causal_graph(index: dict):
-    """The pipeline's graph; folders saved before graphs were recorded have the classifier's label -> image."""
-    from .scm import CausalGraph
+def _stage(pipeline_dir: str | os.PathLike, staging_dir: str | os.PathLike) -> Path:
+    """A complete copy of a pipeline folder in `staging_dir`: the pipeline loaded (each component in the dtype its
+    weights were saved in) and saved with its code and card, plus the folder's `training.json` and `evaluation.md`."""
+    from .pipelines import DiffSCMPipeline
 
-    return CausalGraph.from_config(index["causal_graph"]) if index.get("causal_graph") else CausalGraph.single_parent()
-
-
-def _usage_example(graph) -> str:
-    """The card's example call: `target=3` for one categorical parent, else an intervention on the first variable."""
-    if len(graph.image_parents) == 1:
-        return f"out = pipe(image, target=3)  # had this image's {graph.image_parents[0]} been 3"
-    node = graph.nodes[graph.order[0]]
-    value = 3 if node.type == "categorical" else round(sum(node.range) / 2, 1)
-    return f'out = pipe(image, intervention={{"{node.name}": {value}}})  # descendants follow their mechanisms'
-
-
-def _predictor_metrics(record: dict) -> dict[str, dict]:
-    """{parent: {"metric", "levels"}}; records written before multi-parent graphs hold `classifier_accuracy`."""
-    if "predictor_metrics" in record:
-        return record["predictor_metrics"]
-    return {"label": {"metric": "accuracy", "levels": record["classifier_accuracy"]}}
+    source, staging = Path(pipeline_dir), Path(staging_dir)
+    pipe = DiffSCMPipeline.from_pretrained(str(source), torch_dtype=_saved_dtypes(source))
+    pipe.save_pretrained(staging)
+    for name in RECORDS:
+        if (source / name).is_file():
+            shutil.copy2(source / name, staging / name)
+    model_cards.write_model_card(staging)
+    return staging
 
 
-def _is_hub_id(source: str) -> bool:
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
-
-
-def _display_path(folder: Path) -> str:
-    """The folder as a user would type it here: relative to the working directory when below it."""
-    relative = os.path.relpath(folder)
-    return str(folder) if relative.startswith("..") else relative
-
-
-def _template(name: str) -> str:
-    return importlib.resources.files("diffscm.model_cards").joinpath(name).read_text(encoding="utf-8")
-
-
-def _evaluation_section(pipeline_dir: Path) -> str | None:
-    path = pipeline_dir / "evaluation.md"
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
-def _count_params(model_dir: Path) -> int:
+def _saved_dtypes(folder: Path) -> dict:
+    """{component: torch dtype} of the half-precision components' saved weights (float32 for the rest), so that
+    staging does not widen them."""
+    import torch
     from safetensors import safe_open
 
-    (weights,) = model_dir.glob("*.safetensors")
-    with safe_open(weights, framework="pt") as f:
-        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    dtypes = {"default": torch.float32}
+    for component in ("unet", "classifier", "parent_embedding"):
+        for weights in sorted((folder / component).glob("*.safetensors"))[:1]:
+            with safe_open(weights, framework="pt") as f:
+                saved = {f.get_slice(name).get_dtype() for name in f.keys()}
+            if len(saved) == 1 and saved <= set(SAFETENSORS_DTYPES):
+                dtypes[component] = getattr(torch, SAFETENSORS_DTYPES[saved.pop()])
+    return dtypes
 
 
 def _read_json(folder, name: str) -> dict:

@@ -3,7 +3,6 @@
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
 
@@ -191,39 +190,33 @@ def perceptual_distance(oracle, a: torch.Tensor, b: torch.Tensor) -> float:
     return total.mean().item()
 
 
+class OracleFeatures(torch.nn.Module):
+    """The oracle's embedding as a torchmetrics feature extractor: images in [0, 1] in, `(N, num_features)` out."""
+
+    def __init__(self, oracle):
+        super().__init__()
+        self.oracle = oracle
+        size = oracle.config.sample_size
+        self.num_features = oracle.embed(torch.zeros(1, oracle.config.in_channels, size, size)).shape[-1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.oracle.embed(images * 2 - 1)
+
+
 @torch.no_grad()
 def realism(oracle, generated: torch.Tensor, real: torch.Tensor, kid_subset: int = 100) -> dict:
-    """Frechet distance and KID between generated and real images in the oracle's embedding space."""
-    fake_features = oracle.embed(generated * 2 - 1).double()
-    real_features = oracle.embed(real * 2 - 1).double()
-    return {
-        "frechet_distance": frechet_distance(fake_features, real_features),
-        "kid": kernel_inception_distance(fake_features, real_features, kid_subset),
-    }
+    """Frechet distance and KID (torchmetrics) between generated and real images in the oracle's embedding space."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
 
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets."""
-    from scipy import linalg
-
-    mean_a, mean_b = a.mean(0).numpy(), b.mean(0).numpy()
-    cov_a, cov_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
-    root = linalg.sqrtm(cov_a @ cov_b).real
-    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
-
-
-def kernel_inception_distance(a: torch.Tensor, b: torch.Tensor, subset: int = 100, repeats: int = 10) -> float:
-    """Unbiased MMD^2 with the cubic polynomial kernel (Binkowski et al. 2018), averaged over random subsets."""
-    generator = torch.Generator().manual_seed(0)
-    size, dim = min(subset, len(a), len(b)), a.shape[1]
-    estimates = []
-    for _ in range(repeats):
-        x = a[torch.randperm(len(a), generator=generator)[:size]]
-        y = b[torch.randperm(len(b), generator=generator)[:size]]
-        kxx, kyy, kxy = ((x @ x.T / dim + 1) ** 3), ((y @ y.T / dim + 1) ** 3), ((x @ y.T / dim + 1) ** 3)
-        off_diagonal = (kxx.sum() - kxx.diag().sum() + kyy.sum() - kyy.diag().sum()) / (size * (size - 1))
-        estimates.append((off_diagonal - 2 * kxy.mean()).item())
-    return float(np.mean(estimates))
+    features = OracleFeatures(oracle)
+    size = min(kid_subset, len(generated), len(real))
+    fid = FrechetInceptionDistance(feature=features, normalize=True)
+    kid = KernelInceptionDistance(feature=features, subsets=10, subset_size=size, normalize=True)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(generated, real=False)
+    return {"frechet_distance": fid.compute().item(), "kid": kid.compute()[0].item()}
 
 
 def knee(scales: dict, tolerance: float = 0.01) -> float:
