@@ -29,6 +29,7 @@ setup(
         "numpy",
         "Pillow",
         "tqdm",
+        "torchmetrics>=1.0",
         "mlxtend",
         "scipy",
         "scikit-image>=0.22",
