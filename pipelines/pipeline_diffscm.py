@@ -229,7 +229,7 @@ class DiffSCMPipeline(DiffusionPipeline):
         for name, load in components.items():
             recorded = config.get(name, [None, None])
             if name not in kwargs and recorded[-1] is not None:
-                kwargs[name] = load()
+                kwargs[name] = _load_component(folder, name, load)
         defaults = {k: v for k, v in config.items() if not k.startswith("_") and k not in components}
         pipe = cls(**(defaults | kwargs))
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
@@ -794,6 +794,19 @@ def _read_pipeline_config(folder: str) -> dict:
         if recorded is not None and not os.path.isdir(os.path.join(folder, name)):
             raise ValueError(f"{folder} records a {name} ({recorded}) but has no {name}/ folder.")
     return config
+
+
+def _load_component(folder: str, name: str, load: Callable):
+    """One component, with an error that names its folder and file when its weights are missing or broken."""
+    subfolder = Path(folder) / name
+    weights = sorted(subfolder.glob("*.safetensors")) + sorted(subfolder.glob("*.bin"))
+    if name != "scheduler" and not weights:
+        raise ValueError(f"{subfolder} has no weights (diffusion_pytorch_model.safetensors is missing).")
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        shown = weights[0] if weights else subfolder / "scheduler_config.json"
+        raise ValueError(f"Cannot load the {name} from {shown}: {error}") from error
 
 
 def _is_real(value) -> bool:

@@ -2,7 +2,12 @@
 bad one gets a clear error that names the problem, every valid one the right result, none a raw traceback."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -10,7 +15,10 @@ import pytest
 import torch
 from conftest import tiny_pipeline
 
+from diffscm import DiffSCMPipeline
 from diffscm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGE = torch.rand(2, 1, 8, 8)
 
@@ -175,3 +183,60 @@ def test_two_inputs_with_one_name_do_not_overwrite_each_other(model_dir, tmp_pat
     first, second = digit_file(tmp_path / "a"), digit_file(tmp_path / "b")
     main(["counterfactual", first, second, "--target", "3", "--model", str(model_dir), "--out", str(tmp_path / "cf")])
     assert sorted(p.name for p in (tmp_path / "cf").iterdir()) == ["x-2_do3.png", "x_do3.png"]
+
+
+def pipeline_folder(tmp_path, source, break_it):
+    folder = tmp_path / "pipeline"
+    shutil.copytree(source, folder)
+    break_it(folder)
+    return folder
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize(
+    "break_it, error, message",
+    [
+        (lambda f: (f / "classifier" / "diffusion_pytorch_model.safetensors").unlink(), ValueError,
+         "classifier has no weights"),
+        (lambda f: truncate(f / "unet" / "diffusion_pytorch_model.safetensors"), ValueError,
+         "Cannot load the unet from"),
+        (lambda f: (f / "model_index.json").write_text("{not json"), ValueError, "is corrupt"),
+        (lambda f: (f / "model_index.json").unlink(), ValueError, "no model_index.json"),
+        (lambda f: shutil.rmtree(f / "unet"), ValueError, "unet has no weights"),
+    ],
+)  # fmt: skip
+def test_broken_pipeline_folders_are_named(model_dir, tmp_path, break_it, error, message):
+    with pytest.raises(error, match=message):
+        DiffSCMPipeline.from_pretrained(pipeline_folder(tmp_path, model_dir, break_it))
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "training_scripts" / script), *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"}
+    )
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("train_unet.py", ["--train_data_dir", "{text_folder}"], "holds no images"),
+        ("train_unet.py", ["--train_data_dir", "/no/such/folder"], "does not exist"),
+        ("train_unet.py", ["--extra_train_data_dir", "/no/such/folder"], "does not exist"),
+        ("train_unet.py", ["--train_data_dir", "{morpho}", "--split", "validation2"], "no Morpho-MNIST split"),
+        ("train_unet.py", ["--causal_graph", "{text_folder}/notes.txt"], "--causal_graph"),
+        ("train_unet.py", ["--parent_dropout", "1.5"], "--parent_dropout must be in [0, 1)"),
+        ("redraw_morphomnist.py", ["--variants", "0"], "--variants and --num_proc must be >= 1"),
+    ],
+)
+def test_training_scripts_refuse_with_a_message_not_a_traceback(tmp_path, script, args, message):
+    text_folder = tmp_path / "texts"
+    (text_folder / "a").mkdir(parents=True)
+    (text_folder / "a" / "notes.txt").write_text("no images here")
+    (text_folder / "notes.txt").write_text("{not a graph")
+    names = {"text_folder": text_folder, "morpho": ROOT / "data" / "morphomnist"}
+    result = run_script(script, *[arg.format(**names) for arg in args], "--output_dir", str(tmp_path / "out"))
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ from multiprocessing import Pool
 
 import datasets
 
+from diffscm import training
 from diffscm.data import load_image_dataset, redraw_morphomnist, save_morphomnist
 
 
@@ -47,4 +48,4 @@ def main(args: argparse.Namespace):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    training.run_script(main, parse_args)

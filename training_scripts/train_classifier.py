@@ -124,8 +124,8 @@ def load_schedule(args: argparse.Namespace) -> DDIMScheduler:
     recorded = os.path.join(args.output_dir, "noise_schedule.json")
     schedule = schedule_of(scheduler)
     if os.path.isfile(recorded) and json.load(open(recorded)) != schedule:
-        raise SystemExit(
-            f"error: the UNet's noise schedule {schedule} disagrees with the one this classifier was trained on "
+        raise ValueError(
+            f"the UNet's noise schedule {schedule} disagrees with the one this classifier was trained on "
             f"({recorded}); train the classifier again for this UNet."
         )
     return scheduler
@@ -209,8 +209,8 @@ def check_same_split(args: argparse.Namespace, split_record: dict):
     """The classifier must hold out the very images the UNet run held out."""
     path = os.path.join(args.unet_model_name_or_path, "split.json")
     if os.path.isfile(path) and json.load(open(path))["heldout_indices"] != split_record["heldout_indices"]:
-        raise SystemExit(
-            f"error: this data split differs from the UNet run's ({path}); use the same data, --holdout_size and "
+        raise ValueError(
+            f"this data split differs from the UNet run's ({path}); use the same data, --holdout_size and "
             "--split_seed, or held-out images would leak into training."
         )
 
@@ -251,4 +251,4 @@ def export_pipeline(
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    training.run_script(main, parse_args)

@@ -77,4 +77,4 @@ def main(args: argparse.Namespace):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    training.run_script(main, parse_args)

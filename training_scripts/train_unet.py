@@ -97,8 +97,8 @@ def load_or_build_unet(args: argparse.Namespace) -> UNet2DModel:
     subfolder = None if os.path.isfile(os.path.join(path, "config.json")) else "unet"
     unet = UNet2DModel.from_pretrained(path, subfolder=subfolder)
     if (unet.config.sample_size, unet.config.in_channels) != (args.resolution, args.num_channels):
-        raise SystemExit(
-            f"error: {path} takes {unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size} "
+        raise ValueError(
+            f"{path} takes {unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size} "
             f"images; --resolution {args.resolution} --num_channels {args.num_channels} differ."
         )
     return unet
@@ -115,12 +115,12 @@ def noise_model(args: argparse.Namespace, graph: CausalGraph | None) -> torch.nn
         conditional.load_state_dict(unet.state_dict())
         unet = conditional
     elif unet.config.class_embed_type != "identity":
-        raise SystemExit(f"error: the pretrained UNet has class_embed_type {unet.config.class_embed_type!r}.")
+        raise ValueError(f"the pretrained UNet has class_embed_type {unet.config.class_embed_type!r}.")
     embedding_dir = os.path.join(args.pretrained_model_name_or_path or "", "parent_embedding")
     if os.path.isdir(embedding_dir):
         embedding = ParentEmbedding.from_pretrained(embedding_dir)
         if embedding.parents != graph.parent_specs():
-            raise SystemExit(f"error: {embedding_dir} embeds {embedding.parents}, not this graph's parents.")
+            raise ValueError(f"{embedding_dir} embeds {embedding.parents}, not this graph's parents.")
     else:
         embedding = ParentEmbedding(parents=graph.parent_specs(), embedding_dim=4 * unet.config.block_out_channels[0])
     return ConditionalNoiseModel(unet, embedding)
@@ -201,4 +201,4 @@ def main(args: argparse.Namespace):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    training.run_script(main, parse_args)

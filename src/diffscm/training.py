@@ -87,10 +87,10 @@ def check_training_args(args: argparse.Namespace):
     """Fail fast, before any model is built, on arguments that cannot work."""
     for folder in filter(None, [args.train_data_dir, *args.extra_train_data_dir]):
         if not os.path.isdir(folder):
-            raise SystemExit(f"error: the data folder {folder!r} does not exist.")
+            raise ValueError(f"the data folder {folder!r} does not exist.")
     if args.dataset not in (None, BUNDLED_MNIST):
-        raise SystemExit(
-            f"error: unknown --dataset {args.dataset!r}; use {BUNDLED_MNIST!r}, --dataset_name or --train_data_dir."
+        raise ValueError(
+            f"unknown --dataset {args.dataset!r}; use {BUNDLED_MNIST!r}, --dataset_name or --train_data_dir."
         )
     positive = [
         "train_batch_size",
@@ -104,7 +104,7 @@ def check_training_args(args: argparse.Namespace):
     ]
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}.")
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -168,7 +168,7 @@ def make_dataloader(
     variable's values under `value/{variable}` (see `batch_values`)."""
     missing = set((value_columns or {}).values()) - set(dataset.column_names)
     if missing:
-        raise SystemExit(f"error: the data has no column {sorted(missing)} (its columns: {dataset.column_names}).")
+        raise ValueError(f"the data has no column {sorted(missing)} (its columns: {dataset.column_names}).")
 
     def transform(batch):
         values = {f"value/{name}": torch.as_tensor(batch[column]) for name, column in (value_columns or {}).items()}
@@ -390,6 +390,15 @@ def export_judge(args: argparse.Namespace, model, script: str, steps: int, secon
     command = read_json(Path(args.output_dir) / "training_args.json")["command"]
     kind = script.removeprefix("train_").removesuffix(".py")
     write_json(Path(args.export_dir) / f"{kind}.json", record | {"command": command})
+
+
+def run_script(main: Callable[[argparse.Namespace], None], parse_args: Callable[[], argparse.Namespace]):
+    """A training script's entry point: what the library refuses becomes an `error:` line and exit status 1, not a
+    traceback."""
+    try:
+        main(parse_args())
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        sys.exit(f"error: {error}")
 
 
 def read_json(path: str | Path) -> dict:
