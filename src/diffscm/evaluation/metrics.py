@@ -7,9 +7,12 @@ import torch
 
 
 @contextmanager
-def count_calls(module: torch.nn.Module):
-    """Count the samples passed through `module.forward` (one UNet evaluation per sample and call)."""
+def count_calls(module: torch.nn.Module | None):
+    """Count the samples passed through `module.forward` (one UNet evaluation per sample and call); none without."""
     counter = {"samples": 0}
+    if module is None:
+        yield counter
+        return
 
     def hook(_module, inputs, _output):
         counter["samples"] += inputs[0].shape[0]
@@ -32,6 +35,17 @@ def random_other_targets(labels: torch.Tensor, num_classes: int, seed: int = 0) 
     generator = torch.Generator().manual_seed(seed)
     shift = torch.randint(1, num_classes, labels.shape, generator=generator)
     return (labels + shift) % num_classes
+
+
+def ink_ratios(counterfactuals: torch.Tensor, targets: torch.Tensor, real: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Per target class: the median ink (sum of grey levels) of its counterfactuals over the median ink of the real
+    digits of that class (1 = as much ink as real digits; specks are far below, blots far above)."""
+    ink, real_ink = counterfactuals.flatten(1).sum(1), real.flatten(1).sum(1)
+    return {
+        int(k): (ink[targets == k].median() / real_ink[labels == k].median()).item()
+        for k in targets.unique().tolist()
+        if (labels == k).any()
+    }
 
 
 def grey_level_l1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,7 +98,7 @@ def evaluate_counterfactuals(
     }
     outputs = {}
     for scale in scales:
-        with count_calls(pipe.unet) as unet_calls, count_calls(pipe.classifier or pipe.unet) as classifier_calls:
+        with count_calls(pipe.unet) as unet_calls, count_calls(pipe.classifier) as classifier_calls:
             started = time.perf_counter()
             counterfactuals = pipe.intervene(abduction, targets, guidance_scale=scale)
             seconds = time.perf_counter() - started
@@ -94,9 +108,10 @@ def evaluate_counterfactuals(
             "flip_rate": (predictions == targets).float().mean().item(),
             "l1_grey_levels_to_factual": grey_level_l1(counterfactuals, images),
             "nfe_per_counterfactual": abduction_nfe + unet_calls["samples"] / count,
-            "classifier_gradients_per_counterfactual": classifier_calls["samples"] / count if pipe.classifier else 0,
+            "classifier_gradients_per_counterfactual": classifier_calls["samples"] / count,
             "seconds_per_counterfactual": (abduction_seconds + seconds) / count,
             "realism": realism(oracle, counterfactuals, images),
+            "ink_ratio_by_class": ink_ratios(counterfactuals, targets, images, labels),
         }
         if vae is not None:
             result["scales"][str(scale)]["cld"] = minimality(vae, images, counterfactuals, labels, targets)
@@ -236,6 +251,14 @@ def summary_table(result: dict) -> str:
     if "sweep" in result:
         lines += ["", f"Guidance-scale sweep (knee: s = {result['sweep']['knee']:g}):", ""]
         lines += _scale_table(result["sweep"]["scales"], result["sweep"]["num_images"])
+    for entry in result["scales"].values():
+        ratios = entry["ink_ratio_by_class"]
+        if not ratios:  # no real digit of any target class among the evaluated ones
+            continue
+        shown = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(ratios.items(), key=lambda item: int(item[0])))
+        low, high = min(ratios.values()), max(ratios.values())
+        lines += ["", f"- Median ink of the counterfactuals over that of real digits, by target class (scale "
+                  f"{entry['guidance_scale']:g}): {shown} (range {low:.2f}-{high:.2f})."]  # fmt: skip
     null = result["null_intervention"]
     lines += [
         "",
