@@ -8,7 +8,6 @@ It holds out the same seeded split as the pipeline's training runs and reports i
 
 import argparse
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--augment_degrees", type=float, default=10.0, help="Random rotation range (0: no augmentation)."
     )
-    parser.add_argument("--export_dir", default=None, help="Where the oracle goes (default: OUTPUT/oracle).")
-    args = parser.parse_args(argv)
-    training.check_training_args(args)
-    args.export_dir = args.export_dir or os.path.join(args.output_dir, "oracle")
-    return args
+    return training.parse_judge_args(parser, argv, "oracle")
 
 
 @torch.no_grad()
@@ -64,13 +59,12 @@ def main(args: argparse.Namespace):
             images = random_affine(images, degrees=args.augment_degrees)
         return F.cross_entropy(model(images).float(), batch["labels"])
 
-    steps, seconds = training.train(accelerator, args, oracle, optimizer, lr_scheduler, dataloader, compute_loss, ema)
+    run = training.train(accelerator, args, oracle, optimizer, lr_scheduler, dataloader, compute_loss, ema)
     if accelerator.is_main_process:
-        final = training.trained_model(accelerator, oracle, ema)
-        heldout = training.make_dataloader(split["heldout"], args, shuffle=False)
-        heldout_accuracy = accuracy(final, heldout, accelerator.device)
-        record = {"heldout_accuracy": heldout_accuracy, "split": split_record}
-        training.export_judge(args, final, "train_oracle.py", steps, seconds, record)
+        heldout_accuracy = training.export_judge(
+            accelerator, args, oracle, ema, split, split_record, "train_oracle.py", run, "heldout_accuracy",
+            lambda model, batches: accuracy(model, batches, accelerator.device),
+        )  # fmt: skip
         model_cards.write_oracle_card(args.export_dir)
         print(f"held-out accuracy of the oracle: {heldout_accuracy:.4f} ({split_record['num_heldout']} images)")
     accelerator.end_training()

@@ -8,7 +8,6 @@ It trains on the same seeded training split as the pipeline and reports the held
 
 import argparse
 import logging
-import os
 
 import torch
 
@@ -24,11 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--channels", type=int, nargs=2, default=[32, 64])
     parser.add_argument("--latent_dim", type=int, default=16)
     parser.add_argument("--beta", type=float, default=1.0, help="Weight of the KL term.")
-    parser.add_argument("--export_dir", default=None, help="Where the VAE goes (default: OUTPUT/vae).")
-    args = parser.parse_args(argv)
-    training.check_training_args(args)
-    args.export_dir = args.export_dir or os.path.join(args.output_dir, "vae")
-    return args
+    return training.parse_judge_args(parser, argv, "vae")
 
 
 @torch.no_grad()
@@ -54,13 +49,12 @@ def main(args: argparse.Namespace):
     def compute_loss(model, batch):
         return vae_loss(model(batch["pixel_values"]), batch["pixel_values"], args.beta)
 
-    steps, seconds = training.train(accelerator, args, vae, optimizer, lr_scheduler, dataloader, compute_loss, ema)
+    run = training.train(accelerator, args, vae, optimizer, lr_scheduler, dataloader, compute_loss, ema)
     if accelerator.is_main_process:
-        final = training.trained_model(accelerator, vae, ema)
-        heldout = training.make_dataloader(split["heldout"], args, shuffle=False)
-        loss = heldout_loss(final, heldout, args, accelerator.device)
-        record = {"heldout_negative_elbo": loss, "split": split_record}
-        training.export_judge(args, final, "train_vae.py", steps, seconds, record)
+        loss = training.export_judge(
+            accelerator, args, vae, ema, split, split_record, "train_vae.py", run, "heldout_negative_elbo",
+            lambda model, batches: heldout_loss(model, batches, args, accelerator.device),
+        )  # fmt: skip
         model_cards.write_vae_card(args.export_dir)
         print(f"held-out negative ELBO of the VAE: {loss:.2f} per image ({split_record['num_heldout']} images)")
     accelerator.end_training()

@@ -83,6 +83,15 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def parse_judge_args(parser: argparse.ArgumentParser, argv, kind: str) -> argparse.Namespace:
+    """A judge's (oracle, VAE) arguments: the training ones, checked, and --export_dir (default: OUTPUT/{kind})."""
+    parser.add_argument("--export_dir", default=None, help=f"Where the {kind} goes (default: OUTPUT/{kind}).")
+    args = parser.parse_args(argv)
+    check_training_args(args)
+    args.export_dir = args.export_dir or os.path.join(args.output_dir, kind)
+    return args
+
+
 def check_training_args(args: argparse.Namespace):
     """Fail fast, before any model is built, on arguments that cannot work."""
     for folder in filter(None, [args.train_data_dir, *args.extra_train_data_dir]):
@@ -383,13 +392,19 @@ def record_run(args: argparse.Namespace, script: str, steps_run: int, seconds: f
     return seconds_per_step
 
 
-def export_judge(args: argparse.Namespace, model, script: str, steps: int, seconds: float, record: dict):
-    """Save a judge (oracle, VAE) to --export_dir with `{kind}.json`: its held-out metric, command and split."""
-    record_run(args, script, steps, seconds)
-    model.save_pretrained(args.export_dir)
+def export_judge(accelerator: Accelerator, args: argparse.Namespace, model, ema, split, split_record: dict,
+                 script: str, run: tuple[int, float], metric: str, measure: Callable) -> float:  # fmt: skip
+    """Save a trained judge (oracle, VAE) to --export_dir with `{kind}.json`: its held-out `metric` (`measure(model,
+    held-out batches)`), the command and the split; returns the metric."""
+    final = trained_model(accelerator, model, ema)
+    value = measure(final, make_dataloader(split["heldout"], args, shuffle=False))
+    record_run(args, script, *run)
+    final.save_pretrained(args.export_dir)
     command = read_json(Path(args.output_dir) / "training_args.json")["command"]
     kind = script.removeprefix("train_").removesuffix(".py")
-    write_json(Path(args.export_dir) / f"{kind}.json", record | {"command": command})
+    record = {metric: value, "split": split_record, "command": command}
+    write_json(Path(args.export_dir) / f"{kind}.json", record)
+    return value
 
 
 def run_script(main: Callable[[argparse.Namespace], None], parse_args: Callable[[], argparse.Namespace]):
