@@ -339,6 +339,9 @@ def test_conditional_mechanism_trains_with_redrawn_digits_and_exports(tmp_path):
     )  # fmt: skip
     pipe = DiffSCMPipeline.from_pretrained(pipeline_dir)
     assert pipe.mechanism == "conditional" and pipe.cfg_scales() == {"thickness": 1.0, "intensity": 1.0, "digit": 2.0}
+    commands = json.loads((pipeline_dir / "training.json").read_text())["commands"]
+    scripts = [Path(c.split()[1 if c.startswith("python") else 2]).name for c in commands]
+    assert scripts == ["redraw_morphomnist.py", "train_unet.py", "train_classifier.py"], "data, UNet, predictor"
     image = load_image_dataset(train_data_dir=str(data))[0]["image"]
     out = pipe(image, intervention={"digit": 3}, factual_values={"thickness": 2.0, "intensity": 150.0, "digit": 1})
     assert out.counterfactual_values["digit"].tolist() == [3] and len(out.images) == 1

@@ -10,7 +10,10 @@ Morpho-MNIST data (Pawlowski et al. 2020). The folder is written in Morpho-MNIST
 """
 
 import argparse
+import shlex
+import sys
 from multiprocessing import Pool
+from pathlib import Path
 
 import datasets
 
@@ -44,6 +47,8 @@ def main(args: argparse.Namespace):
     with Pool(args.num_proc) as pool:
         redrawn = datasets.concatenate_datasets(pool.map(_redraw_shard, jobs))
     save_morphomnist(redrawn, args.output_dir, prefix="train")
+    command = "python training_scripts/redraw_morphomnist.py " + shlex.join(sys.argv[1:])
+    training.write_json(Path(args.output_dir) / "redraw.json", {"command": command, "num_images": len(redrawn)})
     print(f"Wrote {len(redrawn)} digits to {args.output_dir}")
 
 

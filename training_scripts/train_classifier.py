@@ -45,6 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     training.add_training_args(parser)
     model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="Fine-tune this predictor (a pipeline folder with `classifier/`, or a predictor folder) instead of new "
+        "weights; it must predict the same parents.",
+    )
     model.add_argument("--block_out_channels", type=int, nargs="+", default=[16, 32, 64])
     model.add_argument("--layers_per_block", type=int, default=1)
     model.add_argument("--num_classes", type=int, default=None, help="Default: the number of labels in the data.")
@@ -101,6 +107,19 @@ def build_predictor(
     if graph is None:
         return AntiCausalClassifier(num_classes=args.num_classes or training.num_labels(train_split), **encoder)
     return AntiCausalPredictor(parents=predictor_heads(graph), **encoder)
+
+
+def load_or_build_predictor(args: argparse.Namespace, graph: CausalGraph | None, train_split):
+    """New weights, or those of --pretrained_model_name_or_path to fine-tune (its architecture wins)."""
+    fresh = build_predictor(args, graph, train_split)
+    if args.pretrained_model_name_or_path is None:
+        return fresh
+    path = args.pretrained_model_name_or_path
+    subfolder = None if os.path.isfile(os.path.join(path, "config.json")) else "classifier"
+    predictor = type(fresh).from_pretrained(path, subfolder=subfolder)
+    if predictor.parents != fresh.parents:
+        raise ValueError(f"{path} predicts {predictor.parents}, but this run's graph needs {fresh.parents}.")
+    return predictor
 
 
 def predictor_heads(graph: CausalGraph) -> dict[str, dict]:
@@ -170,7 +189,7 @@ def main(args: argparse.Namespace):
     split, split_record = training.load_split(args)
     check_same_split(args, split_record)
     dataloader = training.make_dataloader(split["train"], args, value_columns=value_columns(graph))
-    classifier = build_predictor(args, graph, split["train"])
+    classifier = load_or_build_predictor(args, graph, split["train"])
     classifier, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(
         accelerator, classifier, dataloader, args
     )

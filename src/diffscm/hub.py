@@ -44,10 +44,18 @@ def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_d
     accuracy or error by noise level."""
     unet_run = _read_json(unet_run_dir, "training_args.json")
     classifier_run = _read_json(classifier_run_dir, "training_args.json")
-    commands = [unet_run["command"], classifier_run["command"]]
+    commands = []
+    for source in _read_json(unet_run_dir, "split.json").get("extra_train_sources", []):
+        if (Path(source) / "redraw.json").is_file():  # data made by redraw_morphomnist.py
+            commands.append(_read_json(source, "redraw.json")["command"])
     base = unet_run["args"].get("pretrained_model_name_or_path")
-    if base and (Path(base) / "training.json").is_file():  # a fine-tuned UNet: the command of its start first
-        commands.insert(0, _read_json(base, "training.json")["commands"][0])
+    if base and (Path(base) / "training.json").is_file():  # a fine-tuned UNet: the UNet commands of its start
+        commands += _read_json(base, "training.json")["commands"][:-1]
+    commands.append(unet_run["command"])
+    base = classifier_run["args"].get("pretrained_model_name_or_path")
+    if base and (Path(base) / "training.json").is_file():  # a fine-tuned predictor: the command that trained it
+        commands.append(_read_json(base, "training.json")["commands"][-1])
+    commands.append(classifier_run["command"])
     record = {
         "commands": commands,
         "unet_seconds_per_step": round(unet_run["seconds_per_step"], 3),
