@@ -1,4 +1,5 @@
-"""`diffscm counterfactual`: counterfactuals of the user's own image files."""
+"""`diffscm counterfactual`: counterfactuals of the user's own image files, or of a whole data set (an imagefolder with
+metadata; `accelerate launch -m diffscm.cli counterfactual --data-dir ...` shares it out over processes)."""
 
 import argparse
 import os
@@ -8,14 +9,25 @@ import numpy as np
 import PIL.Image
 
 from .. import hub
+from ..data import BUNDLED_MNIST, load_image_dataset
+from ..dataset_counterfactuals import write_counterfactuals
 from ..options import add_pipeline_options, check_output_dir, parse_assignments, pipeline_options
 
 
 def add_commands(commands):
-    parser = commands.add_parser("counterfactual", help="Counterfactuals of your images.")
-    parser.add_argument("images", nargs="+", help="PNG/JPEG files (RGB is converted, other sizes resized).")
+    parser = commands.add_parser("counterfactual", help="Counterfactuals of your images or of a whole data set.")
+    parser.add_argument("images", nargs="*", help="PNG/JPEG files (RGB is converted, other sizes resized).")
+    data = parser.add_argument_group("a whole data set instead of files (written as an imagefolder, resumable)")
+    data.add_argument("--data-dir", default=None, help="An imagefolder tree or a Morpho-MNIST folder.")
+    data.add_argument("--dataset", default=None, help="A Hub data set id (image and label columns), or mnist-bundled.")
+    data.add_argument("--split", default=None, help="Its split (Hub: default train; Morpho-MNIST: train / test).")
+    data.add_argument("--num-images", type=int, default=None, help="Only the first N rows.")
+    data.add_argument("--shard-size", type=int, default=256, help="Rows per shard (the unit of work and of resume).")
+    data.add_argument("--seed", type=int, default=0, help="Seed of --target random.")
     request = parser.add_mutually_exclusive_group(required=True)
-    request.add_argument("--target", help="The intervened class, or 'all' (an image with one categorical parent).")
+    request.add_argument(
+        "--target", help="The intervened class, 'all', or for a data set 'random' (another class per image)."
+    )
     request.add_argument("--intervention", nargs="+", help="do() on any variables: NAME=VALUE ... (thickness=4).")
     parser.add_argument("--factual", nargs="+", help="Known factual values NAME=VALUE (others are predicted).")
     parser.add_argument("--reconstruction", action="store_true", help="Also write the null intervention.")
@@ -26,6 +38,10 @@ def add_commands(commands):
 
 def counterfactual(args: argparse.Namespace):
     """Counterfactuals of the user's images, written as PNG files."""
+    if args.data_dir or args.dataset:
+        return dataset_counterfactuals(args)
+    if not args.images:
+        raise ValueError("Give image files, or a data set with --data-dir / --dataset.")
     check_output_dir(args.out)
     images = [read_image(path) for path in args.images]
     pipe = hub.load_pipeline(args.model)
@@ -50,6 +66,39 @@ def counterfactual(args: argparse.Namespace):
         print(f"{path}  counterfactual {values}; predictor reads {estimates}")
     for stem, image in zip(names, out.reconstructions or [], strict=False):
         image.save(Path(args.out) / f"{stem}_null.png")
+
+
+def dataset_counterfactuals(args: argparse.Namespace):
+    """Counterfactuals of every row of a data set into an imagefolder, shard by shard, this process's share."""
+    if args.images:
+        raise ValueError("Give image files or a data set (--data-dir / --dataset), not both.")
+    if args.shard_size < 1 or (args.num_images is not None and args.num_images < 1):
+        raise ValueError("--shard-size and --num-images must be >= 1.")
+    check_output_dir(args.out)
+    dataset = load_image_dataset(
+        dataset=args.dataset if args.dataset == BUNDLED_MNIST else None,
+        dataset_name=args.dataset if args.dataset not in (None, BUNDLED_MNIST) else None,
+        train_data_dir=args.data_dir,
+        split=args.split,
+    )
+    if args.num_images is not None:
+        dataset = dataset.select(range(min(args.num_images, len(dataset))))
+    pipe = hub.load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    if args.target is not None:
+        parent = pipe.single_categorical_parent()
+        if args.target == "all":
+            raise ValueError("--target all is for image files; for a data set use a class or 'random'.")
+        request = (
+            {"random": parent, "seed": args.seed}
+            if args.target == "random"
+            else {"intervention": {parent: parse_target(args.target, pipe.causal_graph.nodes[parent].num_classes)}}
+        )
+    else:
+        request = {"intervention": parse_assignments(args.intervention, "--intervention")}
+    written, process = write_counterfactuals(pipe, dataset, request, args.out, args.shard_size, pipeline_options(args))
+    print(f"Process {process} wrote {written} shard(s) to {args.out}; load them all with "
+          f"datasets.load_dataset('imagefolder', data_dir={args.out!r}).")  # fmt: skip
 
 
 def unique_stems(paths: list[str]) -> list[str]:

@@ -1,0 +1,81 @@
+"""Counterfactuals of a whole data set: an imagefolder with metadata, shared over 2 CPU processes, resumable."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pytest
+from conftest import tiny_pipeline
+
+from diffscm.cli import main
+from diffscm.data import load_bundled_mnist
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("datasets") / "pipeline"
+    tiny_pipeline(size=28, num_classes=10, num_inference_steps=2, guidance_scale=1.0).save_pretrained(folder)
+    return folder
+
+
+def command(model_dir, out, *extra) -> list[str]:
+    return ["counterfactual", "--dataset", "mnist-bundled", "--num-images", "12", "--shard-size", "2", "--target",
+            "random", "--model", str(model_dir), "--out", str(out), "--quiet", *extra]  # fmt: skip
+
+
+def launch(argv: list[str], processes: int) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    launcher += ["--multi_gpu"] if processes > 1 else ["--num_machines", "1", "--mixed_precision", "no"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*launcher, "-m", "diffscm.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def load(out) -> datasets.Dataset:
+    return datasets.load_dataset("imagefolder", data_dir=str(out), split="train").sort("source_index")
+
+
+def test_a_data_set_becomes_an_imagefolder_with_its_values(model_dir, tmp_path):
+    main(command(model_dir, tmp_path / "cf"))
+    ds = load(tmp_path / "cf")
+    assert ds["source_index"] == list(range(12))
+    labels = load_bundled_mnist().select(range(12))["label"]
+    assert [row["factual"]["label"] for row in ds] == labels, "the data's own labels are the factual values"
+    assert all(row["intervention"]["label"] != row["factual"]["label"] for row in ds), "another class each"
+    assert all(row["counterfactual"] == row["intervention"] for row in ds)
+    assert ds[0]["image"].size == (28, 28) and set(ds[0]["predictor_reading"]) == {"label"}
+
+
+def test_two_processes_share_the_work_and_a_killed_run_resumes(model_dir, tmp_path):
+    reference = tmp_path / "reference"
+    main(command(model_dir, reference))
+    out = tmp_path / "shared"
+    process = launch(command(model_dir, out), processes=2)
+    deadline = time.time() + 300
+    while len(list(out.glob("shard-*"))) < random.choice([1, 2, 3]) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = launch(command(model_dir, out), processes=2)
+    output, _ = result.communicate(timeout=600)
+    assert result.returncode == 0, output[-3000:]
+    assert "Process 0 wrote" in output and "Process 1 wrote" in output, "two processes shared the work"
+    assert not list(out.glob(".shard-*")), "no half-written shard is left"
+    shared, alone = load(out), load(reference)
+    assert shared["source_index"] == list(range(12)), "each row once: none lost, none twice"
+    for a, b in zip(shared, alone, strict=True):
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        assert a["intervention"] == b["intervention"] and a["counterfactual"] == b["counterfactual"]
+    assert json.loads((out / "request.json").read_text())["random"] == "label"
+
+
+def test_a_resume_with_another_request_is_refused(model_dir, tmp_path):
+    main(command(model_dir, tmp_path / "cf"))
+    with pytest.raises(SystemExit, match="another request"):
+        main(command(model_dir, tmp_path / "cf", "--seed", "1"))
