@@ -21,6 +21,7 @@ from diffscm.scm import CausalGraph, Node
 PIPELINE_TEMPLATE = "diffscm_pipeline.md"
 ORACLE_TEMPLATE = "oracle.md"
 VAE_TEMPLATE = "vae.md"
+IMAGE_CLASSIFIER_TEMPLATE = "image_classifier.md"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 CODE_LIBRARIES = ("diffusers", "transformers")  # components whose classes the loader knows without remote code
 
@@ -125,6 +126,17 @@ def write_vae_card(vae_dir: str | os.PathLike) -> ModelCard:
     )  # fmt: skip
 
 
+def write_image_classifier_card(folder: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
+    """Render `README.md` of a transformers classifier folder from its `image_classifier.json` and config."""
+    folder = Path(folder)
+    record = _read_json(folder, "image_classifier.json")
+    return _write_judge_card(
+        folder, IMAGE_CLASSIFIER_TEMPLATE, "image-classification", record, "transformers",
+        repo_id=repo_id or _display_path(folder), heldout_accuracy=record["heldout_accuracy"],
+        architecture=_read_json(folder, "config.json")["architectures"][0],
+    )  # fmt: skip
+
+
 def missing_remote_code(pipeline_dir: str | os.PathLike) -> list[str]:
     """The code files that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` needs and the folder
     lacks (the pipeline's module, its custom components' modules in their sub-folders and what they import
@@ -154,9 +166,11 @@ def missing_remote_code(pipeline_dir: str | os.PathLike) -> list[str]:
     return missing
 
 
-def _write_judge_card(folder: Path, template: str, tag: str, record: dict, **fields) -> ModelCard:
+def _write_judge_card(
+    folder: Path, template: str, tag: str, record: dict, library: str = "diffusers", **fields
+) -> ModelCard:
     """A judge's card: its command, parameter count and split, plus the template's own `fields`."""
-    card_data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=["diffscm", "evaluation", tag])
+    card_data = ModelCardData(library_name=library, license="apache-2.0", tags=["diffscm", "evaluation", tag])
     card = ModelCard.from_template(
         card_data,
         template_str=_template(template),

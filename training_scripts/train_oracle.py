@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from diffscm import model_cards, training
-from diffscm.evaluation import DigitOracle, random_affine
+from diffscm.evaluation import DigitOracle
+from diffscm.image_processing import random_affine
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from .models import (
     AntiCausalClassifierOutput,
     AntiCausalPredictor,
     AntiCausalPredictorOutput,
+    ExplainedClassifier,
     ParentEmbedding,
 )
 from .pipelines import DiffSCMPipeline, DiffSCMPipelineOutput
@@ -19,6 +20,7 @@ __all__ = [
     "CausalGraph",
     "DiffSCMPipeline",
     "DiffSCMPipelineOutput",
+    "ExplainedClassifier",
     "Mechanism",
     "Node",
     "ParentEmbedding",

@@ -1,5 +1,7 @@
 """Checked conversion of user images (PIL, numpy, torch; diffusers' conventions) to model tensors in [-1, 1]."""
 
+import math
+
 import numpy as np
 import PIL.Image
 import torch
@@ -133,3 +135,22 @@ def _resize(tensor: torch.Tensor, sample_size: int) -> torch.Tensor:
         return tensor
     logger.warning(f"Resizing {height}x{width} input to the model's {sample_size}x{sample_size}.")
     return F.interpolate(tensor, size=(sample_size, sample_size), mode="bilinear", antialias=True).clamp(0, 1)
+
+
+def random_affine(
+    images: torch.Tensor,
+    degrees: float = 10.0,
+    translate: float = 0.1,
+    scale: tuple[float, float] = (0.9, 1.1),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random rotation, scaling and shift of a batch in [-1, 1] (background -1), one draw per image from
+    `generator` (differentiable in `images`)."""
+    batch = images.shape[0]
+    angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(degrees)
+    factor = torch.rand(batch, generator=generator) * (scale[1] - scale[0]) + scale[0]
+    shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * translate * 2
+    cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(images), images.shape, align_corners=False)
+    return F.grid_sample(images + 1, grid, align_corners=False, padding_mode="zeros") - 1

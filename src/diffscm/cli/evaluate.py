@@ -45,6 +45,13 @@ def add_commands(commands):
         default=["10:0", "20:0", "50:0", "10:1", "20:1", "25:1", "10:3", "20:3"],
         help="STEPS:REFINEMENT pairs for the curve of reconstruction error against UNet evaluations.",
     )
+    parser.add_argument(
+        "--classifier",
+        default=None,
+        help="Evaluate counterfactual explanations of this transformers image classifier folder instead (its cheap "
+        "and full gradient beside the noise-aware predictor).",
+    )
+    parser.add_argument("--classifier-scale", type=float, default=8.0, help="Guidance scale of the explanations.")
     parser.add_argument("--out", default="diffscm-evaluation")
     parser.add_argument("--write-model-card", action="store_true", help="Put the report into the model's card.")
     parser.set_defaults(func=evaluate)
@@ -148,9 +155,17 @@ def evaluate(args: argparse.Namespace):
     digits = evaluation_digits(pipe, args)
     images = (pipe.preprocess([row["image"] for row in digits]) + 1) / 2
     labels = torch.tensor([row["label"] for row in digits])
-    vae = load_vae(args.vae, pipe)
     options = pipeline_options(args)
     scale = pipe.guidance_scales(options["guidance_scale"])[pipe.single_categorical_parent()]
+    if args.classifier:
+        explained = load_explained_classifier(args.classifier)
+        result = metrics.explanation_metrics(
+            pipe, oracle, images, labels, explained, args.classifier_scale, scale, args.steps, args.refinement,
+            args.seed,
+        )  # fmt: skip
+        result["model"], result["classifier"] = str(pipe.config._name_or_path), args.classifier
+        return write_report(args, "evaluate", result, metrics.explanation_table(result))
+    vae = load_vae(args.vae, pipe)
     chain = {"steps": args.steps, "refinement": args.refinement, "cfg_scale": options["cfg_scale"]}
 
     # Headline numbers at one scale on every image; the sweep and the costlier metrics on the first few.
@@ -217,6 +232,22 @@ def evaluation_digits(pipe, args: argparse.Namespace) -> list[dict]:
     dataset = load_image_dataset(train_data_dir=args.data_dir)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
     return [dataset[i] for i in order[: args.num_samples].tolist()]
+
+
+def load_explained_classifier(folder: str):
+    """A transformers image classifier folder (model and image processor) as an `ExplainedClassifier`."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from ..models import ExplainedClassifier
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--classifier {folder!r} is not a folder.")
+    try:
+        model = AutoModelForImageClassification.from_pretrained(folder)
+        processor = AutoImageProcessor.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"--classifier {folder!r} is not a transformers image classifier: {error}") from error
+    return ExplainedClassifier(model, processor)
 
 
 def load_vae(path: str | None, pipe):

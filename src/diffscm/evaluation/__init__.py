@@ -1,6 +1,6 @@
 """Judges that score counterfactuals but never guide them, and the metrics built on them."""
 
-from .oracle import DigitOracle, random_affine
+from .oracle import DigitOracle
 from .vae import DigitVAE, counterfactual_latent_divergence
 
-__all__ = ["DigitOracle", "DigitVAE", "counterfactual_latent_divergence", "random_affine"]
+__all__ = ["DigitOracle", "DigitVAE", "counterfactual_latent_divergence"]

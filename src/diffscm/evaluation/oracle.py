@@ -1,7 +1,5 @@
 """An independent oracle classifier on clean images: it judges counterfactuals and is never used to guide them."""
 
-import math
-
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -71,17 +69,3 @@ class DigitOracle(ModelMixin, ConfigMixin):
     def embed(self, sample: torch.Tensor) -> torch.Tensor:
         """The pooled last-stage features: the space in which realism (Frechet distance, KID) is measured."""
         return F.adaptive_avg_pool2d(self.features(sample), 1).flatten(1)
-
-
-def random_affine(
-    images: torch.Tensor, degrees: float = 10.0, translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1)
-) -> torch.Tensor:
-    """Random rotation, scaling and shift of a batch in [-1, 1] (background -1), one draw per image."""
-    batch = images.shape[0]
-    angle = (torch.rand(batch) * 2 - 1) * math.radians(degrees)
-    factor = torch.empty(batch).uniform_(*scale)
-    shift = (torch.rand(batch, 2) * 2 - 1) * translate * 2
-    cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta.to(images), images.shape, align_corners=False)
-    return F.grid_sample(images + 1, grid, align_corners=False, padding_mode="zeros") - 1

@@ -4,6 +4,7 @@ from .anticausal import (
     AntiCausalPredictor,
     AntiCausalPredictorOutput,
 )
+from .explained_classifier import ExplainedClassifier
 from .parent_embedding import ParentEmbedding
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "AntiCausalClassifierOutput",
     "AntiCausalPredictor",
     "AntiCausalPredictorOutput",
+    "ExplainedClassifier",
     "ParentEmbedding",
 ]
