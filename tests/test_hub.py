@@ -119,7 +119,7 @@ def test_corrupt_weights_are_rejected(tmp_path, shared_folder):
     subprocess.run(["cp", "-r", str(shared_folder), str(broken)], check=True)
     weights = broken / "classifier" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(OSError, match="Unable to load weights"):
+    with pytest.raises(ValueError, match=f"Cannot load the classifier from {weights}: Unable to load weights"):
         DiffSCMPipeline.from_pretrained(broken)
 
 
