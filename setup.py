@@ -33,6 +33,7 @@ setup(
         "mlxtend",
         "scipy",
         "scikit-image>=0.22",
+        "opencv-python-headless>=4.5",
         "matplotlib",
     ],
     extras_require={"web": ["gradio>=4"], "test": ["pytest", "ruff", "selenium", "gradio>=4"]},

@@ -30,6 +30,7 @@ def parse_args():
     parser.add_argument("--oracle", default=None)
     parser.add_argument("--num-samples", type=int, default=100)
     parser.add_argument("--reuse-samples", type=int, default=10, help="Digits for the one-vs-ten abduction timing.")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--out", default="docs/benchmarks.md")
     return parser.parse_args()
 
@@ -105,9 +106,9 @@ def markdown(results: dict, reuse: dict, args, device: str) -> str:
 
 def main():
     args = parse_args()
-    pipe = hub.load_pipeline(args.model)
+    pipe = hub.load_pipeline(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=True)
-    oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint("mnist-oracle")).eval()
+    oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint("mnist-oracle")).eval().to(pipe.device)
     digits = heldout_rows(pipe.config._name_or_path, load_bundled_mnist(), args.num_samples, source=BUNDLED_MNIST)
     images = (pipe.preprocess([row["image"] for row in digits]) + 1) / 2
     labels = torch.tensor([row["label"] for row in digits])

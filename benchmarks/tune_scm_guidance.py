@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--refinement", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--out", default="docs/evaluation-morphomnist-scm/tuning.json")
     return parser.parse_args(argv)
 
@@ -66,13 +67,15 @@ def summary(entry: dict) -> dict[str, float]:
 
 @torch.no_grad()
 def main(args: argparse.Namespace):
-    pipe = hub.load_pipeline(args.model)
+    pipe = hub.load_pipeline(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=True)
     graph = pipe.causal_graph
     dataset = load_image_dataset(train_data_dir=args.data_dir or shipped_data("morphomnist"))
     rows = heldout_rows(pipe.config._name_or_path, dataset, args.num_samples)
-    oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint("morphomnist-oracle")).eval()
-    judges = BenchmarkJudges.from_pretrained()
+    oracle = (
+        DigitOracle.from_pretrained(args.oracle or shipped_checkpoint("morphomnist-oracle")).eval().to(pipe.device)
+    )
+    judges = BenchmarkJudges.from_pretrained().to(pipe.device)
     images = (pipe.preprocess([row["image"] for row in rows]) + 1) / 2
     factual = graph.data_values(rows)
     pool = {name: np.asarray(dataset[name]) for name in ("thickness", "intensity")}

@@ -179,6 +179,15 @@ def test_an_unwritable_out_is_found_before_the_work(model_dir, tmp_path, monkeyp
         main(["counterfactual", digit_file(tmp_path), "--target", "1", "--out", digit_file(tmp_path) + "/out"])
 
 
+def test_the_command_line_runs_in_another_precision(model_dir, tmp_path, capsys):
+    main(["counterfactual", digit_file(tmp_path), "--target", "3", "--model", str(model_dir), "--device", "cpu",
+          "--dtype", "bfloat16", "--out", str(tmp_path / "cf")])  # fmt: skip
+    assert (tmp_path / "cf" / "x_do3.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["counterfactual", digit_file(tmp_path), "--target", "3", "--dtype", "float8"])
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+
+
 def test_two_inputs_with_one_name_do_not_overwrite_each_other(model_dir, tmp_path):
     first, second = digit_file(tmp_path / "a"), digit_file(tmp_path / "b")
     main(["counterfactual", first, second, "--target", "3", "--model", str(model_dir), "--out", str(tmp_path / "cf")])

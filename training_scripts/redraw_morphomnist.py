@@ -27,6 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset_name", default=None, help="A Hub data set with image and label columns.")
     parser.add_argument("--train_data_dir", default=None, help="An imagefolder tree or a Morpho-MNIST folder.")
     parser.add_argument("--variants", type=int, default=4, help="Re-drawn copies of every digit.")
+    parser.add_argument(
+        "--distribution", default="data", choices=("data", "independent"),
+        help="Thickness and intensity as the data drew them (correlated through the intensity mechanism), or "
+        "independently over their ranges, so that a conditional mechanism learns to follow each one.",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_proc", type=int, default=2)
     parser.add_argument("--output_dir", required=True)
@@ -37,13 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _redraw_shard(job: tuple) -> datasets.Dataset:
-    source, index, num_shards, variants, seed = job
-    return redraw_morphomnist(source.shard(num_shards, index, contiguous=True), variants, seed=seed + index)
+    source, index, num_shards, variants, seed, distribution = job
+    shard = source.shard(num_shards, index, contiguous=True)
+    return redraw_morphomnist(shard, variants, seed=seed + index, distribution=distribution)
 
 
 def main(args: argparse.Namespace):
     source = load_image_dataset(args.dataset, args.dataset_name, args.train_data_dir)
-    jobs = [(source, i, args.num_proc, args.variants, args.seed) for i in range(args.num_proc)]
+    jobs = [(source, i, args.num_proc, args.variants, args.seed, args.distribution) for i in range(args.num_proc)]
     with Pool(args.num_proc) as pool:
         redrawn = datasets.concatenate_datasets(pool.map(_redraw_shard, jobs))
     save_morphomnist(redrawn, args.output_dir, prefix="train")

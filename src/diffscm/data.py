@@ -181,9 +181,23 @@ def sample_morphomnist_values(count: int, rng: np.random.Generator) -> dict[str,
     return {"thickness": thickness, "intensity": intensity}
 
 
-def redraw_morphomnist(dataset: datasets.Dataset, variants: int, seed: int = 0) -> datasets.Dataset:
-    """Every digit of `dataset` re-drawn `variants` times by Morpho-MNIST's generative process (a sampled thickness
-    by dilation or erosion, then scaled to the sampled intensity), with `thickness` and `intensity` columns."""
+def sample_independent_values(count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Thickness uniform on [0.75, 6] px and intensity uniform on [64, 255], independently: every combination an
+    intervention can ask for, which the data's own (strongly correlated) values leave out."""
+    return {"thickness": rng.uniform(0.75, 6.0, count), "intensity": rng.uniform(64.0, 255.0, count)}
+
+
+PARENT_DISTRIBUTIONS = {"data": sample_morphomnist_values, "independent": sample_independent_values}
+
+
+def redraw_morphomnist(
+    dataset: datasets.Dataset, variants: int, seed: int = 0, distribution: str = "data"
+) -> datasets.Dataset:
+    """Every digit of `dataset` re-drawn `variants` times by Morpho-MNIST's generative process (a thickness by
+    dilation or erosion, then scaled to an intensity), with `thickness` and `intensity` columns; the values are drawn
+    as the data drew them (`distribution="data"`) or independently over their ranges (`"independent"`)."""
+    if distribution not in PARENT_DISTRIBUTIONS:
+        raise ValueError(f"Unknown distribution {distribution!r}; use one of {sorted(PARENT_DISTRIBUTIONS)}.")
     from . import morphometrics
 
     if variants < 1:
@@ -191,7 +205,7 @@ def redraw_morphomnist(dataset: datasets.Dataset, variants: int, seed: int = 0) 
     rng = np.random.default_rng(seed)
     images, labels, values = [], [], {"thickness": [], "intensity": []}
     for row in dataset:
-        sampled = sample_morphomnist_values(variants, rng)
+        sampled = PARENT_DISTRIBUTIONS[distribution](variants, rng)
         digit = np.asarray(row["image"].convert("L"), dtype=np.float64)
         for drawn in morphometrics.redraw(digit, sampled["thickness"], sampled["intensity"]):
             images.append(np.round(drawn).astype(np.uint8))

@@ -20,15 +20,16 @@ RECORDS = ("training.json", "evaluation.md")  # what a staged upload carries ove
 SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
 
 
-def load_pipeline(name_or_path: str | None = None, **kwargs):
-    """A DiffSCMPipeline from a folder or Hub id (default: the shipped MNIST one), loaded from its resolved folder so
-    that `_name_or_path` points at the folder holding `training.json`."""
+def load_pipeline(name_or_path: str | None = None, device: str = "cpu", dtype: str = "float32", **kwargs):
+    """A DiffSCMPipeline from a folder or Hub id (default: the shipped MNIST one) on `device` with weights in
+    `dtype`, loaded from its resolved folder so that `_name_or_path` points at the folder holding `training.json`."""
+    import torch
+
     from .pipelines import DiffSCMPipeline
     from .pipelines.pipeline_diffscm import local_pipeline_folder
 
-    return DiffSCMPipeline.from_pretrained(
-        local_pipeline_folder(name_or_path or shipped_checkpoint(DEFAULT_MODEL)), **kwargs
-    )
+    folder = local_pipeline_folder(name_or_path or shipped_checkpoint(DEFAULT_MODEL))
+    return DiffSCMPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype), **kwargs).to(device)
 
 
 def write_evaluation(pipeline_dir: str, command: str, report: str):
@@ -42,16 +43,9 @@ def write_evaluation(pipeline_dir: str, command: str, report: str):
 def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_dir: str):
     """`training.json` in the pipeline folder: all commands, the split, the speeds and the predictor's held-out
     accuracy or error by noise level."""
-    unet_run = _read_json(unet_run_dir, "training_args.json")
     classifier_run = _read_json(classifier_run_dir, "training_args.json")
-    commands = []
-    for source in _read_json(unet_run_dir, "split.json").get("extra_train_sources", []):
-        if (Path(source) / "redraw.json").is_file():  # data made by redraw_morphomnist.py
-            commands.append(_read_json(source, "redraw.json")["command"])
-    base = unet_run["args"].get("pretrained_model_name_or_path")
-    if base and (Path(base) / "training.json").is_file():  # a fine-tuned UNet: the UNet commands of its start
-        commands += _read_json(base, "training.json")["commands"][:-1]
-    commands.append(unet_run["command"])
+    commands = unet_commands(unet_run_dir)
+    unet_run = _read_json(unet_run_dir, "training_args.json")
     base = classifier_run["args"].get("pretrained_model_name_or_path")
     if base and (Path(base) / "training.json").is_file():  # a fine-tuned predictor: the command that trained it
         commands.append(_read_json(base, "training.json")["commands"][-1])
@@ -64,6 +58,22 @@ def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_d
         "predictor_metrics": _read_json(classifier_run_dir, "heldout_metrics.json"),
     }
     (Path(pipeline_dir) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def unet_commands(run_dir: str | os.PathLike) -> list[str]:
+    """The commands that remake a train_unet.py run: the data it added (redraw_morphomnist.py), the run it
+    fine-tuned (a pipeline folder's UNet commands, or another run's, recursively), then its own."""
+    run = _read_json(run_dir, "training_args.json")
+    commands = []
+    for source in _read_json(run_dir, "split.json").get("extra_train_sources", []):
+        if (Path(source) / "redraw.json").is_file():
+            commands.append(_read_json(source, "redraw.json")["command"])
+    base = run["args"].get("pretrained_model_name_or_path")
+    if base and (Path(base) / "training.json").is_file():  # a pipeline folder: all but its predictor's command
+        commands += _read_json(base, "training.json")["commands"][:-1]
+    elif base and (Path(base) / "training_args.json").is_file():  # another train_unet.py run
+        commands += [c for c in unet_commands(base) if c not in commands]
+    return commands + [run["command"]]
 
 
 def push_to_hub(

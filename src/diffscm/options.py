@@ -40,7 +40,21 @@ def add_pipeline_options(parser: argparse.ArgumentParser, model_help: str = "the
     )
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps each way.")
     parser.add_argument("--refinement", type=int, default=None, help="Abduction refinement passes per step.")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="Weights' precision (the abduction stays in float32)."
+    )
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
+    """--device (default: cuda when there is one) and --dtype."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:

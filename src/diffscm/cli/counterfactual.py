@@ -11,7 +11,7 @@ import PIL.Image
 from .. import hub
 from ..data import BUNDLED_MNIST, load_image_dataset
 from ..dataset_counterfactuals import write_counterfactuals
-from ..options import add_pipeline_options, check_output_dir, parse_assignments, pipeline_options
+from ..options import add_pipeline_options, check_output_dir, device_and_dtype, parse_assignments, pipeline_options
 
 
 def add_commands(commands):
@@ -44,7 +44,7 @@ def counterfactual(args: argparse.Namespace):
         raise ValueError("Give image files, or a data set with --data-dir / --dataset.")
     check_output_dir(args.out)
     images = [read_image(path) for path in args.images]
-    pipe = hub.load_pipeline(args.model)
+    pipe = hub.load_pipeline(args.model, *device_and_dtype(args))
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     request = {"factual_values": parse_assignments(args.factual, "--factual")}
     if args.target is not None:
@@ -83,7 +83,7 @@ def dataset_counterfactuals(args: argparse.Namespace):
     )
     if args.num_images is not None:
         dataset = dataset.select(range(min(args.num_images, len(dataset))))
-    pipe = hub.load_pipeline(args.model)
+    pipe = hub.load_pipeline(args.model, *device_and_dtype(args))
     pipe.set_progress_bar_config(disable=True)
     if args.target is not None:
         parent = pipe.single_categorical_parent()

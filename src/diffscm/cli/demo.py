@@ -14,7 +14,7 @@ from .. import hub, morphometrics
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
 from ..evaluation import DigitOracle
 from ..evaluation.metrics import oracle_predictions
-from ..options import add_pipeline_options, check_output_dir, pipeline_options
+from ..options import add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
 
 DEFAULT_ORACLE = "mnist-oracle"
@@ -38,11 +38,12 @@ def demo(args: argparse.Namespace):
     if args.num_digits < 1:
         raise ValueError(f"--num-digits must be >= 1, got {args.num_digits}.")
     check_output_dir(args.out)
-    pipe = hub.load_pipeline(args.model)
+    device, dtype = device_and_dtype(args)
+    pipe = hub.load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     if len(pipe.causal_graph.image_parents) > 1:
         return scm_demo(pipe, args)
-    oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint(DEFAULT_ORACLE)).eval()
+    oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint(DEFAULT_ORACLE)).eval().to(device)
     rows = heldout_rows(pipe.config._name_or_path, load_bundled_mnist(), 500, source=BUNDLED_MNIST)
     digits = one_per_class(rows, args.num_digits)
     images, labels = [row["image"] for row in digits], [row["label"] for row in digits]
@@ -130,7 +131,7 @@ def one_per_class(rows: list[dict], count: int) -> list[dict]:
 def image_grid(columns: torch.Tensor, headers: list[str], scale: int = 3) -> PIL.Image.Image:
     """Rows of images in [0, 1] `(rows, cols, C, H, W)`, each upscaled `scale` times, under a header row."""
     rows, cols, channels, height, width = columns.shape
-    pixels = (columns.clamp(0, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).numpy()
+    pixels = (columns.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).numpy()
     cells = [
         PIL.Image.fromarray(cell.squeeze(-1) if channels == 1 else cell).resize((width * scale, height * scale), 0)
         for cell in pixels.reshape(rows * cols, height, width, channels)

@@ -16,7 +16,7 @@ from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_d
 from ..evaluation import DigitOracle, DigitVAE, metrics, morphomnist
 from ..evaluation.benchmark_judges import BenchmarkJudges
 from ..evaluation.plots import plot_abduction_curve, plot_guidance_sweep
-from ..options import add_pipeline_options, check_output_dir, pipeline_options
+from ..options import add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
 
 DEFAULT_SCM_MODEL = "diffscm-morphomnist-conditional"
@@ -86,7 +86,8 @@ def evaluate_scm(args: argparse.Namespace):
     if args.num_samples < 2 or args.skip < 0 or args.composition_samples < 1 or args.composition_cycles < 1:
         raise ValueError("--num-samples >= 2, --skip >= 0, --composition-samples/-cycles >= 1 are required.")
     check_output_dir(args.out)
-    pipe = hub.load_pipeline(args.model or shipped_checkpoint(DEFAULT_SCM_MODEL))
+    device, dtype = device_and_dtype(args)
+    pipe = hub.load_pipeline(args.model or shipped_checkpoint(DEFAULT_SCM_MODEL), device, dtype)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     if set(pipe.causal_graph.image_parents) != set(morphomnist.PARENTS):
         raise ValueError(f"{args.model}: its image's parents are {pipe.causal_graph.image_parents}, not thickness, "
@@ -95,8 +96,8 @@ def evaluate_scm(args: argparse.Namespace):
     rows = heldout_rows(pipe.config._name_or_path, dataset, args.num_samples, skip=args.skip)
     if len(rows) < 2:
         raise ValueError(f"Only {len(rows)} held-out images remain after --skip {args.skip}.")
-    oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint("morphomnist-oracle")).eval()
-    judges = None if args.judges == "none" else BenchmarkJudges.from_pretrained(args.judges)
+    oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint("morphomnist-oracle")).eval().to(device)
+    judges = None if args.judges == "none" else BenchmarkJudges.from_pretrained(args.judges).to(device)
     images = (pipe.preprocess([row["image"] for row in rows]) + 1) / 2
     factual = pipe.causal_graph.data_values(rows)
     pool = {name: np.asarray(dataset[name]) for name in ("thickness", "intensity")}
@@ -148,17 +149,18 @@ def evaluate(args: argparse.Namespace):
     if not all(re.fullmatch(r"\d+:\d+", pair) for pair in args.abduction_settings):
         raise ValueError(f"--abduction-settings takes STEPS:REFINEMENT pairs, got {args.abduction_settings}.")
     check_output_dir(args.out)
-    pipe = hub.load_pipeline(args.model)
+    device, dtype = device_and_dtype(args)
+    pipe = hub.load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     oracle_dir = args.oracle or shipped_checkpoint("mnist-oracle")
-    oracle = DigitOracle.from_pretrained(oracle_dir).eval()
+    oracle = DigitOracle.from_pretrained(oracle_dir).eval().to(device)
     digits = evaluation_digits(pipe, args)
     images = (pipe.preprocess([row["image"] for row in digits]) + 1) / 2
     labels = torch.tensor([row["label"] for row in digits])
     options = pipeline_options(args)
     scale = pipe.guidance_scales(options["guidance_scale"])[pipe.single_categorical_parent()]
     if args.classifier:
-        explained = load_explained_classifier(args.classifier)
+        explained = load_explained_classifier(args.classifier).to(device)
         result = metrics.explanation_metrics(
             pipe, oracle, images, labels, explained, args.classifier_scale, scale, args.steps, args.refinement,
             args.seed,
@@ -258,7 +260,7 @@ def load_vae(path: str | None, pipe):
             path = shipped_checkpoint("mnist-vae")
         except FileNotFoundError:
             return None
-    vae = DigitVAE.from_pretrained(path).eval()
+    vae = DigitVAE.from_pretrained(path).eval().to(pipe.device)
     fits = all(vae.config[key] == pipe.unet.config[key] for key in ("sample_size", "in_channels"))
     if not fits and explicit:
         raise ValueError(f"The VAE {path} takes other images than the model ({vae.config.sample_size} px).")

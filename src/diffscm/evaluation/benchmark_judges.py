@@ -94,7 +94,7 @@ def benchmark_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def check_images(images) -> torch.Tensor:
-    images = torch.as_tensor(images, dtype=torch.float32)
+    images = torch.as_tensor(images, dtype=torch.float32).cpu()
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
         raise ValueError(f"expected images of shape (B, 1, 28, 28) in [0, 1], got {tuple(images.shape)}.")
     return images

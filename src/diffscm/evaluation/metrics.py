@@ -26,8 +26,17 @@ def count_calls(module: torch.nn.Module | None):
 
 @torch.no_grad()
 def oracle_predictions(oracle, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Oracle class of images in [0, 1]."""
-    return torch.cat([oracle(chunk * 2 - 1).argmax(-1) for chunk in images.split(batch_size)])
+    """Oracle class of images in [0, 1], on the CPU (the oracle may be on any device)."""
+    device = _device(oracle)
+    return torch.cat([oracle(chunk.to(device) * 2 - 1).argmax(-1).cpu() for chunk in images.split(batch_size)])
+
+
+def _device(module) -> torch.device:
+    """Where a judge's weights are (the CPU for one without parameters)."""
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
 
 
 def random_other_targets(labels: torch.Tensor, num_classes: int, seed: int = 0) -> torch.Tensor:
@@ -126,8 +135,8 @@ def ink_ratios(counterfactuals: torch.Tensor, targets: torch.Tensor, real: torch
 
 
 def grey_level_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean absolute difference on the 0-255 scale of images in [0, 1]."""
-    return (a - b).abs().mean().item() * 255
+    """Mean absolute difference on the 0-255 scale of images in [0, 1] (on any devices)."""
+    return (a.detach().cpu().float() - b.detach().cpu().float()).abs().mean().item() * 255
 
 
 def evaluate_counterfactuals(
@@ -261,6 +270,8 @@ def minimality(vae, factuals, counterfactuals, labels, targets) -> dict:
     """Mean CLD with the paper's weights (1, 1) and the benchmark's (0.8, 0.2); the factuals are the reference set."""
     from .vae import counterfactual_latent_divergence
 
+    device = _device(vae)
+    factuals, counterfactuals, labels, targets = (x.to(device) for x in (factuals, counterfactuals, labels, targets))
     return {
         name: counterfactual_latent_divergence(
             vae, factuals, counterfactuals, labels, targets, factuals, labels, weights
@@ -274,7 +285,8 @@ def minimality(vae, factuals, counterfactuals, labels, targets) -> dict:
 @torch.no_grad()
 def perceptual_distance(oracle, a: torch.Tensor, b: torch.Tensor) -> float:
     """LPIPS-style distance in the oracle's feature space (channel-normalised maps, uniform stage weights)."""
-    total = torch.zeros(len(a))
+    device = _device(oracle)
+    a, b, total = a.to(device), b.to(device), torch.zeros(len(a), device=device)
     for map_a, map_b in zip(oracle.stage_features(a * 2 - 1), oracle.stage_features(b * 2 - 1), strict=True):
         map_a = map_a / (map_a.norm(dim=1, keepdim=True) + 1e-10)
         map_b = map_b / (map_b.norm(dim=1, keepdim=True) + 1e-10)
@@ -289,10 +301,11 @@ class OracleFeatures(torch.nn.Module):
         super().__init__()
         self.oracle = oracle
         size = oracle.config.sample_size
-        self.num_features = oracle.embed(torch.zeros(1, oracle.config.in_channels, size, size)).shape[-1]
+        probe = torch.zeros(1, oracle.config.in_channels, size, size, device=_device(oracle))
+        self.num_features = oracle.embed(probe).shape[-1]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.oracle.embed(images * 2 - 1)
+        return self.oracle.embed(images.to(_device(self.oracle)) * 2 - 1).cpu()
 
 
 @torch.no_grad()
@@ -306,8 +319,8 @@ def realism(oracle, generated: torch.Tensor, real: torch.Tensor, kid_subset: int
     fid = FrechetInceptionDistance(feature=features, normalize=True)
     kid = KernelInceptionDistance(feature=features, subsets=10, subset_size=size, normalize=True)
     for metric in (fid, kid):
-        metric.update(real, real=True)
-        metric.update(generated, real=False)
+        metric.update(real.cpu(), real=True)
+        metric.update(generated.cpu(), real=False)
     return {"frechet_distance": fid.compute().item(), "kid": kid.compute()[0].item()}
 
 

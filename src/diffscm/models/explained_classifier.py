@@ -53,8 +53,8 @@ class ExplainedClassifier(nn.Module):
         return self.model.config.num_labels
 
     def pixel_values(self, sample: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] as the classifier's processor would give them, differentiably."""
-        images = (sample.float() + 1) / 2
+        """Images in [-1, 1] as the classifier's processor would give them, differentiably, on its device."""
+        images = (sample.to(self.mean.device).float() + 1) / 2
         if images.shape[1] == 1 and self.channels == 3:
             images = images.expand(-1, 3, -1, -1)
         elif images.shape[1] == 3 and self.channels == 1:
