@@ -137,3 +137,18 @@ def test_benchmark_script_writes_ratios(model_dirs, tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     reuse = data["reuse"]
     assert reuse["one_abduction_nfe_per_cf"] < reuse["separate_calls_nfe_per_cf"]
+
+
+def test_throughput_benchmark_reports_rates_and_the_chain(model_dirs, tmp_path):
+    pipeline_dir, _ = model_dirs
+    out = tmp_path / "throughput.md"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    command = [sys.executable, str(script), "--model", str(pipeline_dir), "--num-samples", "2", "--batch-sizes", "1",
+               "2", "--dtypes", "float32", "--chains", "2:0", "2:1", "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [row["batch_size"] for row in data["throughput"]] == [1, 2]
+    assert [row["nfe"] for row in data["chains"]] == [4, 6]  # 2 + 2, and 2 * (1 + 1) + 2
+    assert "official code" in out.read_text() and all(
+        row["counterfactuals_per_second"] > 0 for row in data["throughput"]
+    )

@@ -1,0 +1,194 @@
+"""Counterfactuals per second, and what they cost in quality: batch size, precision, torch.compile and the chain.
+
+    python benchmarks/throughput.py --num-samples 200 --out docs/throughput.md [--device cuda]
+
+On the shipped MNIST pipeline and its held-out digits, each with a random other target digit, judged by the
+independent oracle:
+
+1. throughput (counterfactuals per second, one abduction and one intervention each) against batch size, weights'
+   precision (the abduction stays in float32) and `torch.compile` of the UNet, at the pipeline's defaults;
+2. the Pareto curve of the chain: DDIM steps and abduction refinement passes against UNet evaluations, seconds,
+   flip rate and the null intervention's L1 (how exactly the factual comes back);
+3. in the same run, the official Diff-SCM code's setting (100 steps, abduction to 0.75 of the chain, scale 1) and
+   the paper's (1000 + 1000 steps), for the ratios.
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from diffscm import hub
+from diffscm.data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist
+from diffscm.evaluation import DigitOracle
+from diffscm.evaluation.metrics import count_calls, grey_level_l1, oracle_predictions, random_other_targets
+from diffscm.paths import shipped_checkpoint
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="Default: the shipped MNIST pipeline.")
+    parser.add_argument("--num-samples", type=int, default=200)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 200])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--compile", action="store_true", help="Also time torch.compile of the UNet.")
+    parser.add_argument("--chains", nargs="+", default=["10:0", "10:1", "15:1", "20:1", "25:1", "25:3"])
+    parser.add_argument("--paper", action="store_true", help="Also run the paper's 1000 + 1000 steps (slow).")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--out", default="docs/throughput.md")
+    return parser.parse_args(argv)
+
+
+def run(pipe, images, labels, targets, steps, refinement, batch_size, strength=1.0, scale=None) -> dict:
+    """One abduction and one intervention per image, in batches: seconds, NFE, flip rate and null L1."""
+    parent = pipe.single_categorical_parent()
+    outputs, nulls, seconds = [], [], 0.0
+    with count_calls(pipe.unet) as calls:
+        for start in range(0, len(images), batch_size):
+            chunk = slice(start, start + batch_size)
+            _synchronize(pipe.device)
+            started = time.perf_counter()
+            abduction = pipe.abduct(images[chunk], {parent: labels[chunk]}, steps, strength, refinement)
+            outputs.append(pipe.intervene(abduction, targets[chunk], guidance_scale=scale).cpu())
+            _synchronize(pipe.device)
+            seconds += time.perf_counter() - started
+            nulls.append(pipe.intervene(abduction).cpu())
+    counterfactuals, null = torch.cat(outputs), torch.cat(nulls)
+    return {
+        "seconds": seconds,
+        "counterfactuals_per_second": len(images) / seconds,
+        "nfe_per_counterfactual": calls["samples"] / len(images) - steps * strength,  # less the null pass
+        "counterfactuals": counterfactuals,
+        "null_l1": grey_level_l1(null, images),
+    }
+
+
+def _synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flip_rate(oracle, counterfactuals, targets) -> float:
+    return (oracle_predictions(oracle, counterfactuals) == targets).float().mean().item()
+
+
+def main(args: argparse.Namespace):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    oracle = DigitOracle.from_pretrained(shipped_checkpoint("mnist-oracle")).eval().to(device)
+    base = hub.load_pipeline(args.model, device)
+    rows = heldout_rows(base.config._name_or_path, load_bundled_mnist(), args.num_samples, source=BUNDLED_MNIST)
+    images = (base.preprocess([row["image"] for row in rows]) + 1) / 2
+    labels = torch.tensor([row["label"] for row in rows])
+    targets = random_other_targets(labels, 10)
+    steps, refinement = base.config.num_inference_steps, base.config.abduction_refinement_steps
+    result = {
+        "machine": f"{platform.machine()}, {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        "num_images": len(images),
+        "throughput": [],
+        "chains": [],
+        "reference": {},
+    }
+
+    for dtype in args.dtypes:
+        pipe = hub.load_pipeline(args.model, device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        for compiled in (False, True) if args.compile else (False,):
+            if compiled:
+                pipe.unet = torch.compile(pipe.unet)
+            for batch_size in args.batch_sizes:
+                run(
+                    pipe, images[:batch_size], labels[:batch_size], targets[:batch_size], steps, refinement, batch_size
+                )  # warm-up (and compilation)
+                entry = run(pipe, images, labels, targets, steps, refinement, batch_size)
+                row = {
+                    "dtype": dtype,
+                    "compiled": compiled,
+                    "batch_size": batch_size,
+                    "counterfactuals_per_second": entry["counterfactuals_per_second"],
+                    "flip_rate": flip_rate(oracle, entry["counterfactuals"], targets),
+                    "null_l1": entry["null_l1"],
+                }
+                result["throughput"].append(row)
+                print(json.dumps(row), flush=True)
+
+    base.set_progress_bar_config(disable=True)
+    batch = max(args.batch_sizes)
+    for pair in args.chains:
+        chain_steps, chain_refinement = (int(n) for n in pair.split(":"))
+        entry = run(base, images, labels, targets, chain_steps, chain_refinement, batch)
+        row = {
+            "steps": chain_steps,
+            "refinement": chain_refinement,
+            "nfe": entry["nfe_per_counterfactual"],
+            "seconds_per_counterfactual": entry["seconds"] / len(images),
+            "flip_rate": flip_rate(oracle, entry["counterfactuals"], targets),
+            "null_l1": entry["null_l1"],
+        }
+        result["chains"].append(row)
+        print(json.dumps(row), flush=True)
+    references = {"official code: 100 steps, strength 0.75, scale 1": (100, 0, 0.75, 1.0)}
+    if args.paper:
+        references["paper: 1000 + 1000 steps"] = (1000, 0, 1.0, None)
+    for name, (ref_steps, ref_refinement, strength, scale) in references.items():
+        entry = run(base, images, labels, targets, ref_steps, ref_refinement, batch, strength, scale)
+        result["reference"][name] = {
+            "counterfactuals_per_second": entry["counterfactuals_per_second"],
+            "flip_rate": flip_rate(oracle, entry["counterfactuals"], targets),
+        }
+        print(name, json.dumps(result["reference"][name]), flush=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).write_text(markdown(result, args))
+    print(Path(args.out).read_text())
+
+
+def markdown(result: dict, args: argparse.Namespace) -> str:
+    default = next(
+        row
+        for row in result["throughput"]
+        if row["dtype"] == "float32" and not row["compiled"] and row["batch_size"] == max(args.batch_sizes)
+    )
+    lines = [
+        "# Throughput",
+        "",
+        f"Measured on {result['machine']} with `python benchmarks/throughput.py --num-samples {args.num_samples}"
+        f"{' --compile' if args.compile else ''}{' --paper' if args.paper else ''}`: {result['num_images']} held-out "
+        "bundled MNIST digits, each with a random other target digit; flip rate by the independent oracle; null L1 in "
+        "grey levels (0-255).",
+        "",
+        "| weights | torch.compile | batch | counterfactuals / s | flip rate | null L1 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in result["throughput"]:
+        lines.append(
+            f"| {row['dtype']} | {'yes' if row['compiled'] else 'no'} | {row['batch_size']} | "
+            f"{row['counterfactuals_per_second']:.1f} | {row['flip_rate']:.3f} | {row['null_l1']:.2f} |"
+        )
+    lines += [
+        "",
+        "The chain (float32, the largest batch):",
+        "",
+        "| DDIM steps | refinement K | UNet NFE / cf | s / cf | flip rate | null L1 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["chains"]:
+        lines.append(
+            f"| {row['steps']} | {row['refinement']} | {row['nfe']:.0f} | {row['seconds_per_counterfactual']:.4f} | "
+            f"{row['flip_rate']:.3f} | {row['null_l1']:.2f} |"
+        )
+    lines += ["", "In the same run:", ""]
+    for name, row in result["reference"].items():
+        ratio = default["counterfactuals_per_second"] / row["counterfactuals_per_second"]
+        lines.append(
+            f"- {name}: {row['counterfactuals_per_second']:.2f} counterfactuals / s, flip rate "
+            f"{row['flip_rate']:.3f}; the defaults are {ratio:.1f}x faster."
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(parse_args())
