@@ -131,7 +131,7 @@ def _load_local_folder(data_dir: str, split: str | None = None) -> datasets.Data
         raise FileNotFoundError(f"Data folder {data_dir!r} does not exist.")
     if any(Path(data_dir).glob("*-morpho.csv")):
         return load_morphomnist(data_dir, split)
-    extensions = {f".{e.lower()}" for e in PIL.Image.registered_extensions()}
+    extensions = {e.lower() for e in PIL.Image.registered_extensions()}
     if not any(path.suffix.lower() in extensions for path in Path(data_dir).rglob("*") if path.is_file()):
         raise ValueError(
             f"{data_dir} holds no images: use an imagefolder tree (one sub-folder of PNG/JPEG files per class) or a "
