@@ -347,6 +347,26 @@ def test_conditional_mechanism_trains_with_redrawn_digits_and_exports(tmp_path):
     assert out.counterfactual_values["digit"].tolist() == [3] and len(out.images) == 1
 
 
+def test_digit_conditional_pipeline_fine_tunes_a_classifier_guided_ones_classifier(unet_run, tmp_path):
+    unet, guided, pipeline_dir = tmp_path / "unet", tmp_path / "guided", tmp_path / "pipeline"
+    launch("train_unet.py", "--output_dir", str(unet), "--causal_graph", "digit", "--max_train_steps", "2", *TINY_UNET)
+    launch(
+        "train_classifier.py", "--unet_model_name_or_path", str(unet_run), "--output_dir", str(tmp_path / "c1"),
+        "--pipeline_output_dir", str(guided), "--max_train_steps", "2", *TINY_CLASSIFIER,
+    )  # fmt: skip
+    launch(
+        "train_classifier.py", "--unet_model_name_or_path", str(unet), "--output_dir", str(tmp_path / "c2"),
+        "--pipeline_output_dir", str(pipeline_dir), "--causal_graph", "digit", "--pretrained_model_name_or_path",
+        str(guided), "--max_train_steps", "2", "--cfg_scale", "digit=3", "--num_inference_steps", "2", *TINY_CLASSIFIER,
+    )  # fmt: skip
+    pipe = DiffSCMPipeline.from_pretrained(pipeline_dir)
+    assert pipe.mechanism == "conditional" and pipe.classifier.parents == {
+        "digit": {"type": "categorical", "num_classes": 10}
+    }, "the guided pipeline's label classifier now predicts the graph's digit"
+    out = pipe(torch.zeros(1, 16, 16), target=3, output_type="pt")
+    assert out.counterfactual_values["digit"].tolist() == [3] and out.images.shape == (1, 1, 16, 16)
+
+
 def test_the_official_release_layout_chooses_a_split(tmp_path):
     for prefix, count in (("train", 3), ("t10k", 2)):
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((count, 28, 28)))

@@ -106,7 +106,11 @@ def build_predictor(
     )
     if graph is None:
         return AntiCausalClassifier(num_classes=args.num_classes or training.num_labels(train_split), **encoder)
-    return AntiCausalPredictor(parents=predictor_heads(graph), **encoder)
+    heads = predictor_heads(graph)
+    if len(heads) == 1 and next(iter(heads.values()))["type"] == "categorical":  # one class parent: a classifier
+        (parent, spec), *_ = heads.items()
+        return AntiCausalClassifier(num_classes=spec["num_classes"], parent=parent, **encoder)
+    return AntiCausalPredictor(parents=heads, **encoder)
 
 
 def load_or_build_predictor(args: argparse.Namespace, graph: CausalGraph | None, train_split):
@@ -116,7 +120,8 @@ def load_or_build_predictor(args: argparse.Namespace, graph: CausalGraph | None,
         return fresh
     path = args.pretrained_model_name_or_path
     subfolder = None if os.path.isfile(os.path.join(path, "config.json")) else "classifier"
-    predictor = type(fresh).from_pretrained(path, subfolder=subfolder)
+    renamed = {"parent": fresh.config.parent} if isinstance(fresh, AntiCausalClassifier) else {}
+    predictor = type(fresh).from_pretrained(path, subfolder=subfolder, **renamed)  # the class parent takes its name
     if predictor.parents != fresh.parents:
         raise ValueError(f"{path} predicts {predictor.parents}, but this run's graph needs {fresh.parents}.")
     return predictor
@@ -190,6 +195,7 @@ def main(args: argparse.Namespace):
     check_same_split(args, split_record)
     dataloader = training.make_dataloader(split["train"], args, value_columns=value_columns(graph))
     classifier = load_or_build_predictor(args, graph, split["train"])
+    conditioned = isinstance(classifier, AntiCausalPredictor)  # its heads may take other parents' values
     classifier, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(
         accelerator, classifier, dataloader, args
     )
@@ -203,7 +209,7 @@ def main(args: argparse.Namespace):
         noisy = scheduler.add_noise(clean, torch.randn_like(clean), timesteps)
         values = training.batch_values(batch)
         # Through the (possibly distributed) wrapper, so that gradients are synchronised across processes.
-        output = model(noisy, timesteps, conditions=values) if graph is not None else model(noisy, timesteps)
+        output = model(noisy, timesteps, conditions=values) if conditioned else model(noisy, timesteps)
         log_likelihoods = accelerator.unwrap_model(model).log_likelihood_of(output, values)
         return -sum(value.mean() for value in log_likelihoods.values())
 
