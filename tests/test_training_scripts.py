@@ -357,7 +357,8 @@ def test_digit_conditional_pipeline_fine_tunes_a_classifier_guided_ones_classifi
     launch(
         "train_classifier.py", "--unet_model_name_or_path", str(unet), "--output_dir", str(tmp_path / "c2"),
         "--pipeline_output_dir", str(pipeline_dir), "--causal_graph", "digit", "--pretrained_model_name_or_path",
-        str(guided), "--max_train_steps", "2", "--cfg_scale", "digit=3", "--num_inference_steps", "2", *TINY_CLASSIFIER,
+        str(guided), "--max_train_steps", "2", "--cfg_scale", "digit=3", "--num_inference_steps", "2",
+        *TINY_CLASSIFIER,
     )  # fmt: skip
     pipe = DiffSCMPipeline.from_pretrained(pipeline_dir)
     assert pipe.mechanism == "conditional" and pipe.classifier.parents == {
