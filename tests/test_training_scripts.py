@@ -367,6 +367,17 @@ def test_digit_conditional_pipeline_fine_tunes_a_classifier_guided_ones_classifi
     out = pipe(torch.zeros(1, 16, 16), target=3, output_type="pt")
     assert out.counterfactual_values["digit"].tolist() == [3] and out.images.shape == (1, 1, 16, 16)
 
+    DigitOracle(channels=(4,)).save_pretrained(tmp_path / "oracle")
+    nfe = {}
+    for w in (1, 3):
+        out = tmp_path / f"eval-{w}"
+        main(["evaluate", "--model", str(pipeline_dir), "--oracle", str(tmp_path / "oracle"), "--num-samples", "2",
+              "--composition-cycles", "0", "--cfg-scale", f"digit={w}", "--out", str(out), "--quiet"])  # fmt: skip
+        result = json.loads((out / "metrics.json").read_text())
+        assert result["cfg_scale"] == {"digit": w}
+        nfe[w] = result["abduction_nfe"]
+    assert nfe[3] == 2 * nfe[1], "the abduction follows --cfg-scale: classifier-free guidance doubles its passes"
+
 
 def test_the_official_release_layout_chooses_a_split(tmp_path):
     for prefix, count in (("train", 3), ("t10k", 2)):

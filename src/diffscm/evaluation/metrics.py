@@ -161,6 +161,7 @@ def evaluate_counterfactuals(
             num_inference_steps=steps,
             strength=strength,
             abduction_refinement_steps=refinement,
+            cfg_scale=cfg_scale,
         )
         abduction_seconds = time.perf_counter() - started
     abduction_nfe = unet_calls["samples"] / count
