@@ -364,6 +364,9 @@ def test_digit_conditional_pipeline_fine_tunes_a_classifier_guided_ones_classifi
     assert pipe.mechanism == "conditional" and pipe.classifier.parents == {
         "digit": {"type": "categorical", "num_classes": 10}
     }, "the guided pipeline's label classifier now predicts the graph's digit"
+    commands = json.loads((pipeline_dir / "training.json").read_text())["commands"]
+    runs = [next(c.split()[i + 1] for i, w in enumerate(c.split()) if w == "--output_dir") for c in commands]
+    assert runs == [str(unet), str(unet_run), str(tmp_path / "c1"), str(tmp_path / "c2")], "every run that remakes it"
     out = pipe(torch.zeros(1, 16, 16), target=3, output_type="pt")
     assert out.counterfactual_values["digit"].tolist() == [3] and out.images.shape == (1, 1, 16, 16)
 

@@ -47,8 +47,8 @@ def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_d
     commands = unet_commands(unet_run_dir)
     unet_run = _read_json(unet_run_dir, "training_args.json")
     base = classifier_run["args"].get("pretrained_model_name_or_path")
-    if base and (Path(base) / "training.json").is_file():  # a fine-tuned predictor: the command that trained it
-        commands.append(_read_json(base, "training.json")["commands"][-1])
+    if base and (Path(base) / "training.json").is_file():  # a fine-tuned predictor: the runs that made it
+        commands += [c for c in _read_json(base, "training.json")["commands"] if c not in commands]
     commands.append(classifier_run["command"])
     record = {
         "commands": commands,
