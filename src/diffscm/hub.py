@@ -15,7 +15,7 @@ from .paths import shipped_checkpoint
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "diffscm-mnist"
+DEFAULT_MODEL = "diffscm-mnist-conditional"
 RECORDS = ("training.json", "evaluation.md")  # what a staged upload carries over besides the pipeline itself
 SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
 

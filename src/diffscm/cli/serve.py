@@ -21,7 +21,7 @@ from ..paths import shipped_checkpoint, shipped_data
 from .demo import image_grid
 
 DEFAULT_MODELS = {
-    "MNIST: digit -> image": "diffscm-mnist",
+    "MNIST: digit -> image": "diffscm-mnist-conditional",
     "Morpho-MNIST: thickness -> intensity -> image <- digit": "diffscm-morphomnist-conditional",
 }
 KEEP = "keep"

@@ -1,0 +1,156 @@
+"""Checked conversion of user images (PIL, numpy, torch; diffusers' conventions) to model tensors in [-1, 1]."""
+
+import math
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+PipelineImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
+
+
+def preprocess_images(image: PipelineImageInput, num_channels: int, sample_size: int) -> torch.Tensor:
+    """
+    Turn `image` into a float32 batch `(B, num_channels, sample_size, sample_size)` in [-1, 1].
+
+    Accepted: a PIL image (any mode), a numpy array channels-last `(H, W)`, `(H, W, C)` or `(B, H, W, C)`, a torch
+    tensor channels-first `(C, H, W)` or `(B, C, H, W)`, or a list of any of these. Floats must lie in [0, 1],
+    uint16 in [0, 65535] (16-bit images, also PIL's), other integers in [0, 255]; transparency is composited over
+    black. RGB is converted to grey for a 1-channel model (luma) and grey repeated for a 3-channel one;
+    images of another size are resized (bilinear, antialiased) with a warning.
+    """
+    return unit_images(image, num_channels, sample_size).mul(2).sub(1)
+
+
+def unit_images(image: PipelineImageInput, num_channels: int, sample_size: int) -> torch.Tensor:
+    """[`preprocess_images`] in [0, 1] (diffusers' convention for image tensors): the images as a model sees them."""
+    images = image if isinstance(image, (list, tuple)) else [image]
+    if len(images) == 0:
+        raise ValueError("`image` is empty: pass at least one image.")
+    return torch.cat([_resize(_to_unit_tensor(img, num_channels), sample_size) for img in images])
+
+
+def _to_unit_tensor(image, num_channels: int) -> torch.Tensor:
+    """One input -> float32 `(B, C, H, W)` in [0, 1] with `num_channels` channels."""
+    if isinstance(image, PIL.Image.Image):
+        image = _pil_to_array(image, num_channels)
+    if isinstance(image, np.ndarray):
+        tensor = _numpy_to_channels_first(image)
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.ndim == 3:
+            tensor = tensor[None]
+        if tensor.ndim != 4:
+            raise ValueError(f"A torch image must be (C, H, W) or (B, C, H, W); got shape {tuple(image.shape)}.")
+    else:
+        raise TypeError(
+            f"`image` must be a PIL image, numpy array, torch tensor or a list of them; got {type(image).__name__}."
+        )
+    return _match_channels(_to_unit_range(tensor), num_channels)
+
+
+def _pil_to_array(image: PIL.Image.Image, num_channels: int) -> np.ndarray:
+    """Any PIL mode as a channels-last array in [0, 1] (floats) or [0, 255] (uint8): 16- and 32-bit integer images
+    by their real range, float ("F") images as floats, and transparency composited over black (the digits'
+    background); an image whose colour channels are empty and whose content is only its alpha is refused."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        if array.min() < 0 or array.max() > 65535:
+            raise ValueError(f"A 32-bit integer ({image.mode}) image must hold 16-bit values 0..65535.")
+        return (array / 65535)[..., None].repeat(num_channels, axis=-1).astype(np.float32)
+    if image.mode == "F":
+        return np.asarray(image, dtype=np.float32)[..., None].repeat(num_channels, axis=-1)
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
+        composite, alpha = rgba[..., :3] * rgba[..., 3:], rgba[..., 3]
+        if np.ptp(composite) == 0 and np.ptp(alpha) > 0:
+            raise ValueError(
+                "The image's colour channels are empty: its content is only in the alpha channel. Pass "
+                "image.getchannel('A') if the alpha is the digit."
+            )
+        image = PIL.Image.fromarray(np.round(composite * 255).astype(np.uint8))
+    return np.asarray(image.convert("L" if num_channels == 1 else "RGB"))
+
+
+def _numpy_to_channels_first(array: np.ndarray) -> torch.Tensor:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim == 3:
+        if array.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"A 3-D numpy image must be channels-last (H, W, C) with C = 1 or 3; got shape {array.shape}. "
+                "Add a channel axis for a batch of grey images: array[..., None]."
+            )
+        array = array[None]
+    if array.ndim != 4:
+        raise ValueError(f"A numpy image must be (H, W), (H, W, C) or (B, H, W, C); got shape {array.shape}.")
+    return torch.tensor(array).permute(0, 3, 1, 2)
+
+
+def _to_unit_range(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"Image dtype {tensor.dtype} is not supported: use uint8 in [0, 255] or float in [0, 1].")
+    if tensor.numel() == 0:
+        raise ValueError(f"Empty image of shape {tuple(tensor.shape)}.")
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            raise ValueError("The image contains NaN or infinite pixel values.")
+        low, high = 0, 1
+    elif tensor.dtype == torch.uint16:
+        tensor, low, high = tensor.to(torch.int32), 0, 65535
+    else:
+        low, high = 0, 255
+    if tensor.min() < low - 1e-3 or tensor.max() > high + 1e-3:
+        raise ValueError(
+            f"Pixel values must lie in [{low}, {high}] for {tensor.dtype} images (diffusers' convention); got "
+            f"[{tensor.min().item():.3g}, {tensor.max().item():.3g}]. Rescale [-1, 1] tensors with (x + 1) / 2."
+        )
+    return (tensor.float() / high).clamp(0, 1)
+
+
+def _match_channels(tensor: torch.Tensor, num_channels: int) -> torch.Tensor:
+    channels = tensor.shape[1]
+    if channels == num_channels:
+        return tensor
+    if channels == 3 and num_channels == 1:
+        weights = torch.tensor(_LUMA).view(1, 3, 1, 1)
+        return (tensor * weights).sum(dim=1, keepdim=True)
+    if channels == 1 and num_channels == 3:
+        return tensor.expand(-1, 3, -1, -1)
+    raise ValueError(
+        f"The image has {channels} channels but the model takes {num_channels}; only 1 <-> 3 conversion is automatic."
+    )
+
+
+def _resize(tensor: torch.Tensor, sample_size: int) -> torch.Tensor:
+    height, width = tensor.shape[-2:]
+    if (height, width) == (sample_size, sample_size):
+        return tensor
+    logger.warning(f"Resizing {height}x{width} input to the model's {sample_size}x{sample_size}.")
+    return F.interpolate(tensor, size=(sample_size, sample_size), mode="bilinear", antialias=True).clamp(0, 1)
+
+
+def random_affine(
+    images: torch.Tensor,
+    degrees: float = 10.0,
+    translate: float = 0.1,
+    scale: tuple[float, float] = (0.9, 1.1),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random rotation, scaling and shift of a batch in [-1, 1] (background -1), one draw per image from
+    `generator` (differentiable in `images`)."""
+    batch = images.shape[0]
+    angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(degrees)
+    factor = torch.rand(batch, generator=generator) * (scale[1] - scale[0]) + scale[0]
+    shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * translate * 2
+    cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(images), images.shape, align_corners=False)
+    return F.grid_sample(images + 1, grid, align_corners=False, padding_mode="zeros") - 1
