@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--refinement", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    parser.add_argument("--out", default="docs/evaluation-morphomnist-scm/tuning.json")
+    parser.add_argument("--out", default="docs/evaluation-morphomnist-conditional-tuning/tuning.json")
     return parser.parse_args(argv)
 
 

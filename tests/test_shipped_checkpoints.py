@@ -15,9 +15,9 @@ from diffscm.evaluation.metrics import oracle_predictions
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
-@pytest.fixture(scope="module")
-def pipe() -> DiffSCMPipeline:
-    pipe = DiffSCMPipeline.from_pretrained(CHECKPOINTS / "diffscm-mnist")
+@pytest.fixture(scope="module", params=["diffscm-mnist", "diffscm-mnist-conditional"])
+def pipe(request) -> DiffSCMPipeline:
+    pipe = DiffSCMPipeline.from_pretrained(CHECKPOINTS / request.param)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -37,11 +37,13 @@ def heldout(pipe):
 
 def test_shipped_pipeline_records_its_measured_defaults_and_card(pipe):
     assert pipe.unet.config.sample_size == 28 and pipe.classifier.config.num_classes == 10
-    assert pipe.config.guidance_scale > 0
-    nfe = pipe.config.num_inference_steps * (2 + pipe.config.abduction_refinement_steps)
+    assert all(scale > 0 for scale in pipe.guidance_scales().values())
+    passes = 1 + sum(scale != 1 for scale in pipe.cfg_scales().values())
+    nfe = pipe.config.num_inference_steps * (2 + pipe.config.abduction_refinement_steps) * passes
     assert nfe <= 100, "the issue's budget: at most 100 UNet evaluations per counterfactual"
-    card = (CHECKPOINTS / "diffscm-mnist" / "README.md").read_text()
+    card = (Path(pipe.config._name_or_path) / "README.md").read_text()
     assert "accelerate launch training_scripts/train_unet.py" in card and "## Evaluation" in card
+    assert (Path(pipe.config._name_or_path) / "evaluation.md").is_file(), "the card carries a measured report"
 
 
 def test_shipped_oracle_is_accurate_and_recorded():
@@ -63,9 +65,9 @@ def test_null_intervention_reconstructs_and_guidance_flips_the_oracle(pipe, held
 MORPHOMNIST = Path(__file__).resolve().parents[1] / "data" / "morphomnist"
 
 
-@pytest.fixture(scope="module")
-def morpho_pipe() -> DiffSCMPipeline:
-    pipe = DiffSCMPipeline.from_pretrained(CHECKPOINTS / "diffscm-morphomnist")
+@pytest.fixture(scope="module", params=["diffscm-morphomnist", "diffscm-morphomnist-conditional"])
+def morpho_pipe(request) -> DiffSCMPipeline:
+    pipe = DiffSCMPipeline.from_pretrained(CHECKPOINTS / request.param)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -75,16 +77,20 @@ def test_shipped_morphomnist_pipeline_knows_its_causal_graph(morpho_pipe):
 
     assert morpho_pipe.causal_graph.to_config() == CausalGraph.morphomnist().to_config()
     assert set(morpho_pipe.guidance_scales()) == {"thickness", "intensity", "digit"}
-    assert all(scale > 0 for scale in morpho_pipe.guidance_scales().values())
+    scales = morpho_pipe.guidance_scales()
+    assert scales["digit"] > 0
+    if morpho_pipe.mechanism == "classifier-guided":
+        assert all(scale > 0 for scale in scales.values()), "guidance is its only way to move a parent"
     assert morpho_pipe.classifier.parents["thickness"]["conditions"] == ["intensity"]
-    card = (CHECKPOINTS / "diffscm-morphomnist" / "README.md").read_text()
-    assert card.count("accelerate launch training_scripts/") == 3 and "thickness -> intensity" in card
-    assert "## Evaluation" in card
+    folder = Path(morpho_pipe.config._name_or_path)
+    card = (folder / "README.md").read_text()
+    assert card.count("accelerate launch training_scripts/") >= 3 and "thickness -> intensity" in card
+    assert "## Evaluation" in card and (folder / "evaluation.md").is_file(), "the card carries a measured report"
     record = json.loads((CHECKPOINTS / "morphomnist-oracle" / "oracle.json").read_text())
     assert record["heldout_accuracy"] >= 0.99
     assert (
         record["split"]["heldout_indices"]
-        == json.loads((CHECKPOINTS / "diffscm-morphomnist" / "training.json").read_text())["split"]["heldout_indices"]
+        == json.loads((folder / "training.json").read_text())["split"]["heldout_indices"]
     ), "the oracle and the pipeline hold out the same images"
 
 
@@ -92,7 +98,7 @@ def test_shipped_morphomnist_interventions_move_the_measured_variables(morpho_pi
     from diffscm import morphometrics
     from diffscm.data import load_morphomnist
 
-    indices = json.loads((CHECKPOINTS / "diffscm-morphomnist" / "training.json").read_text())["split"]
+    indices = json.loads((Path(morpho_pipe.config._name_or_path) / "training.json").read_text())["split"]
     rows = load_morphomnist(str(MORPHOMNIST)).select(indices["heldout_indices"][:4])
     images = [row["image"] for row in rows]
     factual = {name: rows[name] for name in ("thickness", "intensity")} | {"digit": rows["label"]}
