@@ -1,5 +1,6 @@
 """The training scripts end to end through `accelerate launch`: tiny models, a few steps, offline."""
 
+import argparse
 import gzip
 import json
 import os
@@ -21,6 +22,7 @@ from diffscm.data import load_image_dataset, load_morphomnist, split_dataset
 from diffscm.evaluation import DigitOracle
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ROOT / "checkpoints"
 TINY_UNET = ["--resolution", "16", "--block_out_channels", "8", "16", "--train_batch_size", "16"]
 TINY_CLASSIFIER = TINY_UNET
 
@@ -190,6 +192,25 @@ def test_predictor_script_refuses_bad_graphs_and_scales(unet_run, tmp_path, caps
     with pytest.raises(SystemExit) as error:
         parse_args(base + args)
     assert message in str(error.value) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "graph, pretrained, message",
+    [
+        ("digit", "diffscm-morphomnist", "an AntiCausalPredictor; this run's graph needs an AntiCausalClassifier"),
+        ("morphomnist", "diffscm-mnist", "an AntiCausalClassifier; this run's graph needs an AntiCausalPredictor"),
+    ],
+)
+def test_a_predictor_of_the_other_kind_is_refused_not_loaded_with_fresh_weights(graph, pretrained, message):
+    sys.path.insert(0, str(ROOT / "training_scripts"))
+    from train_classifier import load_or_build_predictor
+
+    from diffscm import CausalGraph
+
+    model = {"resolution": 28, "num_channels": 1, "block_out_channels": [16, 32, 64], "layers_per_block": 1}
+    args = argparse.Namespace(**model, num_classes=None, pretrained_model_name_or_path=str(CHECKPOINTS / pretrained))
+    with pytest.raises(ValueError, match=message):
+        load_or_build_predictor(args, CausalGraph.load(graph), None)
 
 
 def test_classifier_refuses_a_schedule_or_split_that_disagrees_with_the_unet(unet_run, tmp_path):

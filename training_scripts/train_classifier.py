@@ -120,6 +120,9 @@ def load_or_build_predictor(args: argparse.Namespace, graph: CausalGraph | None,
         return fresh
     path = args.pretrained_model_name_or_path
     subfolder = None if os.path.isfile(os.path.join(path, "config.json")) else "classifier"
+    saved = type(fresh).load_config(path, subfolder=subfolder).get("_class_name")
+    if saved != type(fresh).__name__:  # diffusers would load the other kind with freshly drawn weights
+        raise ValueError(f"{path} holds an {saved}; this run's graph needs an {type(fresh).__name__} to fine-tune.")
     renamed = {"parent": fresh.config.parent} if isinstance(fresh, AntiCausalClassifier) else {}
     predictor = type(fresh).from_pretrained(path, subfolder=subfolder, **renamed)  # the class parent takes its name
     if predictor.parents != fresh.parents:
