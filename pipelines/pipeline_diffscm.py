@@ -70,7 +70,8 @@ class Abduction(BaseOutput):
     Args:
         noise (`torch.Tensor` `(B, C, H, W)`, float32): u, at the intervention's first timestep.
         factual_values (`dict[str, np.ndarray]`): the factual value of each parent of the image, one per sample (a
-            conditional mechanism was inverted under them; anti-causal guidance acts only on parents that change).
+            conditional mechanism was inverted under them; anti-causal guidance acts only on samples whose parents
+            change).
         num_inference_steps (`int`), strength (`float`), abduction_refinement_steps (`int`): the DDIM chain.
         cfg_scale (`dict[str, float]`): the classifier-free guidance scale of each parent (conditional mechanism).
     """
@@ -122,8 +123,9 @@ class DiffSCMPipeline(DiffusionPipeline):
       eps_hat = eps(pa) + sum_k (w_k - 1) (eps(pa) - eps(pa without k)), the same in both directions; anti-causal
       guidance may act on top.
 
-    Anti-causal guidance acts only on the parents whose value the intervention changes, so that do(parents =
-    factual values) returns the factual image.
+    Anti-causal guidance acts on every parent of a sample whose parents the intervention changes (the unchanged ones
+    are held at their factual values), and on none of a sample it leaves unchanged, so that do(parents = factual
+    values) returns the factual image.
 
     Parameters:
         unet ([`UNet2DModel`]): the noise model eps_theta (epsilon prediction); `class_embed_type="identity"` for a
@@ -360,7 +362,8 @@ class DiffSCMPipeline(DiffusionPipeline):
                 a graph whose image has one categorical parent, also just the class (an int or one per sample);
                 None for the null intervention (the factual values).
             guidance_scale: anti-causal guidance scale s >= 0, or `{parent: s}` (parents left out keep their
-                default); it acts only on samples whose parent value differs from the factual one.
+                default); it acts only on samples whose parents differ from the factual ones, towards all their
+                counterfactual values.
             eta: 0 for deterministic DDIM; > 0 adds fresh noise drawn from `generator` (then not a reconstruction).
             output_type: `"pt"`, `"np"`, `"pil"`, or `"latent"` for the raw sample in [-1, 1].
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` called after every step;
@@ -402,10 +405,8 @@ class DiffSCMPipeline(DiffusionPipeline):
             raise ValueError(f"Got {len(generator)} generators for {size} samples; pass one per sample.")
         factual = self.prepare_parent_values(abduction.factual_values, size)
         values = factual if target is None else self.prepare_parent_values(target, size)
-        changed = {name: values[name] != factual[name] for name in values}  # guidance acts on these only
-        guided = {
-            name: scale * changed[name].float() for name, scale in scales.items() if scale and changed[name].any()
-        }
+        intervened = torch.stack([values[name] != factual[name] for name in values]).any(0)  # guidance acts on these
+        guided = {name: scale * intervened.float() for name, scale in scales.items() if scale and intervened.any()}
         explained_scale = None
         if explained is not None:
             parent = self.single_categorical_parent()

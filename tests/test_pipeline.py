@@ -296,6 +296,19 @@ def test_scm_do_parents_equal_to_the_factual_ones_is_the_reconstruction(scm_pipe
     torch.testing.assert_close(out.images, out.reconstructions)
 
 
+def test_scm_guidance_holds_the_unchanged_parents_of_an_intervened_sample(scm_pipeline, factual_images):
+    images, labels = factual_images
+    factual = {"position": labels, "brightness": torch.full((len(labels),), 0.8)}
+    abduction = scm_pipeline.abduct(images, factual, num_inference_steps=4)
+    moved = labels.clone()
+    moved[0] = 1 - labels[0]  # only the first sample's position is intervened on
+    target = {"position": moved, "brightness": factual["brightness"]}
+    held = scm_pipeline.intervene(abduction, target, guidance_scale={"brightness": 5.0})
+    free = scm_pipeline.intervene(abduction, target, guidance_scale={"brightness": 0.0})
+    assert (held[0] - free[0]).abs().max() > 1e-3, "the unchanged brightness is guided towards its factual value"
+    torch.testing.assert_close(held[1:], scm_pipeline.intervene(abduction, None)[1:])  # the rest is not guided
+
+
 def test_scm_pipeline_save_load_keeps_its_graph_and_scales(scm_pipeline, tmp_path):
     scm_pipeline.save_pretrained(tmp_path)
     loaded = DiffSCMPipeline.from_pretrained(tmp_path)
