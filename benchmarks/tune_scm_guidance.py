@@ -8,12 +8,15 @@ Uses the first --num-samples images of the model's held-out split (report the ch
 setting (the abduction depends on it), every anti-causal setting on top. Each is scored by the benchmark's own judges
 under the benchmark's do(thickness), do(intensity) and do(digit), and ranked by the mean of the three effectiveness
 errors and two side effects, each divided by its target (thickness 0.08 px, intensity 3, digit error 0.02, thickness
-moved by do(intensity) 0.15 px, intensity moved by do(digit) 4).
+moved by do(intensity) 0.15 px, intensity moved by do(digit) 4). --save-defaults makes the best setting the
+pipeline folder's defaults and records this command in its `training.json` and card.
 """
 
 import argparse
 import itertools
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--refinement", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--save-defaults", action="store_true", help="Write the best setting into the --model folder.")
     parser.add_argument("--out", default="docs/evaluation-morphomnist-conditional-tuning/tuning.json")
     return parser.parse_args(argv)
 
@@ -98,6 +102,10 @@ def main(args: argparse.Namespace):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"num_images": len(rows), "results": results}, indent=2) + "\n")
     print(f"best: cfg {results[0]['cfg_scale']}, guidance {results[0]['guidance_scale']} (wrote {args.out})")
+    if args.save_defaults:
+        command = shlex.join(["python", "benchmarks/tune_scm_guidance.py", *sys.argv[1:]])
+        cfg = results[0]["cfg_scale"] if pipe.mechanism == "conditional" else None
+        hub.write_defaults(args.model, command, results[0]["guidance_scale"], cfg)
 
 
 if __name__ == "__main__":

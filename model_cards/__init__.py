@@ -99,6 +99,7 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
         training=record,
         split=split,
         commands=(record or {}).get("commands"),
+        defaults_command=(record or {}).get("defaults_command"),
         unet_seconds_per_step=(record or {}).get("unet_seconds_per_step"),
         classifier_seconds_per_step=(record or {}).get("classifier_seconds_per_step"),
         predictor_metrics=_predictor_metrics(record) if record else None,

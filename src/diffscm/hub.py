@@ -40,6 +40,22 @@ def write_evaluation(pipeline_dir: str, command: str, report: str):
     model_cards.write_model_card(pipeline_dir)
 
 
+def write_defaults(pipeline_dir: str, command: str, guidance_scale: dict, cfg_scale: dict | None = None):
+    """Make measured guidance scales a pipeline folder's defaults (its weights stay as trained), record the command
+    that chose them in `training.json`, and re-render its card."""
+    folder = Path(pipeline_dir)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"Saving defaults needs a local pipeline folder, not {pipeline_dir!r}.")
+    index = _read_json(folder, "model_index.json") | {"guidance_scale": guidance_scale}
+    if cfg_scale is not None:
+        index["cfg_scale"] = cfg_scale
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if (folder / "training.json").is_file():
+        record = _read_json(folder, "training.json") | {"defaults_command": command}
+        (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    model_cards.write_model_card(folder)
+
+
 def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_dir: str):
     """`training.json` in the pipeline folder: all commands, the split, the speeds and the predictor's held-out
     accuracy or error by noise level."""
