@@ -7,8 +7,9 @@ independent oracle:
 
 1. throughput (counterfactuals per second, one abduction and one intervention each) against batch size, weights'
    precision (the abduction stays in float32) and `torch.compile` of the UNet, at the pipeline's defaults;
-2. the Pareto curve of the chain: DDIM steps and abduction refinement passes against UNet evaluations, seconds,
-   flip rate and the null intervention's L1 (how exactly the factual comes back);
+2. the Pareto curve of the chain: DDIM steps, abduction refinement passes, how many targets share one abduction
+   (STEPS:K[:TARGETS[:SCALE]], TARGETS other digits per image, all 9 for "9") and the guidance scale, against UNet
+   evaluations, seconds, flip rate and the null intervention's L1 (how exactly the factual comes back);
 3. in the same run, the official Diff-SCM code's setting (100 steps, abduction to 0.75 of the chain, scale 1) and
    the paper's (1000 + 1000 steps), for the ratios.
 """
@@ -24,7 +25,7 @@ import torch
 from diffscm import hub
 from diffscm.data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist
 from diffscm.evaluation import DigitOracle
-from diffscm.evaluation.metrics import count_calls, grey_level_l1, oracle_predictions, random_other_targets
+from diffscm.evaluation.metrics import count_calls, grey_level_l1, oracle_predictions
 from diffscm.paths import shipped_checkpoint
 
 
@@ -35,7 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 200])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--compile", action="store_true", help="Also time torch.compile of the UNet.")
-    parser.add_argument("--chains", nargs="+", default=["10:0", "10:1", "15:1", "20:1", "25:1", "25:3"])
+    parser.add_argument(
+        "--chains",
+        nargs="+",
+        default=["10:0", "10:1", "15:1", "20:1", "25:1", "25:3", "10:1:9", "25:1:9"],
+        help="STEPS:K[:TARGETS[:SCALE]] settings of the chain (TARGETS counterfactuals share one abduction).",
+    )
     parser.add_argument("--paper", action="store_true", help="Also run the paper's 1000 + 1000 steps (slow).")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--out", default="docs/throughput.md")
@@ -43,8 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(pipe, images, labels, targets, steps, refinement, batch_size, strength=1.0, scale=None) -> dict:
-    """One abduction and one intervention per image, in batches: seconds, NFE, flip rate and null L1."""
+    """One abduction per image and one intervention per target (`targets` is (N,) or (N, k): k share the
+    abduction), in batches of images: seconds, NFE and null L1 per counterfactual."""
     parent = pipe.single_categorical_parent()
+    targets = targets.view(len(images), -1)
     outputs, abductions, seconds = [], [], 0.0
     with count_calls(pipe.unet) as calls:
         for start in range(0, len(images), batch_size):
@@ -52,18 +60,27 @@ def run(pipe, images, labels, targets, steps, refinement, batch_size, strength=1
             _synchronize(pipe.device)
             started = time.perf_counter()
             abductions.append(pipe.abduct(images[chunk], {parent: labels[chunk]}, steps, strength, refinement))
-            outputs.append(pipe.intervene(abductions[-1], targets[chunk], guidance_scale=scale).cpu())
+            shared = abductions[-1].repeat_interleave(targets.shape[1]) if targets.shape[1] > 1 else abductions[-1]
+            outputs.append(pipe.intervene(shared, targets[chunk].flatten(), guidance_scale=scale).cpu())
             _synchronize(pipe.device)
             seconds += time.perf_counter() - started
     counterfactuals = torch.cat(outputs)
     null = torch.cat([pipe.intervene(abduction).cpu() for abduction in abductions])  # not timed, not counted
     return {
-        "seconds": seconds,
-        "counterfactuals_per_second": len(images) / seconds,
-        "nfe_per_counterfactual": calls["samples"] / len(images),
+        "seconds_per_counterfactual": seconds / len(counterfactuals),
+        "counterfactuals_per_second": len(counterfactuals) / seconds,
+        "nfe_per_counterfactual": calls["samples"] / len(counterfactuals),
         "counterfactuals": counterfactuals,
+        "targets": targets.flatten(),
         "null_l1": grey_level_l1(null, images),
     }
+
+
+def other_targets(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """(N, count): `count` distinct random digits other than each label (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.stack([torch.randperm(9, generator=generator)[:count] for _ in labels]) + 1
+    return (labels.view(-1, 1) + offsets) % 10
 
 
 def _synchronize(device: torch.device):
@@ -71,8 +88,19 @@ def _synchronize(device: torch.device):
         torch.cuda.synchronize()
 
 
-def flip_rate(oracle, counterfactuals, targets) -> float:
-    return (oracle_predictions(oracle, counterfactuals) == targets).float().mean().item()
+def flip_rate(oracle, entry: dict) -> float:
+    return (oracle_predictions(oracle, entry["counterfactuals"]) == entry["targets"]).float().mean().item()
+
+
+def parse_chain(text: str) -> tuple[int, int, int, float | None]:
+    """ "STEPS:K[:TARGETS[:SCALE]]" -> (steps, refinement, targets sharing one abduction, guidance scale or None)."""
+    fields = text.split(":")
+    if not 2 <= len(fields) <= 4:
+        raise ValueError(f"--chains takes STEPS:K[:TARGETS[:SCALE]], got {text!r}.")
+    steps, refinement, targets = int(fields[0]), int(fields[1]), int(fields[2]) if len(fields) > 2 else 1
+    if not 1 <= targets <= 9:
+        raise ValueError(f"TARGETS must be 1 to 9 (the other digits), got {targets} in {text!r}.")
+    return steps, refinement, targets, float(fields[3]) if len(fields) > 3 else None
 
 
 def main(args: argparse.Namespace):
@@ -82,7 +110,7 @@ def main(args: argparse.Namespace):
     rows = heldout_rows(base.config._name_or_path, load_bundled_mnist(), args.num_samples, source=BUNDLED_MNIST)
     images = (base.preprocess([row["image"] for row in rows]) + 1) / 2
     labels = torch.tensor([row["label"] for row in rows])
-    targets = random_other_targets(labels, 10)
+    targets = other_targets(labels, 1)
     steps, refinement = base.config.num_inference_steps, base.config.abduction_refinement_steps
     result = {
         "machine": f"{platform.machine()}, {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
@@ -108,7 +136,7 @@ def main(args: argparse.Namespace):
                     "compiled": compiled,
                     "batch_size": batch_size,
                     "counterfactuals_per_second": entry["counterfactuals_per_second"],
-                    "flip_rate": flip_rate(oracle, entry["counterfactuals"], targets),
+                    "flip_rate": flip_rate(oracle, entry),
                     "null_l1": entry["null_l1"],
                 }
                 result["throughput"].append(row)
@@ -116,15 +144,18 @@ def main(args: argparse.Namespace):
 
     base.set_progress_bar_config(disable=True)
     batch = max(args.batch_sizes)
-    for pair in args.chains:
-        chain_steps, chain_refinement = (int(n) for n in pair.split(":"))
-        entry = run(base, images, labels, targets, chain_steps, chain_refinement, batch)
+    for chain in args.chains:
+        chain_steps, chain_refinement, shared, scale = parse_chain(chain)
+        chain_targets = other_targets(labels, shared)
+        entry = run(base, images, labels, chain_targets, chain_steps, chain_refinement, batch, 1.0, scale)
         row = {
             "steps": chain_steps,
             "refinement": chain_refinement,
+            "targets_per_abduction": shared,
+            "guidance_scale": base.guidance_scales(scale),
             "nfe": entry["nfe_per_counterfactual"],
-            "seconds_per_counterfactual": entry["seconds"] / len(images),
-            "flip_rate": flip_rate(oracle, entry["counterfactuals"], targets),
+            "seconds_per_counterfactual": entry["seconds_per_counterfactual"],
+            "flip_rate": flip_rate(oracle, entry),
             "null_l1": entry["null_l1"],
         }
         result["chains"].append(row)
@@ -136,7 +167,7 @@ def main(args: argparse.Namespace):
         entry = run(base, images, labels, targets, ref_steps, ref_refinement, batch, strength, scale)
         result["reference"][name] = {
             "counterfactuals_per_second": entry["counterfactuals_per_second"],
-            "flip_rate": flip_rate(oracle, entry["counterfactuals"], targets),
+            "flip_rate": flip_rate(oracle, entry),
         }
         print(name, json.dumps(result["reference"][name]), flush=True)
 
@@ -172,12 +203,15 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         "",
         "The chain (float32, the largest batch):",
         "",
-        "| DDIM steps | refinement K | UNet NFE / cf | s / cf | flip rate | null L1 |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| DDIM steps | refinement K | targets per abduction | guidance | UNet NFE / cf | s / cf | cf / s | flip rate "
+        "| null L1 |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["chains"]:
+        scales = ", ".join(f"{name} {scale:g}" for name, scale in row["guidance_scale"].items())
         lines.append(
-            f"| {row['steps']} | {row['refinement']} | {row['nfe']:.0f} | {row['seconds_per_counterfactual']:.4f} | "
+            f"| {row['steps']} | {row['refinement']} | {row['targets_per_abduction']} | {scales} | {row['nfe']:.1f} | "
+            f"{row['seconds_per_counterfactual']:.4f} | {1 / row['seconds_per_counterfactual']:.1f} | "
             f"{row['flip_rate']:.3f} | {row['null_l1']:.2f} |"
         )
     lines += ["", "In the same run:", ""]
