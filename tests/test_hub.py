@@ -152,3 +152,18 @@ def test_plain_diffusers_loads_a_causal_graph_pipeline_with_trust_remote_code(tm
         """
     )
     assert "AntiCausalPredictor 2 ['brightness', 'level', 'position']" in out
+
+
+def test_measured_defaults_are_saved_with_the_command_that_chose_them(tmp_path):
+    from diffscm import hub
+
+    pipe = tiny_pipeline(guidance_scale=1.0)
+    pipe.save_pretrained(tmp_path)
+    (tmp_path / "training.json").write_text(json.dumps({"commands": ["train.py"]}))
+    hub.write_defaults(str(tmp_path), "python tune.py --save-defaults", {pipe.single_categorical_parent(): 3.0})
+    loaded = DiffSCMPipeline.from_pretrained(tmp_path)
+    assert loaded.guidance_scales() == {pipe.single_categorical_parent(): 3.0}
+    assert json.loads((tmp_path / "training.json").read_text())["commands"] == ["train.py"]  # the training record kept
+    assert "python tune.py --save-defaults" in (tmp_path / "README.md").read_text()
+    with pytest.raises(ValueError, match="local pipeline folder"):
+        hub.write_defaults(str(tmp_path / "missing"), "x", {})
