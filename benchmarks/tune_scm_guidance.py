@@ -69,6 +69,24 @@ def summary(entry: dict) -> dict[str, float]:
     }
 
 
+def markdown(results: list[dict], num_images: int) -> str:
+    """The ranked settings as a table, best first."""
+    command = shlex.join(["python", "benchmarks/tune_scm_guidance.py", *sys.argv[1:]])
+    lines = [
+        f"Measured with `{command}` on the first {num_images} images of the held-out split, benchmark judges (eval "
+        "mode); objective = mean of the last five columns, each divided by its target; best first.",
+        "",
+        "| classifier-free w | anti-causal s | thickness MAE under do(t) | intensity MAE under do(i) | digit error "
+        "under do(digit) | thickness moved by do(i) | intensity moved by do(digit) | objective |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in results:
+        scales = [", ".join(f"{k} {v:g}" for k, v in entry[key].items()) for key in ("cfg_scale", "guidance_scale")]
+        values = " | ".join(f"{value:.3f}" for value in entry["summary"].values())
+        lines.append(f"| {scales[0]} | {scales[1]} | {values} | {entry['objective']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 @torch.no_grad()
 def main(args: argparse.Namespace):
     pipe = hub.load_pipeline(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -101,6 +119,7 @@ def main(args: argparse.Namespace):
     results.sort(key=lambda entry: entry["objective"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"num_images": len(rows), "results": results}, indent=2) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(results, len(rows)))
     print(f"best: cfg {results[0]['cfg_scale']}, guidance {results[0]['guidance_scale']} (wrote {args.out})")
     if args.save_defaults:
         command = shlex.join(["python", "benchmarks/tune_scm_guidance.py", *sys.argv[1:]])
