@@ -117,3 +117,11 @@ def test_the_training_script_ships_a_classifier_that_evaluate_explains(tmp_path)
     with pytest.raises(SystemExit, match="not a transformers image classifier"):
         main(["evaluate", "--model", str(pipeline), "--oracle", str(oracle), "--classifier", str(oracle),
               "--num-samples", "2", "--out", str(tmp_path / "eval2"), "--quiet"])  # fmt: skip
+
+    main(["demo", "--model", str(pipeline), "--oracle", str(oracle), "--classifier", str(export), "--num-digits", "2",
+          "--out", str(tmp_path / "demo"), "--quiet"])  # fmt: skip
+    tables = (tmp_path / "demo" / "oracle.md").read_text()
+    assert "Predictions of the explained classifier" in tables and tables.count("\n| ") == 2 * (1 + 2)  # 2 rows each
+    with pytest.raises(SystemExit, match="not a transformers image classifier"):
+        main(["demo", "--model", str(pipeline), "--oracle", str(oracle), "--classifier", str(oracle),
+              "--out", str(tmp_path / "demo2"), "--quiet"])  # fmt: skip

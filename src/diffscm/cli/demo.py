@@ -16,6 +16,7 @@ from ..evaluation import DigitOracle
 from ..evaluation.metrics import oracle_predictions
 from ..options import add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
+from .evaluate import load_explained_classifier
 
 DEFAULT_ORACLE = "mnist-oracle"
 
@@ -29,6 +30,11 @@ def add_commands(commands):
         "--data-dir", default=None, help="For a multi-parent model: the data it held out from (default: the "
         "repository's Morpho-MNIST).",
     )  # fmt: skip
+    parser.add_argument(
+        "--classifier", default=None, help="Explain this transformers image classifier folder: each column is what "
+        "would make it say that digit (e.g. checkpoints/mnist-vit-classifier).",
+    )  # fmt: skip
+    parser.add_argument("--classifier-scale", type=float, default=2.0, help="Guidance scale of the explanations.")
     parser.add_argument("--out", default="diffscm-demo")
     parser.set_defaults(func=demo)
 
@@ -49,10 +55,14 @@ def demo(args: argparse.Namespace):
     images, labels = [row["image"] for row in digits], [row["label"] for row in digits]
     parent = pipe.single_categorical_parent()
     num_classes = pipe.causal_graph.nodes[parent].num_classes
+    options = pipeline_options(args)
+    explained = None
+    if args.classifier:
+        explained = load_explained_classifier(args.classifier).to(device)
+        options |= {"classifier": explained, "guidance_scale": args.classifier_scale}
     print(f"Counterfactuals of {len(images)} held-out digits under do(digit = 0..{num_classes - 1}) ...")
     out = pipe(
-        images, "all", factual_values={parent: labels}, output_type="pt", return_reconstruction=True,
-        **pipeline_options(args),
+        images, "all", factual_values={parent: labels}, output_type="pt", return_reconstruction=True, **options
     )  # fmt: skip
 
     factual = (pipe.preprocess(images) + 1) / 2
@@ -64,10 +74,18 @@ def demo(args: argparse.Namespace):
     grid_path, table_path = Path(args.out) / "counterfactuals.png", Path(args.out) / "oracle.md"
     headers = ["x", "null"] + [f"do({k})" for k in range(num_classes)]
     image_grid(columns, headers).save(grid_path)
-    table_path.write_text(oracle_table(headers, labels, predictions))
+    tables = oracle_table(headers, labels, predictions)
+    if explained is not None:
+        said = explained.predict(columns.flatten(0, 1).to(device) * 2 - 1).cpu().reshape(len(images), -1)
+        tables += f"\nPredictions of the explained classifier ({args.classifier}), whose gradient guided:\n\n"
+        tables += prediction_table(headers, labels, said)
+    table_path.write_text(tables)
     flips = (predictions[:, 2:] == torch.arange(num_classes)).float().mean().item()
     print(table_path.read_text())
     print(f"Oracle agrees with the intervened digit on {flips:.0%} of counterfactuals.")
+    if explained is not None:
+        agreed = (said[:, 2:] == torch.arange(num_classes)).float().mean().item()
+        print(f"The explained classifier says the intervened digit on {agreed:.0%}.")
     print(f"Wrote {grid_path} and {table_path}")
 
 
@@ -146,7 +164,13 @@ def image_grid(columns: torch.Tensor, headers: list[str], scale: int = 3) -> PIL
 
 
 def oracle_table(headers: list[str], labels: list[int], predictions: torch.Tensor) -> str:
+    return "Oracle predictions (an independent classifier, never used for guidance):\n\n" + prediction_table(
+        headers, labels, predictions
+    )
+
+
+def prediction_table(headers: list[str], labels: list[int], predictions: torch.Tensor) -> str:
     lines = ["| label | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
     for label, row in zip(labels, predictions.tolist(), strict=True):
         lines.append(f"| {label} | " + " | ".join(str(p) for p in row) + " |")
-    return "Oracle predictions (an independent classifier, never used for guidance):\n\n" + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
