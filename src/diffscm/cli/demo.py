@@ -34,7 +34,7 @@ def add_commands(commands):
         "--classifier", default=None, help="Explain this transformers image classifier folder: each column is what "
         "would make it say that digit (e.g. checkpoints/mnist-vit-classifier).",
     )  # fmt: skip
-    parser.add_argument("--classifier-scale", type=float, default=2.0, help="Guidance scale of the explanations.")
+    parser.add_argument("--classifier-scale", type=float, default=8.0, help="Guidance scale of the explanations.")
     parser.add_argument("--out", default="diffscm-demo")
     parser.set_defaults(func=demo)
 
