@@ -69,12 +69,15 @@ def summary(entry: dict) -> dict[str, float]:
     }
 
 
+def this_command() -> str:
+    return shlex.join(["python", "benchmarks/tune_scm_guidance.py", *sys.argv[1:]])
+
+
 def markdown(results: list[dict], num_images: int) -> str:
     """The ranked settings as a table, best first."""
-    command = shlex.join(["python", "benchmarks/tune_scm_guidance.py", *sys.argv[1:]])
     lines = [
-        f"Measured with `{command}` on the first {num_images} images of the held-out split, benchmark judges (eval "
-        "mode); objective = mean of the last five columns, each divided by its target; best first.",
+        f"Measured with `{this_command()}` on the first {num_images} images of the held-out split, benchmark judges "
+        "(eval mode); objective = mean of the last five columns, each divided by its target; best first.",
         "",
         "| classifier-free w | anti-causal s | thickness MAE under do(t) | intensity MAE under do(i) | digit error "
         "under do(digit) | thickness moved by do(i) | intensity moved by do(digit) | objective |",
@@ -122,9 +125,8 @@ def main(args: argparse.Namespace):
     Path(args.out).with_suffix(".md").write_text(markdown(results, len(rows)))
     print(f"best: cfg {results[0]['cfg_scale']}, guidance {results[0]['guidance_scale']} (wrote {args.out})")
     if args.save_defaults:
-        command = shlex.join(["python", "benchmarks/tune_scm_guidance.py", *sys.argv[1:]])
         cfg = results[0]["cfg_scale"] if pipe.mechanism == "conditional" else None
-        hub.write_defaults(args.model, command, results[0]["guidance_scale"], cfg)
+        hub.write_defaults(args.model, this_command(), results[0]["guidance_scale"], cfg)
 
 
 if __name__ == "__main__":
