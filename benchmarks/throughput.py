@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if "float32" not in args.dtypes:
         parser.error("--dtypes must include float32 (the chain and the references run in it).")
+    try:
+        args.chains = [parse_chain(chain) for chain in args.chains]  # refused before any timing starts
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -65,7 +69,7 @@ def run(pipe, images, labels, targets, steps, refinement, batch_size, strength=1
             _synchronize(pipe.device)
             started = time.perf_counter()
             abductions.append(pipe.abduct(images[chunk], {parent: labels[chunk]}, steps, strength, refinement))
-            shared = abductions[-1].repeat_interleave(targets.shape[1]) if targets.shape[1] > 1 else abductions[-1]
+            shared = abductions[-1].repeat_interleave(targets.shape[1])
             outputs.append(pipe.intervene(shared, targets[chunk].flatten(), guidance_scale=scale).cpu())
             _synchronize(pipe.device)
             seconds += time.perf_counter() - started
@@ -100,12 +104,16 @@ def flip_rate(oracle, entry: dict) -> float:
 def parse_chain(text: str) -> tuple[int, int, int, float | None]:
     """ "STEPS:K[:TARGETS[:SCALE]]" -> (steps, refinement, targets sharing one abduction, guidance scale or None)."""
     fields = text.split(":")
-    if not 2 <= len(fields) <= 4:
-        raise ValueError(f"--chains takes STEPS:K[:TARGETS[:SCALE]], got {text!r}.")
-    steps, refinement, targets = int(fields[0]), int(fields[1]), int(fields[2]) if len(fields) > 2 else 1
+    try:
+        if not 2 <= len(fields) <= 4:
+            raise ValueError
+        steps, refinement, targets = int(fields[0]), int(fields[1]), int(fields[2]) if len(fields) > 2 else 1
+        scale = float(fields[3]) if len(fields) > 3 else None
+    except ValueError:
+        raise ValueError(f"--chains takes STEPS:K[:TARGETS[:SCALE]] (integers, then a scale), got {text!r}.") from None
     if not 1 <= targets <= 9:
         raise ValueError(f"TARGETS must be 1 to 9 (the other digits), got {targets} in {text!r}.")
-    return steps, refinement, targets, float(fields[3]) if len(fields) > 3 else None
+    return steps, refinement, targets, scale
 
 
 def main(args: argparse.Namespace):
@@ -152,8 +160,7 @@ def main(args: argparse.Namespace):
     eager = [row for row in result["throughput"] if row["dtype"] == "float32" and not row["compiled"]]
     batch = max(eager, key=lambda row: row["counterfactuals_per_second"])["batch_size"]
     result["chain_batch_size"] = batch
-    for chain in args.chains:
-        chain_steps, chain_refinement, shared, scale = parse_chain(chain)
+    for chain_steps, chain_refinement, shared, scale in args.chains:
         chain_targets = other_targets(labels, shared)
         entry = run(base, images, labels, chain_targets, chain_steps, chain_refinement, batch, 1.0, scale)
         row = {

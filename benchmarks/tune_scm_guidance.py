@@ -46,7 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--save-defaults", action="store_true", help="Write the best setting into the --model folder.")
     parser.add_argument("--out", default="docs/evaluation-morphomnist-conditional-tuning/tuning.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.save_defaults and not (Path(args.model) / "model_index.json").is_file():
+        parser.error(f"--save-defaults writes into a local pipeline folder; --model {args.model!r} is none.")
+    return args
 
 
 def grid(pairs: list[str]) -> list[dict[str, float]]:

@@ -139,6 +139,24 @@ def test_benchmark_script_writes_ratios(model_dirs, tmp_path):
     assert reuse["one_abduction_nfe_per_cf"] < reuse["separate_calls_nfe_per_cf"]
 
 
+@pytest.mark.parametrize(
+    "script, arguments, message",
+    [
+        ("throughput.py", ["--chains", "25"], "--chains takes STEPS:K"),
+        ("throughput.py", ["--chains", "25:one"], "--chains takes STEPS:K"),
+        ("throughput.py", ["--chains", "25:1:10"], "TARGETS must be 1 to 9"),
+        ("throughput.py", ["--dtypes", "bfloat16"], "must include float32"),
+        ("tune_scm_guidance.py", ["--model", "user/diffscm-hub-id", "--save-defaults"], "local pipeline folder"),
+    ],
+)
+def test_benchmark_scripts_refuse_bad_requests_before_any_work(script, arguments, message, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    module = __import__(script.removesuffix(".py"))
+    with pytest.raises(SystemExit):
+        module.parse_args(arguments)
+    assert message in capsys.readouterr().err
+
+
 def test_throughput_benchmark_reports_rates_and_the_chain(model_dirs, tmp_path):
     pipeline_dir, _ = model_dirs
     out = tmp_path / "throughput.md"
