@@ -10,9 +10,9 @@ This module only reads files: it imports no model or pipeline code (floor 1; the
 import json
 import math
 import os
-import re
 from pathlib import Path
 
+from diffscm.pipelines.folder import missing_remote_code
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
@@ -23,7 +23,6 @@ ORACLE_TEMPLATE = "oracle.md"
 VAE_TEMPLATE = "vae.md"
 IMAGE_CLASSIFIER_TEMPLATE = "image_classifier.md"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-CODE_LIBRARIES = ("diffusers", "transformers")  # components whose classes the loader knows without remote code
 
 
 def write_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
@@ -136,35 +135,6 @@ def write_image_classifier_card(folder: str | os.PathLike, repo_id: str | None =
         repo_id=repo_id or _display_path(folder), heldout_accuracy=record["heldout_accuracy"],
         architecture=_read_json(folder, "config.json")["architectures"][0],
     )  # fmt: skip
-
-
-def missing_remote_code(pipeline_dir: str | os.PathLike) -> list[str]:
-    """The code files that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` needs and the folder
-    lacks (the pipeline's module, its custom components' modules in their sub-folders and what they import
-    relatively); `["model_index.json"]` when it does not name the pipeline's module. Empty: plain diffusers loads
-    the folder."""
-    folder = Path(pipeline_dir)
-    index = _read_json(folder, "model_index.json")
-    class_name = index.get("_class_name")
-    if not (isinstance(class_name, list) and len(class_name) == 2 and class_name[0]):
-        return ["model_index.json"]
-    needed = [Path(f"{class_name[0]}.py")] + [
-        Path(name, f"{spec[0]}.py")
-        for name, spec in index.items()
-        if not name.startswith("_") and _recorded(index, name) and spec[0] not in CODE_LIBRARIES
-    ]
-    missing, seen = [], set()
-    while needed:
-        path = needed.pop(0)
-        if path in seen:
-            continue
-        seen.add(path)
-        if not (folder / path).is_file():
-            missing.append(path.as_posix())
-            continue
-        source = (folder / path).read_text(encoding="utf-8")
-        needed += [path.parent / f"{module}.py" for module in re.findall(r"^\s*from\s+\.(\w+)\s+import", source, re.M)]
-    return missing
 
 
 def _write_judge_card(

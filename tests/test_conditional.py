@@ -40,6 +40,21 @@ def test_do_position_moves_the_blob_without_any_anti_causal_guidance(conditional
     assert sum(bool(m) for m in moved) >= 5
 
 
+def test_the_mechanism_alone_draws_what_its_parents_say_from_fresh_noise(conditional_pipeline):
+    position = torch.tensor([0, 1] * 6)
+    values = {"position": position, "brightness": 0.9}
+    drawn = conditional_pipeline.generate(values, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert drawn.shape == (12, 1, 8, 8)
+    follows = [quadrant_mass(drawn[i], position[i]) > quadrant_mass(drawn[i], 1 - position[i]) for i in range(12)]
+    assert sum(bool(f) for f in follows) >= 10
+    again = conditional_pipeline.generate(values, generator=torch.Generator().manual_seed(0), output_type="pt")
+    torch.testing.assert_close(drawn, again)
+    one = conditional_pipeline.generate({"position": 1, "brightness": 0.9}, num_images=3, output_type="np")
+    assert one.shape == (3, 8, 8, 1)
+    with pytest.raises(ValueError, match="2 values for 3 images"):
+        conditional_pipeline.generate({"position": [0, 1], "brightness": 0.9}, num_images=3)
+
+
 def test_do_brightness_moves_it_the_right_way(conditional_pipeline, factual_images):
     images, labels = factual_images
     factual = {"position": labels, "brightness": 0.75}

@@ -49,8 +49,8 @@ def test_guidance_through_the_denoised_estimate_moves_towards_the_explained_clas
     images, labels = factual_images
     explained = ExplainedClassifier(vit, PROCESSOR)
     assert (explained.predict(images * 2 - 1) == labels).float().mean() >= 5 / 6, "the ViT reads the factuals"
-    request = dict(factual_values={"label": labels}, num_inference_steps=10, output_type="pt", classifier=vit,
-                   classifier_processor=PROCESSOR, classifier_gradient=gradient)  # fmt: skip
+    request = dict(factual_values={"label": labels}, num_inference_steps=10, output_type="pt",
+                   explained_classifier=vit, explained_processor=PROCESSOR, explained_gradient=gradient)  # fmt: skip
     guided = trained_pipeline(images, 1 - labels, guidance_scale=100.0, **request)
     unguided = trained_pipeline(images, 1 - labels, guidance_scale=0.0, **request)
     assert np.log(guided.target_probabilities).mean() > np.log(unguided.target_probabilities).mean() + 2
@@ -77,17 +77,30 @@ def test_the_processor_resizes_and_normalises_differentiably_for_an_rgb_classifi
 )
 def test_wrong_classifier_types_are_refused(trained_pipeline, classifier, message):
     with pytest.raises(TypeError, match=message):
-        trained_pipeline(torch.rand(1, 1, 8, 8), 1, classifier=classifier, num_inference_steps=2)
+        trained_pipeline(torch.rand(1, 1, 8, 8), 1, explained_classifier=classifier, num_inference_steps=2)
+
+
+def test_the_old_keywords_still_explain_with_a_deprecation_warning(trained_pipeline, factual_images, vit):
+    images, labels = factual_images
+    request = dict(factual_values={"label": labels}, num_inference_steps=4, guidance_scale=8.0, output_type="pt")
+    new = trained_pipeline(images, 1 - labels, explained_classifier=vit, explained_processor=PROCESSOR, **request)
+    with pytest.warns(FutureWarning, match="`classifier` is now `explained_classifier`"):
+        old = trained_pipeline(images, 1 - labels, classifier=vit, classifier_processor=PROCESSOR, **request)
+    torch.testing.assert_close(old.images, new.images)
+    with pytest.raises(TypeError, match="Unexpected keyword argument"):
+        trained_pipeline(images, 1 - labels, classifer=vit, **request)
 
 
 def test_targets_outside_the_classifiers_labels_and_bad_gradients_are_refused(vit):
     pipe = tiny_pipeline(num_classes=3, num_inference_steps=2)
     with pytest.raises(ValueError, match="not a class of the explained classifier, which has 2 labels"):
-        pipe(torch.rand(1, 1, 8, 8), 2, factual_values={"label": 0}, classifier=vit, classifier_processor=PROCESSOR)
-    with pytest.raises(ValueError, match="`classifier_gradient` must be 'cheap' or 'full'"):
-        pipe(torch.rand(1, 1, 8, 8), 1, classifier=vit, classifier_gradient="exact")
+        pipe(torch.rand(1, 1, 8, 8), 2, factual_values={"label": 0}, explained_classifier=vit,
+             explained_processor=PROCESSOR)  # fmt: skip
+    with pytest.raises(ValueError, match="`explained_gradient` must be 'cheap' or 'full'"):
+        pipe(torch.rand(1, 1, 8, 8), 1, explained_classifier=vit, explained_gradient="exact")
 
 
+@pytest.mark.slow
 def test_the_training_script_ships_a_classifier_that_evaluate_explains(tmp_path):
     root = Path(__file__).resolve().parents[1]
     export = tmp_path / "vit"

@@ -105,7 +105,12 @@ def test_missing_folder_and_foreign_folders_are_rejected(tmp_path, shared_folder
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": []}))
     with pytest.raises(ValueError, match="not a DiffSCMPipeline"):
         DiffSCMPipeline.from_pretrained(tmp_path)
-    index = {"_class_name": "DiffSCMPipeline", "unet": [], "scheduler": [], "classifier": ["anticausal", "Nope"]}
+    index = {
+        "_class_name": "DiffSCMPipeline",
+        "unet": ["diffusers", "UNet2DModel"],
+        "classifier": ["anticausal", "Nope"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="unknown anti-causal predictor 'Nope'"):
         DiffSCMPipeline.from_pretrained(tmp_path)

@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 import torch
 from conftest import tiny_classifier, tiny_pipeline
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from diffscm import DiffSCMPipeline
 
@@ -22,6 +22,27 @@ def test_null_intervention_reconstructs_and_improves_with_steps(trained_pipeline
         errors[steps] = l1(out.images, images)
     assert errors[50] < errors[20] < errors[5]
     assert errors[50] < 0.01  # on the [0, 1] scale: under 2.6 grey levels
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_abduction_and_prediction_walk_one_chain_for_every_timestep_spacing(trained_pipeline, factual_images, spacing):
+    """Each generation step lands on the alpha-bar of the next listed timestep, so the inversion (the same steps
+    backwards) is undone by the prediction whatever the scheduler's spacing: the null intervention returns the
+    input (the generation step used to recompute its target as t - T // n, right for `leading` only)."""
+    images, labels = factual_images
+    scheduler = DDIMScheduler.from_config(trained_pipeline.scheduler.config, timestep_spacing=spacing)
+    pipe = DiffSCMPipeline(trained_pipeline.unet, scheduler, trained_pipeline.classifier)
+    pipe.set_progress_bar_config(disable=True)
+    for steps in (7, 30):
+        chain = pipe.get_chain(steps)
+        assert [t for t, _, _ in chain] == pipe.scheduler.timesteps.tolist()
+        assert all(chain[i][2] == chain[i + 1][1] for i in range(len(chain) - 1))
+        assert chain[-1][2] == float(pipe.scheduler.final_alpha_cumprod)
+    errors = {}
+    for steps in (10, 30):
+        out = pipe(images, labels, guidance_scale=0, num_inference_steps=steps, output_type="pt")
+        errors[steps] = l1(out.images, images)
+    assert errors[30] < errors[10] and errors[30] < 0.02, errors  # [0, 1] scale: under 5 grey levels
 
 
 def test_exact_abduction_refinement_reduces_reconstruction_error(trained_pipeline, factual_images):
@@ -112,6 +133,32 @@ def test_output_types_and_diagnostics(trained_pipeline, factual_images):
     assert as_tuple[7] is None and as_tuple[8] is None, "the tuple keeps its layout: no reconstructions, no noise"
 
 
+def test_latent_output_is_the_raw_sample_on_every_entry_point(trained_pipeline, factual_images):
+    images, labels = factual_images
+    options = dict(guidance_scale=0, num_inference_steps=5)
+    latent = trained_pipeline(images, labels, output_type="latent", **options).images
+    pt = trained_pipeline(images, labels, output_type="pt", **options).images
+    torch.testing.assert_close(((latent + 1) / 2).clamp(0, 1), pt)
+    abduction = trained_pipeline.abduct(images, {"label": labels}, num_inference_steps=5)
+    torch.testing.assert_close(trained_pipeline.intervene(abduction, labels, 0, output_type="latent"), latent)
+
+
+def test_interrupt_stops_the_prediction_and_num_timesteps_counts_it(trained_pipeline, factual_images):
+    images, labels = factual_images
+    seen = []
+
+    def stop_after_two(pipe, step, timestep, callback_kwargs):
+        seen.append(step)
+        pipe._interrupt = step == 1
+        return callback_kwargs
+
+    abduction = trained_pipeline.abduct(images, {"label": labels}, num_inference_steps=6)
+    trained_pipeline.intervene(abduction, callback_on_step_end=stop_after_two)
+    assert seen == [0, 1] and trained_pipeline.num_timesteps == 6
+    trained_pipeline.intervene(abduction, callback_on_step_end=lambda *args: {})
+    assert not trained_pipeline.interrupt, "each prediction starts uninterrupted"
+
+
 def test_callback_sees_and_can_replace_every_step(trained_pipeline, factual_images):
     images, labels = factual_images
     seen = []
@@ -172,7 +219,6 @@ def test_a_ddpm_scheduler_is_read_as_ddim():
         ({"target": 0, "strength": 0.0}, ValueError, "strength"),
         ({"target": 0, "abduction_refinement_steps": -1}, ValueError, "abduction_refinement_steps"),
         ({"target": 0, "eta": 2.0}, ValueError, "eta"),
-        ({"target": 0, "output_type": "latent"}, ValueError, "output_type"),
         ({"target": 0, "output_type": "tensor"}, ValueError, "output_type"),
         ({"target": 0, "callback_on_step_end_tensor_inputs": ["latents"]}, ValueError, "tensor_inputs"),
     ],

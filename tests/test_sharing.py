@@ -211,6 +211,24 @@ def test_push_to_hub_names_what_is_wrong_before_uploading(tmp_path, saved, monke
         hub.push_to_hub(tmp_path, "someone/x")
 
 
+def test_the_pipelines_own_push_to_hub_uploads_the_project_card_and_code(tmp_path, monkeypatch):
+    uploaded = {}
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded[repo_id] = {path.relative_to(folder_path).as_posix(): path.read_bytes()
+                             for path in Path(folder_path).rglob("*") if path.is_file()}  # fmt: skip
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    pipe = DiffSCMPipeline.from_pretrained(MNIST)
+    assert pipe.push_to_hub("someone/diffscm-mnist") == "https://huggingface.co/someone/diffscm-mnist"
+    files = uploaded["someone/diffscm-mnist"]
+    card = files["README.md"].decode()
+    assert "Mechanism: **classifier-guided**" in card and "## Evaluation" in card, "the project's card, with records"
+    assert files["training.json"] == (MNIST / "training.json").read_bytes()
+    assert {"pipeline_diffscm.py", "folder.py", "checks.py", "classifier/anticausal.py"} <= set(files)
+
+
 def test_torch_dtype_reaches_every_component_and_abduction_stays_float32(tmp_path, saved):
     folder = tmp_path / "diffscm-all-components"
     torch.manual_seed(0)

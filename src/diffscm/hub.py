@@ -26,9 +26,9 @@ def load_pipeline(name_or_path: str | None = None, device: str = "cpu", dtype: s
     import torch
 
     from .pipelines import DiffSCMPipeline
-    from .pipelines.pipeline_diffscm import local_pipeline_folder
+    from .pipelines.folder import resolve
 
-    folder = local_pipeline_folder(name_or_path or shipped_checkpoint(DEFAULT_MODEL))
+    folder = resolve(name_or_path or shipped_checkpoint(DEFAULT_MODEL))
     return DiffSCMPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype), **kwargs).to(device)
 
 
@@ -69,6 +69,7 @@ def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_d
     record = {
         "commands": commands,
         "unet_seconds_per_step": round(unet_run["seconds_per_step"], 3),
+        "unet_images_seen": unet_run.get("images_seen"),
         "classifier_seconds_per_step": round(classifier_run["seconds_per_step"], 3),
         "split": _read_json(classifier_run_dir, "split.json"),
         "predictor_metrics": _read_json(classifier_run_dir, "heldout_metrics.json"),
@@ -108,14 +109,14 @@ def push_to_hub(
             "Pushing a pipeline needs a Hub repo id such as 'your-name/diffscm-mnist' (--hub_model_id in the "
             "training scripts)."
         )
-    from .pipelines.pipeline_diffscm import _read_pipeline_config
+    from .pipelines.folder import missing_remote_code, read_index
 
     folder = Path(pipeline_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"No such pipeline folder: {str(pipeline_dir)!r}.")
-    _read_pipeline_config(str(folder))  # a ValueError that names what is wrong when it is not a pipeline folder
+    read_index(folder)  # a ValueError that names what is wrong when it is not a pipeline folder
     with tempfile.TemporaryDirectory(prefix="diffscm-push-") as staging:
-        missing = model_cards.missing_remote_code(folder)
+        missing = missing_remote_code(folder)
         if missing:
             logger.info(f"{folder} lacks the pipeline's code ({', '.join(missing)}): staging it for the upload.")
             folder = _stage(folder, Path(staging) / folder.resolve().name)
@@ -140,11 +141,19 @@ def _stage(pipeline_dir: str | os.PathLike, staging_dir: str | os.PathLike) -> P
     source, staging = Path(pipeline_dir), Path(staging_dir)
     pipe = DiffSCMPipeline.from_pretrained(str(source), torch_dtype=_saved_dtypes(source))
     pipe.save_pretrained(staging)
-    for name in RECORDS:
-        if (source / name).is_file():
-            shutil.copy2(source / name, staging / name)
-    model_cards.write_model_card(staging)
+    copy_records(source, staging)
     return staging
+
+
+def copy_records(source: str | os.PathLike, pipeline_dir: str | os.PathLike):
+    """The `training.json` and `evaluation.md` of a local pipeline folder `source` (if any) into `pipeline_dir`, its
+    card re-rendered with them."""
+    if not os.path.isdir(source):
+        return
+    for name in RECORDS:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(pipeline_dir) / name)
+    model_cards.write_model_card(pipeline_dir)
 
 
 def _saved_dtypes(folder: Path) -> dict:

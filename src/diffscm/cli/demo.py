@@ -59,7 +59,7 @@ def demo(args: argparse.Namespace):
     explained = None
     if args.classifier:
         explained = load_explained_classifier(args.classifier).to(device)
-        options |= {"classifier": explained, "guidance_scale": args.classifier_scale}
+        options |= {"explained_classifier": explained, "guidance_scale": args.classifier_scale}
     print(f"Counterfactuals of {len(images)} held-out digits under do(digit = 0..{num_classes - 1}) ...")
     out = pipe(
         images, "all", factual_values={parent: labels}, output_type="pt", return_reconstruction=True, **options

@@ -1,0 +1,182 @@
+"""What DiffSCMPipeline checks before any work: settings, scales, targets and components, each refused with a
+message that names the argument."""
+
+import math
+import numbers
+
+import numpy as np
+import torch
+from diffusers.utils import deprecate
+
+ScaleInput = float | dict[str, float]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_GUIDANCE_SCALE = 1000.0  # far past any measured useful scale (at most 40); beyond it a sample is only noise
+
+
+def is_real(value) -> bool:
+    """A real number (Python, numpy or a 0-d tensor), not a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.dtype.is_complex and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def check_count(name: str, value, default, minimum: int = 1) -> int:
+    """An integer setting (Python, numpy or 0-d tensor) >= `minimum`; `default` when None."""
+    value = default if value is None else value
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        value = value.item()
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool | np.bool_) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_eta(eta) -> float:
+    if not is_real(eta) or not 0 <= float(eta) <= 1:
+        raise ValueError(f"`eta` must be a number in [0, 1], got {eta!r}.")
+    return float(eta)
+
+
+def check_strength(strength) -> float:
+    if not is_real(strength) or not 0 < strength <= 1:
+        raise ValueError(f"`strength` must be a number in (0, 1], got {strength!r}.")
+    return float(strength)
+
+
+def check_output_type(output_type: str):
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}.")
+
+
+def per_parent(
+    name: str, parents: tuple[str, ...], default: ScaleInput, given: ScaleInput | None, fill: float
+) -> dict[str, float]:
+    """{parent: scale} from a scale or a per-parent dict, the given one(s) over the defaults (`fill` for parents
+    named by neither); finite, >= 0 and at most `MAX_GUIDANCE_SCALE`."""
+    scales = {}
+    for scale in (default, given):
+        if scale is None:
+            continue
+        if not isinstance(scale, dict):
+            scale = dict.fromkeys(parents, scale)
+        unknown = set(scale) - set(parents)
+        if unknown:
+            raise ValueError(f"`{name}` names {sorted(unknown)}, not parents of the image {list(parents)}.")
+        scales |= {parent: check_scale(name, value) for parent, value in scale.items()}
+    return {parent: scales.get(parent, fill) for parent in parents}
+
+
+def check_scale(name: str, value) -> float:
+    """A guidance scale: a finite number in [0, `MAX_GUIDANCE_SCALE`]."""
+    if not is_real(value) or not math.isfinite(float(value)) or not 0 <= float(value) <= MAX_GUIDANCE_SCALE:
+        raise ValueError(f"`{name}` must be a number in [0, {MAX_GUIDANCE_SCALE:g}] (or one per parent): {value!r}.")
+    return float(value)
+
+
+def check_finite(sample: torch.Tensor, what: str, scales: dict):
+    if not torch.isfinite(sample).all():
+        raise ValueError(f"{what} became NaN or infinite: the guidance is too strong ({scales}); lower it.")
+
+
+def check_noise(noise, channels: int, size: int):
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape[1:]) != (channels, size, size):
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"`noise` must be a tensor (B, {channels}, {size}, {size}) from `abduct`; got {shape}.")
+    if not torch.isfinite(noise).all():
+        raise ValueError("`noise` contains NaN or infinite values.")
+
+
+def check_callback(tensor_inputs, allowed: list[str]):
+    if not set(tensor_inputs) <= set(allowed):
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` must be within {allowed}.")
+
+
+def check_generator(generator, size: int):
+    if isinstance(generator, list) and len(generator) != size:
+        raise ValueError(f"Got {len(generator)} generators for {size} samples; pass one per sample.")
+
+
+def class_targets(target, batch_size: int, num_classes: int) -> torch.Tensor:
+    """`target=` (an int, one per image, a `(B, K)` array or "all") as a `(batch_size, K)` long tensor."""
+    if isinstance(target, str) and target == "all":
+        return torch.arange(num_classes).expand(batch_size, -1)
+    if isinstance(target, str):
+        raise ValueError(f"`target` must be a class index or 'all', got {target!r}.")
+    targets = torch.as_tensor(target)
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"`target` must hold integer class indices, got {target!r}.")
+    targets = targets.long().cpu()
+    if targets.ndim == 0:
+        targets = targets.expand(batch_size)
+    if targets.ndim > 2 or targets.shape[0] != batch_size:
+        raise ValueError(
+            f"`target` must be an int, one per image ({batch_size}) or a ({batch_size}, K) array; "
+            f"got shape {tuple(targets.shape)}."
+        )
+    if targets.numel() == 0 or targets.min() < 0 or targets.max() >= num_classes:
+        raise ValueError(f"`target` must be class indices in [0, {num_classes - 1}], got {target!r}.")
+    return targets.reshape(batch_size, -1)
+
+
+def check_components(unet, scheduler, classifier, parent_embedding, graph):
+    """The components fit each other and the causal graph."""
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"Only epsilon-prediction UNets are supported, got {scheduler.config.prediction_type!r}.")
+    conditional = unet.config.class_embed_type == "identity"
+    if conditional != (parent_embedding is not None):
+        raise ValueError(
+            "A conditional mechanism needs both a UNet with class_embed_type='identity' and a `parent_embedding`; "
+            f"got class_embed_type {unet.config.class_embed_type!r} and "
+            f"{'a' if parent_embedding is not None else 'no'} parent embedding."
+        )
+    if parent_embedding is not None:
+        width = unet.time_embedding.linear_2.out_features
+        if parent_embedding.config.embedding_dim != width:
+            raise ValueError(
+                f"The parent embedding is {parent_embedding.config.embedding_dim} wide; the UNet's timestep "
+                f"embedding is {width}."
+            )
+        if parent_embedding.parents != graph.parent_specs():
+            raise ValueError(
+                f"The parent embedding embeds {parent_embedding.parents}, but the image's parents in the causal "
+                f"graph are {graph.parent_specs()}."
+            )
+    if classifier is None:
+        return
+    for name in ("in_channels", "sample_size"):
+        if unet.config[name] != classifier.config[name]:
+            raise ValueError(
+                f"The UNet and the anti-causal predictor disagree on {name}: "
+                f"{unet.config[name]} vs {classifier.config[name]}."
+            )
+    if set(classifier.parents) != set(graph.image_parents):
+        raise ValueError(
+            f"The anti-causal predictor predicts {sorted(classifier.parents)}, but the image's parents in the causal "
+            f"graph are {sorted(graph.image_parents)}."
+        )
+    for name, spec in classifier.parents.items():
+        node = graph.nodes[name]
+        if spec["type"] != node.type or spec.get("num_classes") != node.num_classes:
+            raise ValueError(f"The anti-causal predictor's {name!r} ({spec}) does not match the graph's {node}.")
+
+
+def renamed_keyword(kwargs: dict, old: str, new: str, value):
+    """A keyword's new name, the old one still taken (with diffusers' deprecation warning)."""
+    if old in kwargs:
+        if value is not None:
+            raise TypeError(f"Give `{new}` only (`{old}` is its old name).")
+        value = kwargs.pop(old)
+        deprecate(old, "1.0.0", f"`{old}` is now `{new}`.")
+    return value
+
+
+def explained_keywords(kwargs: dict, classifier, processor, gradient) -> tuple:
+    """`explained_classifier`, `explained_processor` and `explained_gradient`, the old `classifier`,
+    `classifier_processor` and `classifier_gradient` still taken; any other unknown keyword refused."""
+    classifier = renamed_keyword(kwargs, "classifier", "explained_classifier", classifier)
+    processor = renamed_keyword(kwargs, "classifier_processor", "explained_processor", processor)
+    if "classifier_gradient" in kwargs:
+        gradient = kwargs.pop("classifier_gradient")
+        deprecate("classifier_gradient", "1.0.0", "`classifier_gradient` is now `explained_gradient`.")
+    if kwargs:
+        raise TypeError(f"Unexpected keyword argument(s): {sorted(kwargs)}.")
+    return classifier, processor, gradient

@@ -1,0 +1,259 @@
+"""The DiffSCMPipeline folder format, in one place: a local folder or Hub id resolved, `model_index.json` read and
+checked, the components loaded (safetensors only, every tensor accounted for), and the code that plain diffusers
+needs (`trust_remote_code=True`) written by walking the pipeline's imports, and checked."""
+
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from huggingface_hub import snapshot_download
+
+from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor
+from diffscm.models.parent_embedding import ParentEmbedding
+
+PREDICTORS = {cls.__name__: cls for cls in (AntiCausalClassifier, AntiCausalPredictor)}
+MODELS = {"unet": UNet2DModel, "parent_embedding": ParentEmbedding}  # the classifier's class is recorded
+COMPONENTS = ("unet", "scheduler", "classifier", "parent_embedding")
+SCHEDULER = "scheduler"
+DOWNLOAD_KEYWORDS = ("revision", "cache_dir", "token", "local_files_only")
+SETTINGS = (
+    "causal_graph",
+    "guidance_scale",
+    "cfg_scale",
+    "num_inference_steps",
+    "abduction_refinement_steps",
+    "explained_classifier_scale",
+)
+CODE_LIBRARIES = ("diffusers", "transformers")  # components whose code plain diffusers already has
+_IMPORT = re.compile(r"^from\s+(diffscm(?:\.\w+)*|\.+\w*(?:\.\w+)*)\s+import", re.MULTILINE)
+
+
+def resolve(name_or_path: str, **download) -> str:
+    """A pipeline folder as is, or a Hub id's local snapshot (downloaded, or from the cache offline); diffusers' own
+    download step refuses non-diffusers component libraries, so the id is resolved here."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    first = name_or_path.split("/")[0]
+    if (
+        os.path.exists(name_or_path)
+        or name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+        or ("/" in name_or_path and os.path.isdir(first))
+    ):
+        raise FileNotFoundError(f"No such pipeline folder: {name_or_path!r}.")
+    try:
+        return snapshot_download(name_or_path, **download)
+    except Exception as error:  # the hub client raises many kinds; all mean the same to the user
+        raise OSError(
+            f"{name_or_path!r} is not a local folder, and as a Hub id it could not be fetched: {error}"
+        ) from error
+
+
+def read_index(folder: str | os.PathLike) -> dict:
+    """`model_index.json` of a DiffSCMPipeline folder, checked: its class, its components and their folders, and no
+    key that the pipeline does not know."""
+    path = Path(folder) / "model_index.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} is not a DiffSCMPipeline folder: it has no model_index.json.")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is corrupt: {error}") from error
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(index).__name__}.")
+    class_name = index.get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, list) else class_name
+    if class_name != "DiffSCMPipeline" or {"unet", "scheduler"} - set(index):
+        raise ValueError(f"{folder} holds a {class_name} pipeline, not a DiffSCMPipeline (with unet and scheduler).")
+    unknown = {key for key in index if not key.startswith("_")} - set(COMPONENTS) - set(SETTINGS)
+    if unknown:
+        known = [*COMPONENTS, *SETTINGS]
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; a DiffSCMPipeline knows {known}.")
+    for name in COMPONENTS:
+        spec = index.get(name)
+        if spec is not None and not (isinstance(spec, list) and len(spec) == 2):
+            raise ValueError(f"{path}: {name!r} must be [library, class] or null, got {spec!r}.")
+    predictor = (index.get("classifier") or [None, None])[-1]
+    if predictor is not None and predictor not in PREDICTORS:
+        raise ValueError(f"{path}: unknown anti-causal predictor {predictor!r}; expected one of {sorted(PREDICTORS)}.")
+    for name in COMPONENTS:
+        recorded = (index.get(name) or [None, None])[-1]
+        if recorded is not None and not (Path(folder) / name).is_dir():
+            raise ValueError(f"{folder} records a {name} ({recorded}) but has no {name}/ folder.")
+    return index
+
+
+def loading_options(kwargs: dict) -> tuple[dict, dict, object]:
+    """diffusers' loading keywords taken out of `kwargs`: the download ones, the models' (`variant`,
+    `low_cpu_mem_usage`) and the dtype (`torch_dtype` or `dtype`: a torch dtype, its name, or `{component: dtype,
+    "default": dtype}`). Keywords that would load something else than what the folder holds are refused."""
+    download = {key: kwargs.pop(key) for key in DOWNLOAD_KEYWORDS if key in kwargs}
+    if "dtype" in kwargs and "torch_dtype" in kwargs:
+        raise TypeError("Give `dtype` or `torch_dtype`, not both.")
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+    dtype = {k: _dtype(v) for k, v in dtype.items()} if isinstance(dtype, dict) else _dtype(dtype)
+    if kwargs.pop("use_safetensors", True) is not True:
+        raise ValueError("DiffSCMPipeline loads safetensors weights only (pickled .bin weights can run code).")
+    if kwargs.pop("device_map", None) is not None:
+        raise ValueError("`device_map` is not supported: load the pipeline, then move it with `.to(device)`.")
+    model_options = {key: kwargs.pop(key) for key in ("variant", "low_cpu_mem_usage") if key in kwargs}
+    return download, {key: value for key, value in model_options.items() if value is not None}, dtype
+
+
+def load_components(folder: str, index: dict, dtype, skip=(), **options) -> dict:
+    """Every component that `index` records and `skip` does not name, from its sub-folder of `folder`."""
+    components = {}
+    for name in COMPONENTS:
+        if name in skip or (index.get(name) or [None, None])[-1] is None:
+            continue
+        if name == "scheduler":
+            components[name] = _load(folder, name, lambda: DDIMScheduler.from_pretrained(folder, subfolder=SCHEDULER))
+            continue
+        cls = PREDICTORS[index[name][1]] if name == "classifier" else MODELS[name]
+        component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
+        components[name] = load_model(cls, folder, name, component_dtype, **options)
+    return components
+
+
+def load_model(cls, folder: str, name: str, dtype: torch.dtype | None = None, **options):
+    """One model component from safetensors weights, refused with its file named when a tensor is missing or left
+    over (diffusers would only warn, and run on uninitialised memory)."""
+    subfolder = Path(folder) / name
+    weights = sorted(subfolder.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(subfolder.glob("*.bin"))
+        reason = f"only pickled weights ({pickled[0].name}), which can run code" if pickled else "no weights"
+        raise ValueError(f"{subfolder} has {reason}: diffusion_pytorch_model.safetensors is needed.")
+
+    def load():
+        return cls.from_pretrained(
+            folder, subfolder=name, torch_dtype=dtype, use_safetensors=True, output_loading_info=True, **options
+        )
+
+    model, info = _load(folder, name, load)
+    problems = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {key: value for key, value in problems.items() if value}
+    if problems:
+        listed = "; ".join(f"{key.replace('_', ' ')}: {sorted(map(str, keys))[:5]}" for key, keys in problems.items())
+        raise ValueError(f"{weights[0]} does not fit the {name}'s config ({listed}).")
+    return model
+
+
+def _load(folder: str, name: str, load):
+    """One component, with an error that names its file when it is missing or broken."""
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+        files = sorted((Path(folder) / name).glob("*.safetensors")) or [Path(folder) / name / "scheduler_config.json"]
+        raise ValueError(f"Cannot load the {name} from {files[0]}: {error}") from error
+
+
+def _dtype(value) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, value.removeprefix("torch."))
+    raise TypeError(f"`torch_dtype` must be a torch dtype or its name such as 'float16', got {value!r}.")
+
+
+def write_remote_code(pipe, folder: str | os.PathLike):
+    """The modules behind `pipe`, found by walking its imports, as flat files of `folder` (and each custom
+    component's module with what it imports in its sub-folder), their imports made relative, and
+    `model_index.json` pointing at them."""
+    folder = Path(folder)
+    pipeline_module = sys.modules[type(pipe).__module__]
+    for module in imported_modules(pipeline_module, check_direct=True):
+        (folder / _module_file(module)).write_text(_flat_source(module), encoding="utf-8")
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    index["_class_name"] = [_module_file(pipeline_module).removesuffix(".py"), type(pipe).__name__]
+    for name in pipe._optional_components:
+        component = pipe.components[name]
+        if component is None:
+            continue
+        module = sys.modules[type(component).__module__]
+        for needed in imported_modules(module, check_direct=True):
+            (folder / name / _module_file(needed)).write_text(_flat_source(needed), encoding="utf-8")
+        index[name] = [_module_file(module).removesuffix(".py"), type(component).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def imported_modules(module, check_direct: bool = False) -> list:
+    """`module` and every diffscm module it imports, directly or through the others (by their `from` lines). With
+    `check_direct`, refused unless `module` imports them all itself: diffusers' remote-code loader copies only the
+    direct relative imports of the module it loads."""
+    found, pending = [], [module]
+    while pending:
+        current = pending.pop(0)
+        if current not in found:
+            found.append(current)
+            pending += _direct_imports(current)
+    indirect = [m.__name__ for m in found[1:] if m not in _direct_imports(module)]
+    if check_direct and indirect:
+        raise RuntimeError(f"{module.__name__} must import {indirect} itself, or plain diffusers cannot load it.")
+    return found
+
+
+def _direct_imports(module) -> list:
+    names = _IMPORT.findall(inspect.getsource(module))
+    resolved = [importlib.util.resolve_name(n, module.__package__) if n.startswith(".") else n for n in names]
+    return [importlib.import_module(name) for name in resolved]
+
+
+def _module_file(module) -> str:
+    return module.__name__.rsplit(".", 1)[-1] + ".py"
+
+
+def _flat_source(module) -> str:
+    """The module's source with its diffscm imports pointing at the flat files beside it (`from .anticausal`)."""
+    return _IMPORT.sub(lambda m: f"from .{m.group(1).rsplit('.', 1)[-1]} import", inspect.getsource(module))
+
+
+def missing_remote_code(pipeline_dir: str | os.PathLike) -> list[str]:
+    """The code files that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` needs and the folder
+    lacks (the pipeline's module, its custom components' modules in their sub-folders and what they import
+    relatively); `["model_index.json"]` when it does not name the pipeline's module. Empty: plain diffusers loads
+    the folder."""
+    folder = Path(pipeline_dir)
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    class_name = index.get("_class_name")
+    if not (isinstance(class_name, list) and len(class_name) == 2 and class_name[0]):
+        return ["model_index.json"]
+    needed = [Path(f"{class_name[0]}.py")] + [
+        Path(name, f"{spec[0]}.py")
+        for name, spec in index.items()
+        if name in COMPONENTS and isinstance(spec, list) and spec[-1] is not None and spec[0] not in CODE_LIBRARIES
+    ]
+    missing, seen = [], set()
+    while needed:
+        path = needed.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        if not (folder / path).is_file():
+            missing.append(path.as_posix())
+            continue
+        source = (folder / path).read_text(encoding="utf-8")
+        needed += [path.parent / f"{module}.py" for module in re.findall(r"^\s*from\s+\.(\w+)\s+import", source, re.M)]
+    return missing
+
+
+def write_model_card(folder: str | os.PathLike):
+    """The project's card for a saved folder; skipped with a warning where diffscm (which renders it) is missing, as
+    in a folder's shipped code run by plain diffusers."""
+    try:  # by name: loading the shipped code must not need diffscm (diffusers checks the imports it sees)
+        model_cards = importlib.import_module("diffscm.model_cards")
+    except ImportError:
+        from diffusers.utils import logging
+
+        logging.get_logger(__name__).warning(
+            f"Saved {folder} without its model card (README.md): diffscm, which renders it, is not installed."
+        )
+        return
+    model_cards.write_model_card(folder)

@@ -1,0 +1,89 @@
+"""What DiffSCMPipeline returns and passes between its steps, as diffusers' `BaseOutput` dataclasses."""
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+
+from diffscm.models.explained_classifier import ExplainedClassifier
+
+
+@dataclass
+class DiffSCMPipelineOutput(BaseOutput):
+    """
+    Args:
+        images: counterfactuals, image-major: for `B` images and `K` targets each, image `b` under target `k` is at
+            `b * K + k`. PIL images, a numpy array `(B*K, H, W, C)` or a tensor `(B*K, C, H, W)`, in [0, 1].
+        counterfactual_values (`dict[str, np.ndarray]`): every variable of the causal graph after do() and
+            propagation through the mechanisms, one value per counterfactual.
+        factual_values (`dict[str, np.ndarray]`): the factual value of every variable, one per input image.
+        predicted_factuals (`list[str]`): the factual values that were predicted from the image by the anti-causal
+            predictor at t = 0 because they were not given.
+        predicted_values (`dict[str, np.ndarray]`): the anti-causal predictor's estimate of each parent of the image
+            from each counterfactual (a guide, not an independent judge); empty without a predictor.
+        targets (`np.ndarray` of shape `(B*K,)`): with `target=`, the intervened class of each counterfactual.
+        target_probabilities (`np.ndarray` of shape `(B*K,)`): with `target=`, p(target | counterfactual) by the
+            anti-causal predictor at t = 0, or by the explained classifier.
+        reconstructions: the null-intervention results, one per input image, when asked for.
+        noise (`torch.Tensor`): the abducted exogenous noise u, one per input image, when asked for.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    counterfactual_values: dict[str, np.ndarray]
+    factual_values: dict[str, np.ndarray]
+    predicted_factuals: list[str]
+    predicted_values: dict[str, np.ndarray]
+    targets: np.ndarray | None = None
+    target_probabilities: np.ndarray | None = None
+    reconstructions: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+
+
+@dataclass
+class Abduction(BaseOutput):
+    """
+    The result of abduction: the exogenous noise of each factual image and what it was abducted under. [`intervene`]
+    follows these settings, so the prediction runs the very chain that the inversion ran.
+
+    Args:
+        noise (`torch.Tensor` `(B, C, H, W)`, float32): u, at the intervention's first timestep.
+        factual_values (`dict[str, np.ndarray]`): the factual value of each parent of the image, one per sample.
+        num_inference_steps (`int`), strength (`float`), abduction_refinement_steps (`int`): the DDIM chain.
+        cfg_scale (`dict[str, float]`): the classifier-free guidance scale of each parent (conditional mechanism).
+    """
+
+    noise: torch.Tensor
+    factual_values: dict[str, np.ndarray]
+    num_inference_steps: int
+    strength: float
+    abduction_refinement_steps: int
+    cfg_scale: dict[str, float]
+
+    @property
+    def batch_size(self) -> int:
+        return self.noise.shape[0]
+
+    def repeat_interleave(self, repeats: int) -> "Abduction":
+        """Every sample repeated `repeats` times in a row, for several interventions from one abduction."""
+        values = {name: np.repeat(value, repeats) for name, value in self.factual_values.items()}
+        return replace(self, noise=self.noise.repeat_interleave(repeats, dim=0), factual_values=values)
+
+
+@dataclass
+class Guidance:
+    """What steers one prediction, prepared and checked once by [`DiffSCMPipeline.prepare_guidance`].
+
+    Args:
+        cfg_scale: classifier-free guidance scale w of each parent (the abduction's).
+        anticausal: per-sample anti-causal scale of each guided parent (zero for samples left unchanged).
+        explained: a clean classifier whose gradient guides the categorical parent instead, with `explained_scale`
+            per sample and `explained_gradient` "cheap" or "full".
+    """
+
+    cfg_scale: dict[str, float]
+    anticausal: dict[str, torch.Tensor]
+    explained: ExplainedClassifier | None = None
+    explained_scale: torch.Tensor | None = None
+    explained_gradient: str = "cheap"
