@@ -21,6 +21,7 @@ from diffscm.cli import main
 from diffscm.data import load_image_dataset, load_morphomnist, split_dataset
 from diffscm.evaluation import DigitOracle
 
+pytestmark = pytest.mark.slow  # every test here starts a training script
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"
 TINY_UNET = ["--resolution", "16", "--block_out_channels", "8", "16", "--train_batch_size", "16"]
@@ -418,8 +419,10 @@ def test_the_official_release_layout_chooses_a_split(tmp_path):
 
 
 def run_args(out: Path, steps: int = 6) -> list[str]:
+    """Sample grids on the checkpoint steps, as the defaults (500 and 500) have them: drawing samples must not move
+    the training's random state after a checkpoint saved it."""
     return ["--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", "2",
-            "--save_images_steps", "100", "--use_ema", "--report_to", "none", *TINY_UNET]  # fmt: skip
+            "--save_images_steps", "2", "--use_ema", "--report_to", "none", *TINY_UNET]  # fmt: skip
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -463,6 +466,14 @@ def test_a_broken_latest_checkpoint_is_named_and_the_one_before_is_used(unet_run
     result = launch("train_unet.py", *run_args(run, steps=4), "--resume_from_checkpoint", "latest")
     assert f"Cannot resume from {run / 'checkpoint-4'}" in result.stderr
     assert "Resumed from" in result.stderr and "checkpoint-2 at step 2" in result.stderr
+    (run / "checkpoint-4" / "model.safetensors").write_bytes(
+        (unet_run / "checkpoint-4" / "model.safetensors").read_bytes()
+    )
+    states = run / "checkpoint-4" / "random_states_0.pkl"
+    states.write_bytes(states.read_bytes()[:50])  # accelerate alone would only log it and go on with other noise
+    result = launch("train_unet.py", *run_args(run, steps=4), "--resume_from_checkpoint", "latest")
+    assert f"Cannot resume from {run / 'checkpoint-4'}" in result.stderr and "random_states_0.pkl" in result.stderr
+    assert "checkpoint-2 at step 2" in result.stderr
     empty = tmp_path / "empty"
     (empty / "checkpoint-2").mkdir(parents=True)
     result = launch("train_unet.py", *run_args(empty, steps=2), "--resume_from_checkpoint", "latest", check=False)

@@ -18,8 +18,10 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
+from diffscm.pipelines import checks
 from diffusers import DDIMScheduler, UNet2DModel
 
 from diffscm import (
@@ -35,6 +37,7 @@ from diffscm import (
 from diffscm.options import parse_scale
 
 logger = logging.getLogger(__name__)
+SCRIPT = "train_classifier.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,10 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     pipeline.add_argument("--num_inference_steps", type=int, default=50)
     pipeline.add_argument("--abduction_refinement_steps", type=int, default=0)
-    hub_args = parser.add_argument_group("hub")
-    hub_args.add_argument("--push_to_hub", action="store_true")
-    hub_args.add_argument("--hub_model_id", default=None)
-    hub_args.add_argument("--hub_token", default=None)
     args = parser.parse_args(argv)
     training.check_training_args(args)
     if not os.path.isfile(os.path.join(args.unet_model_name_or_path, "scheduler", "scheduler_config.json")):
@@ -89,7 +88,27 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(str(error))
         if isinstance(getattr(args, name), dict) and set(getattr(args, name)) - set(parents):
             parser.error(f"--{name} takes one number or NAME=SCALE pairs for the parents {list(parents)}.")
+    check_pipeline_defaults(parser, args, parents)
     return args
+
+
+def check_pipeline_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace, parents: tuple[str, ...]):
+    """The exported pipeline's defaults, checked before training: a folder whose every default call fails (or an
+    export that can only fail) is refused now, not after the run."""
+    if os.path.isfile(args.pipeline_output_dir):
+        parser.error(f"--pipeline_output_dir {args.pipeline_output_dir!r} is a file, not a folder.")
+    if args.num_inference_steps < 1 or args.abduction_refinement_steps < 0:
+        parser.error("--num_inference_steps must be >= 1 and --abduction_refinement_steps >= 0.")
+    for name in ("guidance_scale", "cfg_scale"):
+        try:
+            checks.per_parent(name, parents, getattr(args, name), None, fill=0.0)
+        except ValueError as error:
+            parser.error(f"--{name}: {error}")
+    unet_config = Path(args.unet_model_name_or_path) / "unet" / "config.json"
+    conditional = unet_config.is_file() and json.loads(unet_config.read_text()).get("class_embed_type") == "identity"
+    scales = args.cfg_scale.values() if isinstance(args.cfg_scale, dict) else [args.cfg_scale]
+    if unet_config.is_file() and not conditional and any(scale != 1 for scale in scales):
+        parser.error(f"--cfg_scale needs a conditional UNet; {unet_config} is unconditional.")
 
 
 def build_predictor(
@@ -217,7 +236,7 @@ def main(args: argparse.Namespace):
         return -sum(value.mean() for value in log_likelihoods.values())
 
     steps, seconds = training.train(
-        accelerator, args, classifier, optimizer, lr_scheduler, dataloader, compute_loss, ema
+        accelerator, args, classifier, optimizer, lr_scheduler, dataloader, compute_loss, ema, script=SCRIPT
     )
     if accelerator.is_main_process:
         final = training.trained_model(accelerator, classifier, ema)
@@ -228,7 +247,7 @@ def main(args: argparse.Namespace):
         for name, result in metrics.items():
             print(f"held-out {result['metric']} of p_phi({name} | x_t, t):")
             print("\n".join(f"  t = {t:4d}: {value:.3f}" for t, value in result["levels"].items()))
-        training.record_run(args, "train_classifier.py", steps, seconds)
+        training.record_run(args, SCRIPT, steps, seconds, num_processes=accelerator.num_processes)
         export_pipeline(final, scheduler, graph, args)
     accelerator.end_training()
 
@@ -274,7 +293,7 @@ def export_pipeline(
     model_cards.write_model_card(args.pipeline_output_dir)
     logger.info(f"Saved the DiffSCMPipeline to {args.pipeline_output_dir}")
     if args.push_to_hub:
-        url = hub.push_to_hub(args.pipeline_output_dir, args.hub_model_id, token=args.hub_token)
+        url = hub.push_to_hub(args.pipeline_output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
         logger.info(f"Pushed to {url}")
 
 

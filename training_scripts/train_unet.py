@@ -20,11 +20,13 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
 
 from diffscm import CausalGraph, ParentEmbedding, training
 
 logger = logging.getLogger(__name__)
+SCRIPT = "train_unet.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 64])
     model.add_argument("--layers_per_block", type=int, default=1)
     model.add_argument("--attention_head_dim", type=int, default=8)
+    model.add_argument(
+        "--resnet_time_scale_shift",
+        default="scale_shift",
+        choices=("default", "scale_shift"),
+        help="How the time (and parent) embedding enters each ResNet block: scale and shift of the normalised "
+        "features (AdaGN, Dhariwal & Nichol 2021), or added ('default', diffusers' own default).",
+    )
     model.add_argument("--num_train_timesteps", type=int, default=1000)
     model.add_argument("--beta_schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     model.add_argument(
@@ -49,9 +58,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument(
         "--parent_dropout", type=float, default=0.15, help="Probability of dropping each parent (conditional)."
     )
+    parser.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=5.0,
+        help="Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR_t, gamma) / SNR_t; 0 weighs every step alike.",
+    )
     parser.add_argument("--save_images_steps", type=int, default=500, help="Write a sample grid every N steps.")
+    # A constant rate after warm-up, so that a run (or a later session) can extend --max_train_steps and go on.
+    parser.set_defaults(lr_scheduler="constant_with_warmup")
     args = parser.parse_args(argv)
     training.check_training_args(args)
+    if args.snr_gamma < 0:
+        parser.error(f"--snr_gamma must be >= 0, got {args.snr_gamma}.")
     if not 0 <= args.parent_dropout < 1:
         parser.error(f"--parent_dropout must be in [0, 1), got {args.parent_dropout}.")
     try:
@@ -85,6 +104,7 @@ def build_unet(args: argparse.Namespace) -> UNet2DModel:
         down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
         attention_head_dim=args.attention_head_dim,
+        resnet_time_scale_shift=args.resnet_time_scale_shift,
         norm_num_groups=min(32, args.block_out_channels[0]),
     )
 
@@ -126,18 +146,28 @@ def noise_model(args: argparse.Namespace, graph: CausalGraph | None) -> torch.nn
     return ConditionalNoiseModel(unet, embedding)
 
 
+def weighted_noise_loss(predicted, noise, noise_scheduler, timesteps, snr_gamma: float) -> torch.Tensor:
+    """The eps-prediction MSE, each image weighted by min(SNR_t, gamma) / SNR_t (uniform when gamma is 0)."""
+    per_image = F.mse_loss(predicted.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma:
+        snr = compute_snr(noise_scheduler, timesteps)
+        per_image = per_image * snr.clamp(max=snr_gamma) / snr
+    return per_image.mean()
+
+
 @torch.no_grad()
 def save_samples(model, scheduler, args, step: int, values: dict | None = None):
     """A 4x4 grid of DDIM samples (50 steps, fixed seed) from the current weights; a conditional model's under the
-    parents of 16 training images (`values`)."""
+    parents of 16 training images (`values`). The noise comes from a generator of its own: reseeding the global RNG
+    here would change the training noise after a checkpoint saved it, and a resumed run would no longer be exact."""
     scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
     if values is None:
         pipe = DDIMPipeline(unet=model, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(batch_size=16, num_inference_steps=50, generator=torch.manual_seed(0)).images
+        images = pipe(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
     else:
         size = model.unet.config.sample_size
-        sample = torch.randn(16, args.num_channels, size, size, generator=torch.manual_seed(0))
+        sample = torch.randn(16, args.num_channels, size, size, generator=torch.Generator().manual_seed(0))
         scheduler.set_timesteps(50)
         for t in scheduler.timesteps:
             sample = scheduler.step(model(sample, t, values, {}), t, sample).prev_sample
@@ -174,10 +204,12 @@ def main(args: argparse.Namespace):
         timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), device=clean.device)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         if graph is None:
-            return F.mse_loss(model(noisy, timesteps).sample.float(), noise)
-        values = training.batch_values(batch)
-        dropped = {name: torch.rand(len(clean), device=clean.device) < args.parent_dropout for name in values}
-        return F.mse_loss(model(noisy, timesteps, values, dropped).float(), noise)
+            predicted = model(noisy, timesteps).sample
+        else:
+            values = training.batch_values(batch)
+            dropped = {name: torch.rand(len(clean), device=clean.device) < args.parent_dropout for name in values}
+            predicted = model(noisy, timesteps, values, dropped)
+        return weighted_noise_loss(predicted, noise, noise_scheduler, timesteps, args.snr_gamma)
 
     def write_samples(step):
         if accelerator.is_main_process and (step % args.save_images_steps == 0 or step == args.max_train_steps):
@@ -185,7 +217,7 @@ def main(args: argparse.Namespace):
             save_samples(model, noise_scheduler, args, step, sample_values)
 
     steps, seconds = training.train(
-        accelerator, args, unet, optimizer, lr_scheduler, dataloader, compute_loss, ema, after_step=write_samples
+        accelerator, args, unet, optimizer, lr_scheduler, dataloader, compute_loss, ema, write_samples, SCRIPT
     )
     if accelerator.is_main_process:
         model = training.trained_model(accelerator, unet, ema)
@@ -195,7 +227,7 @@ def main(args: argparse.Namespace):
             model.unet.save_pretrained(os.path.join(args.output_dir, "unet"))
             model.parent_embedding.save_pretrained(os.path.join(args.output_dir, "parent_embedding"))
             training.write_json(os.path.join(args.output_dir, "causal_graph.json"), graph.to_config())
-        seconds_per_step = training.record_run(args, "train_unet.py", steps, seconds)
+        seconds_per_step = training.record_run(args, SCRIPT, steps, seconds, num_processes=accelerator.num_processes)
         logger.info(f"Saved the UNet to {args.output_dir}/unet ({seconds_per_step} s/step)")
     accelerator.end_training()
 

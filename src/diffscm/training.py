@@ -80,6 +80,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     train.add_argument(
         "--report_to", default="tensorboard" if importlib.util.find_spec("tensorboard") else None, help="or none"
     )
+    train.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir.")
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: 1 - (1 + step / gamma)^-power.")
+    train.add_argument("--ema_power", type=float, default=None, help="EMA warm-up power (default: no warm-up).")
+    hub_args = parser.add_argument_group("hub")
+    hub_args.add_argument("--push_to_hub", action="store_true", help="Upload the exported model when done.")
+    hub_args.add_argument("--hub_model_id", default=None, help="The Hub repo, e.g. your-name/diffscm-mnist.")
+    hub_args.add_argument("--hub_token", default=None)
+    hub_args.add_argument("--hub_private_repo", action="store_true")
     return parser
 
 
@@ -114,10 +125,16 @@ def check_training_args(args: argparse.Namespace):
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (a Hub repo such as your-name/diffscm-mnist).")
+    if os.path.isfile(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir!r} is a file, not a folder.")
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
+    project = ProjectConfiguration(
+        project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+    )
     accelerator = Accelerator(
         # Without a GPU, `accelerate launch --multi_gpu --num_processes N` must still start N gloo processes.
         cpu=not torch.accelerator.is_available(),
@@ -170,27 +187,44 @@ def num_labels(dataset) -> int:
     return feature.num_classes if hasattr(feature, "num_classes") else max(dataset["label"]) + 1
 
 
+class TensorBatches(torch.utils.data.Dataset):
+    """A data set decoded once into tensors held in memory: a batch is one indexing per column, so the training step
+    never waits on PIL (`DataLoader` fetches whole batches through `__getitems__`)."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return {name: column[index] for name, column in self.columns.items()}
+
+
+def _whole_batch(batch: dict) -> dict:
+    """`TensorBatches.__getitems__` already returns the collated batch."""
+    return batch
+
+
 def make_dataloader(
     dataset, args: argparse.Namespace, shuffle: bool = True, value_columns: dict[str, str] | None = None
 ) -> DataLoader:
-    """Batches of `pixel_values` in [-1, 1] and `labels`; with `value_columns` ({variable: column}) also each
-    variable's values under `value/{variable}` (see `batch_values`)."""
+    """Batches of `pixel_values` in [-1, 1] and `labels`, decoded once into memory; with `value_columns` ({variable:
+    column}) also each variable's values under `value/{variable}` (see `batch_values`)."""
     missing = set((value_columns or {}).values()) - set(dataset.column_names)
     if missing:
         raise ValueError(f"the data has no column {sorted(missing)} (its columns: {dataset.column_names}).")
-
-    def transform(batch):
-        values = {f"value/{name}": torch.as_tensor(batch[column]) for name, column in (value_columns or {}).items()}
-        return {
-            "pixel_values": images_to_tensor(batch["image"], args.num_channels, args.resolution),
-            "labels": torch.as_tensor(batch["label"]),
-        } | values
-
+    columns = {
+        "pixel_values": images_to_tensor(dataset["image"], args.num_channels, args.resolution),
+        "labels": torch.as_tensor(dataset["label"]),
+    } | {f"value/{name}": torch.as_tensor(dataset[column]) for name, column in (value_columns or {}).items()}
     return DataLoader(
-        dataset.with_transform(transform),
+        TensorBatches(columns),
         batch_size=args.train_batch_size,
         shuffle=shuffle,
         num_workers=args.dataloader_num_workers,
+        collate_fn=_whole_batch,
         drop_last=shuffle and len(dataset) >= args.train_batch_size,
         # Its own generator: starting an epoch (or a resumed run's first batches) then draws no number from the
         # global RNG, whose restored state a resumed run's noise must continue from.
@@ -284,6 +318,12 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMAModel | None):
     """accelerate's state (weights, optimizer, schedule, RNG) and the EMA weights of one checkpoint folder."""
     if ema is not None and not (path / EMA_FILE).is_file():
         raise FileNotFoundError(f"{path / EMA_FILE} is missing")
+    # accelerate only logs a random-state file it cannot read, and the run would go on with other noise.
+    random_states = path / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        torch.load(random_states, weights_only=False)  # written by this run's own accelerate.save_state
+    except Exception as error:  # a missing, truncated or foreign file raises many kinds
+        raise ValueError(f"{random_states} cannot be read ({error!r})") from error
     accelerator.load_state(str(path))
     if ema is not None:
         with safe_open(str(path / EMA_FILE), framework="pt") as f:
@@ -297,7 +337,8 @@ def prepare_model(accelerator: Accelerator, model: torch.nn.Module, dataloader: 
     """AdamW, the LR schedule and (with --use_ema) an EMA of the weights, prepared and registered for checkpoints."""
     ema = None
     if args.use_ema:
-        ema = EMAModel(model.parameters(), decay=args.ema_max_decay)
+        warmup = {"use_ema_warmup": True, "power": args.ema_power} if args.ema_power is not None else {}
+        ema = EMAModel(model.parameters(), decay=args.ema_max_decay, inv_gamma=args.ema_inv_gamma, **warmup)
     optimizer, lr_scheduler = optimizer_and_schedule(model, args, accelerator.num_processes)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if ema is not None:
@@ -315,8 +356,10 @@ def train(
     compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor],
     ema: EMAModel | None = None,
     after_step: Callable[[int], None] | None = None,
+    script: str | None = None,
 ) -> tuple[int, float]:
-    """The training loop every script shares: resume, accumulate, clip, EMA, log, checkpoint.
+    """The training loop every script shares: resume, accumulate, clip, EMA, log, checkpoint (and with `script`,
+    the run's record at each checkpoint: `record_run`).
 
     Returns the number of steps this run made and the seconds they took."""
     first_step = maybe_resume(accelerator, args, ema)
@@ -343,6 +386,9 @@ def train(
         accelerator.log(logs, step=done)
         if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
             save_checkpoint(accelerator, args, done, ema)
+            if script is not None and accelerator.is_main_process:
+                elapsed = time.perf_counter() - started
+                record_run(args, script, done - first_step, elapsed, done, accelerator.num_processes)
         if after_step is not None:
             after_step(done)
     accelerator.wait_for_everyone()
@@ -361,7 +407,13 @@ def optimizer_and_schedule(model: torch.nn.Module, args: argparse.Namespace, num
     """AdamW and the LR schedule; accelerate steps a prepared schedule once per process at each optimizer step."""
     from diffusers.optimization import get_scheduler
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.adam_weight_decay,
+    )
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -376,8 +428,12 @@ def training_command(script: str) -> str:
     return f"accelerate launch training_scripts/{script} " + shlex.join(sys.argv[1:])
 
 
-def record_run(args: argparse.Namespace, script: str, steps_run: int, seconds: float) -> float | None:
-    """`training_args.json`: the reproducing command, the arguments and the measured seconds per step.
+def record_run(
+    args: argparse.Namespace, script: str, steps_run: int, seconds: float, step: int | None = None, num_processes=1
+) -> float | None:
+    """`training_args.json`: the reproducing command, the arguments, the measured seconds per step and the images
+    seen up to `step` (default --max_train_steps): written at every checkpoint too, so that a run stopped early
+    keeps its record.
 
     A rerun that only exports (nothing left to train) keeps the speed measured by the run that trained."""
     path = Path(args.output_dir) / "training_args.json"
@@ -387,7 +443,15 @@ def record_run(args: argparse.Namespace, script: str, steps_run: int, seconds: f
         seconds_per_step = read_json(path)["seconds_per_step"]
     else:
         seconds_per_step = None
-    record = {"command": training_command(script), "seconds_per_step": seconds_per_step, "args": vars(args)}
+    step = args.max_train_steps if step is None else step
+    images_seen = step * args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    record = {
+        "command": training_command(script),
+        "seconds_per_step": seconds_per_step,
+        "steps": step,
+        "images_seen": images_seen,
+        "args": vars(args),
+    }
     write_json(path, record)
     return seconds_per_step
 
