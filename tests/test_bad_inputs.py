@@ -28,12 +28,12 @@ PIPELINE_CALLS = [
     ({"target": 0.5}, TypeError, "integer class indices"),
     ({"target": "three"}, ValueError, "'all'"),
     ({"target": [0, 1, 0]}, ValueError, "one per image"),
-    ({"target": 0, "guidance_scale": True}, ValueError, "guidance_scale` must be a finite number"),
-    ({"target": 0, "guidance_scale": -1}, ValueError, "guidance_scale` must be a finite number"),
-    ({"target": 0, "guidance_scale": float("inf")}, ValueError, "guidance_scale` must be a finite number"),
-    ({"target": 0, "guidance_scale": "12"}, ValueError, "guidance_scale` must be a finite number"),
+    ({"target": 0, "guidance_scale": True}, ValueError, "guidance_scale` must be a number in \\[0, 1000\\]"),
+    ({"target": 0, "guidance_scale": -1}, ValueError, "guidance_scale` must be a number in \\[0, 1000\\]"),
+    ({"target": 0, "guidance_scale": float("inf")}, ValueError, "guidance_scale` must be a number in \\[0, 1000\\]"),
+    ({"target": 0, "guidance_scale": "12"}, ValueError, "guidance_scale` must be a number in \\[0, 1000\\]"),
     ({"target": 0, "guidance_scale": {"colour": 1.0}}, ValueError, "not parents of the image"),
-    ({"target": 0, "guidance_scale": 1e30}, ValueError, "became NaN or infinite: the guidance is too strong"),
+    ({"target": 0, "guidance_scale": 1e6}, ValueError, "guidance_scale` must be a number in \\[0, 1000\\]"),
     ({"target": 0, "num_inference_steps": True}, ValueError, "num_inference_steps` must be an integer"),
     ({"target": 0, "num_inference_steps": 2.5}, ValueError, "num_inference_steps` must be an integer"),
     ({"target": 0, "num_inference_steps": 0}, ValueError, "num_inference_steps` must be an integer >= 1"),
@@ -63,6 +63,9 @@ BAD_IMAGES = [
     (np.zeros((8, 8), dtype=bool), TypeError, "dtype"),
     (torch.zeros(1, 1, 8, 8, dtype=torch.complex64), TypeError, "dtype"),
     ("digit.png", TypeError, "PIL image, numpy array"),
+    (PIL.Image.fromarray(np.full((8, 8), 200, dtype=np.float32)), ValueError, "PIL mode 'F' .* Divide 0..255"),
+    (np.array([[1, 2], [3, 4]], dtype=object), TypeError, "must hold numbers; got dtype object"),
+    (np.array([["a", "b"]]), TypeError, "must hold numbers"),
     ([], ValueError, "empty"),
     (PIL.Image.fromarray(np.dstack([np.zeros((8, 8, 3), np.uint8), np.eye(8, dtype=np.uint8) * 255])), ValueError,
      "only in the alpha channel"),
@@ -99,6 +102,13 @@ def grey(value: float) -> torch.Tensor:
         (PIL.Image.fromarray(np.full((8, 8), 0.25, dtype=np.float32)), grey(0.25)),  # PIL "F" in [0, 1]
         (PIL.Image.fromarray(np.dstack([np.full((8, 8, 3), 255, np.uint8), np.full((8, 8), 128, np.uint8)])),
          grey(128 / 255)),  # white at half alpha over black
+        (PIL.Image.fromarray(np.full((8, 8), 200, dtype=np.int32)), grey(200 / 255)),  # mode "I", as numpy reads it
+        (np.full((8, 8), 200, dtype=np.int32), grey(200 / 255)),
+        (PIL.Image.new("LA", (8, 8), (255, 128)).convert("La"), grey(128 / 255)),  # premultiplied alpha
+        (np.full((8, 8), 200, dtype=np.uint32), grey(200 / 255)),
+        (torch.full((1, 8, 8), 200, dtype=torch.uint64), grey(200 / 255)),
+        (torch.full((1, 8, 8), 0.5).to_sparse(), grey(0.5)),
+        (np.full((8, 16), 0.5, dtype=np.float32)[:, ::2], grey(0.5)),  # not contiguous
     ],
 )  # fmt: skip
 def test_awkward_images_are_read_by_their_real_range(pipe, image, expected):
@@ -190,8 +200,10 @@ def test_the_command_line_runs_in_another_precision(model_dir, tmp_path, capsys)
 
 def test_two_inputs_with_one_name_do_not_overwrite_each_other(model_dir, tmp_path):
     first, second = digit_file(tmp_path / "a"), digit_file(tmp_path / "b")
-    main(["counterfactual", first, second, "--target", "3", "--model", str(model_dir), "--out", str(tmp_path / "cf")])
-    assert sorted(p.name for p in (tmp_path / "cf").iterdir()) == ["x-2_do3.png", "x_do3.png"]
+    third = digit_file(tmp_path / "c", "x-2.png")  # already called as the second x would be renamed
+    main(["counterfactual", first, third, second, "--target", "3", "--model", str(model_dir), "--out",
+          str(tmp_path / "cf")])  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "cf").iterdir()) == ["x-2_do3.png", "x-3_do3.png", "x_do3.png"]
 
 
 def pipeline_folder(tmp_path, source, break_it):
@@ -214,12 +226,76 @@ def truncate(path):
          "Cannot load the unet from"),
         (lambda f: (f / "model_index.json").write_text("{not json"), ValueError, "is corrupt"),
         (lambda f: (f / "model_index.json").unlink(), ValueError, "no model_index.json"),
-        (lambda f: shutil.rmtree(f / "unet"), ValueError, "unet has no weights"),
+        (lambda f: shutil.rmtree(f / "unet"), ValueError, "records a unet .* but has no unet/ folder"),
     ],
 )  # fmt: skip
 def test_broken_pipeline_folders_are_named(model_dir, tmp_path, break_it, error, message):
     with pytest.raises(error, match=message):
         DiffSCMPipeline.from_pretrained(pipeline_folder(tmp_path, model_dir, break_it))
+
+
+def with_one_tensor_missing(folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, str(weights))
+
+
+def pickled_only(folder):
+    from safetensors.torch import load_file
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+
+
+def with_an_unknown_key(folder):
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"guidance_scael": 3.0}))
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (with_one_tensor_missing, r"diffusion_pytorch_model.safetensors does not fit the unet's config \(missing"),
+        (pickled_only, "only pickled weights .*diffusion_pytorch_model.bin.*, which can run code"),
+        (with_an_unknown_key, r"model_index.json: unknown key\(s\) \['guidance_scael'\]"),
+    ],
+)
+def test_folders_that_diffusers_would_load_with_a_warning_are_refused(model_dir, tmp_path, break_it, message):
+    with pytest.raises(ValueError, match=message):
+        DiffSCMPipeline.from_pretrained(pipeline_folder(tmp_path, model_dir, break_it))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"use_safetensors": False}, ValueError, "safetensors weights only"),
+        ({"device_map": "auto"}, ValueError, "`device_map` is not supported"),
+        ({"torch_dtype": "float61"}, TypeError, "torch dtype or its name"),
+        ({"torch_dtype": torch.float16, "dtype": torch.float16}, TypeError, "not both"),
+    ],
+)
+def test_diffusers_loading_keywords_are_refused_with_a_reason(model_dir, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        DiffSCMPipeline.from_pretrained(model_dir, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"torch_dtype": "bfloat16"}, {"dtype": torch.bfloat16},
+                                    {"torch_dtype": "torch.bfloat16", "low_cpu_mem_usage": True}])  # fmt: skip
+def test_dtype_by_name_and_diffusers_new_keyword_load_in_that_dtype(model_dir, kwargs):
+    assert DiffSCMPipeline.from_pretrained(model_dir, **kwargs).unet.dtype == torch.bfloat16
+
+
+def test_integer_class_folders_keep_their_integers(tmp_path):
+    from diffscm.data import load_image_dataset
+
+    for digit in ("3", "7"):
+        (tmp_path / digit).mkdir()
+        PIL.Image.new("L", (28, 28)).save(tmp_path / digit / "a.png")
+    assert sorted(load_image_dataset(train_data_dir=str(tmp_path))["label"]) == [3, 7]
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:

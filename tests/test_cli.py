@@ -123,6 +123,7 @@ def test_errors_are_clear(model_dirs, tmp_path, capsys, argv, message):
     assert message in str(excinfo.value)
 
 
+@pytest.mark.slow
 def test_benchmark_script_writes_ratios(model_dirs, tmp_path):
     pipeline_dir, oracle_dir = model_dirs
     out = tmp_path / "benchmarks.md"
@@ -157,6 +158,7 @@ def test_benchmark_scripts_refuse_bad_requests_before_any_work(script, arguments
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_reports_rates_and_the_chain(model_dirs, tmp_path):
     pipeline_dir, _ = model_dirs
     out = tmp_path / "throughput.md"

@@ -3,7 +3,9 @@
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from conftest import tiny_pipeline
 
 from diffscm.cli import main
 from diffscm.data import load_bundled_mnist
+from diffscm.dataset_counterfactuals import LOCK_FILE
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,7 @@ def test_a_data_set_becomes_an_imagefolder_with_its_values(model_dir, tmp_path):
     assert ds[0]["image"].size == (28, 28) and set(ds[0]["predictor_reading"]) == {"label"}
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_work_and_a_killed_run_resumes(model_dir, tmp_path):
     reference = tmp_path / "reference"
     main(command(model_dir, reference))
@@ -77,5 +81,26 @@ def test_two_processes_share_the_work_and_a_killed_run_resumes(model_dir, tmp_pa
 
 def test_a_resume_with_another_request_is_refused(model_dir, tmp_path):
     main(command(model_dir, tmp_path / "cf"))
-    with pytest.raises(SystemExit, match="another request"):
+    with pytest.raises(SystemExit, match="another request .*seed: 0 there, 1 now"):
         main(command(model_dir, tmp_path / "cf", "--seed", "1"))
+    with pytest.raises(SystemExit, match="options: .*'num_inference_steps': None.* there, .*'num_inference_steps': 4"):
+        main(command(model_dir, tmp_path / "cf", "--steps", "4"))
+    other = tmp_path / "other-model"
+    shutil.copytree(model_dir, other)
+    with pytest.raises(SystemExit, match="model: .* there"):
+        main(command(other, tmp_path / "cf"))
+    recorded = json.loads((tmp_path / "cf" / "request.json").read_text())
+    assert len(recorded["model_sha256"]) == 64 and recorded["model"] == str(model_dir)
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(model_dir, tmp_path):
+    out = tmp_path / "cf"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{os.getppid()}")  # a live process: pytest's parent
+    with pytest.raises(SystemExit, match="Another process .* is writing counterfactuals into"):
+        main(command(model_dir, out))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{dead.pid}")
+    main(command(model_dir, out))
+    assert len(load(out)) == 12 and not (out / LOCK_FILE).exists()

@@ -11,7 +11,8 @@ import PIL.Image
 import pytest
 from conftest import tiny_pipeline
 
-from diffscm.cli.serve import CounterfactualDemo, build_app, drawn_digit
+from diffscm.cli import main
+from diffscm.cli.serve import MAX_PIXELS, MAX_UPLOAD, CounterfactualDemo, build_app, drawn_digit
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -35,6 +36,24 @@ def test_demo_logic_makes_a_grid_and_a_table(tiny_model):
         demo.example("tiny MNIST", 4)
 
 
+def test_an_image_bomb_is_refused_from_its_header_before_decoding(tiny_model, tmp_path):
+    build_app(tiny_model, device="cpu")
+    bomb = tmp_path / "bomb.png"
+    PIL.Image.new("1", (MAX_PIXELS // 1000 + 1, 1001)).save(bomb)  # a few KB on disk, 16.8M pixels
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(PIL.Image.DecompressionBombError), PIL.Image.open(bomb) as opened:
+        opened.load()
+
+
+def test_serve_takes_models_and_validates_the_device_before_loading(tiny_model, monkeypatch):
+    launched = {}
+    monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kwargs: launched.update(kwargs))
+    main(["serve", "--model", *tiny_model.values(), "--port", "7999"])
+    assert launched == {"server_name": "127.0.0.1", "server_port": 7999, "max_file_size": MAX_UPLOAD}
+    with pytest.raises(SystemExit, match="--device 'cuda:7': this machine has no such device"):
+        main(["serve", "--model", *tiny_model.values(), "--device", "cuda:7"])
+
+
 def test_a_drawing_becomes_a_white_on_black_digit():
     canvas = np.full((40, 40, 4), 255, dtype=np.uint8)
     canvas[10:30, 18:22, :3] = 0  # a black stroke on white
@@ -43,6 +62,7 @@ def test_a_drawing_becomes_a_white_on_black_digit():
     assert drawn_digit({"composite": None}) is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run)")
 def test_upload_press_and_see_the_counterfactuals_in_a_browser(tiny_model, tmp_path):
     from selenium import webdriver

@@ -140,7 +140,19 @@ def _load_local_folder(data_dir: str, split: str | None = None) -> datasets.Data
     ds = datasets.load_dataset("imagefolder", data_dir=data_dir, split="train")
     if "label" not in ds.column_names:
         raise ValueError(f"{data_dir}: an imagefolder needs one sub-folder per class to give labels.")
-    return ds
+    return _integer_class_folders(ds)
+
+
+def _integer_class_folders(ds: datasets.Dataset) -> datasets.Dataset:
+    """Class folders named by integers (`3/`, `7/`) label their images with those integers, not with the folders'
+    positions (imagefolder's 0, 1): a digit in `3/` is a 3."""
+    names = ds.features["label"].names
+    if not all(name.isdecimal() for name in names):
+        return ds
+    values = [int(name) for name in names]
+    labels = [values[label] for label in ds["label"]]
+    classes = datasets.ClassLabel(names=[str(i) for i in range(max(values) + 1)])
+    return ds.remove_columns("label").add_column("label", labels, feature=classes)
 
 
 def _rename_columns(ds: datasets.Dataset, image_column: str, label_column: str) -> datasets.Dataset:

@@ -7,8 +7,12 @@ counterfactual values and the anti-causal predictor's reading), then renamed to 
 complete, and a rerun with the same request skips it.
 """
 
+import contextlib
+import hashlib
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 REQUEST_FILE = "request.json"
+LOCK_FILE = ".writer.lock"
 
 
 def shard_ranges(num_rows: int, shard_size: int) -> list[range]:
@@ -24,17 +29,71 @@ def shard_ranges(num_rows: int, shard_size: int) -> list[range]:
 
 
 def check_request(out_dir: Path, request: dict):
-    """Record the request in `out_dir`, or refuse to resume a folder that was made by another one."""
+    """Record the request in `out_dir`, or refuse to resume a folder that was made by another one, naming what
+    differs (the model, its weights, a setting of the chain, the data)."""
     path = out_dir / REQUEST_FILE
     if path.is_file():
         recorded = json.loads(path.read_text())
         if recorded != request:
+            differs = {key: (recorded.get(key), request.get(key)) for key in recorded.keys() | request.keys()
+                       if recorded.get(key) != request.get(key)}  # fmt: skip
+            shown = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in sorted(differs.items()))
             raise ValueError(
-                f"{out_dir} holds counterfactuals of another request ({recorded}); use another --out or the same "
+                f"{out_dir} holds counterfactuals of another request ({shown}); use another --out or the same "
                 "request to resume."
             )
     else:
         path.write_text(json.dumps(request, indent=2) + "\n")
+
+
+def model_fingerprint(pipe) -> dict:
+    """The model behind a run: its folder or Hub id and a SHA-256 of its config and weights."""
+    folder = Path(str(pipe.config._name_or_path))
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")) + sorted(folder.glob("model_index.json")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return {"model": str(folder), "model_sha256": digest.hexdigest()}
+
+
+@contextlib.contextmanager
+def writer_lock(out_dir: Path):
+    """One writer per folder: an `O_EXCL` lock file naming its process; another live writer is refused, a lock left
+    by a killed one is taken over."""
+    path = out_dir / LOCK_FILE
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            held_by = path.read_text().strip() if path.is_file() else ""
+            host, _, pid = held_by.partition(":")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # its writer was killed: resume
+                continue
+            raise RuntimeError(
+                f"Another process ({held_by or 'unknown'}) is writing counterfactuals into {out_dir}; wait for it, or "
+                f"use another --out (remove {path} if that process is gone)."
+            ) from None
+        with os.fdopen(descriptor, "w") as f:
+            f.write(owner)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def interventions_for(pipe, rows: dict, request: dict, start: int) -> dict:
@@ -61,8 +120,18 @@ def write_counterfactuals(
     out = Path(out_dir)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        check_request(out, request | {"num_rows": len(dataset), "shard_size": shard_size})
-    state.wait_for_everyone()
+    with writer_lock(out) if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process:
+            settings = {"options": {k: _plain(v) for k, v in (options or {}).items()}, "dtype": str(pipe.unet.dtype)}
+            check_request(out, request | {"num_rows": len(dataset), "shard_size": shard_size} | settings
+                          | model_fingerprint(pipe))  # fmt: skip
+        state.wait_for_everyone()
+        written = _write_shards(pipe, dataset, request, out, shard_size, options, state)
+    return written, state.process_index
+
+
+def _write_shards(pipe, dataset, request: dict, out: Path, shard_size: int, options: dict | None, state) -> int:
+    """This process's shards, each written into a `.partial` folder and renamed when complete."""
     graph = pipe.causal_graph
     columns = {name: node.data_column for name, node in graph.nodes.items() if node.type != "image"}
     shards = list(enumerate(shard_ranges(len(dataset), shard_size)))[state.process_index :: state.num_processes]
@@ -94,7 +163,7 @@ def write_counterfactuals(
         partial.rename(final)
         written += 1
     state.wait_for_everyone()
-    return written, state.process_index
+    return written
 
 
 def _plain(value):

@@ -38,12 +38,18 @@ def unit_images(image: PipelineImageInput, num_channels: int, sample_size: int) 
 
 def _to_unit_tensor(image, num_channels: int) -> torch.Tensor:
     """One input -> float32 `(B, C, H, W)` in [0, 1] with `num_channels` channels."""
+    kind = "numpy" if isinstance(image, np.ndarray) else "torch"
     if isinstance(image, PIL.Image.Image):
+        kind = f"PIL mode {image.mode!r}"
         image = _pil_to_array(image, num_channels)
     if isinstance(image, np.ndarray):
         tensor = _numpy_to_channels_first(image)
     elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
+        if tensor.layout != torch.strided:  # sparse
+            tensor = tensor.to_dense()
+        if tensor.dtype in (torch.uint32, torch.uint64):
+            tensor = tensor.to(torch.int64)
         if tensor.ndim == 3:
             tensor = tensor[None]
         if tensor.ndim != 4:
@@ -52,18 +58,20 @@ def _to_unit_tensor(image, num_channels: int) -> torch.Tensor:
         raise TypeError(
             f"`image` must be a PIL image, numpy array, torch tensor or a list of them; got {type(image).__name__}."
         )
-    return _match_channels(_to_unit_range(tensor), num_channels)
+    return _match_channels(_to_unit_range(tensor, kind), num_channels)
 
 
 def _pil_to_array(image: PIL.Image.Image, num_channels: int) -> np.ndarray:
     """Any PIL mode as a channels-last array in [0, 1] (floats) or [0, 255] (uint8): 16- and 32-bit integer images
     by their real range, float ("F") images as floats, and transparency composited over black (the digits'
     background); an image whose colour channels are empty and whose content is only its alpha is refused."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         array = np.asarray(image, dtype=np.float64)
-        if array.min() < 0 or array.max() > 65535:
-            raise ValueError(f"A 32-bit integer ({image.mode}) image must hold 16-bit values 0..65535.")
         return (array / 65535)[..., None].repeat(num_channels, axis=-1).astype(np.float32)
+    if image.mode == "I":  # 32-bit integers, read as numpy reads an int32 array: 0..255
+        return np.asarray(image, dtype=np.int32)[..., None].repeat(num_channels, axis=-1)
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiplied first
+        image = image.convert(image.mode.upper())
     if image.mode == "F":
         return np.asarray(image, dtype=np.float32)[..., None].repeat(num_channels, axis=-1)
     if "A" in image.getbands() or "transparency" in image.info:
@@ -79,6 +87,10 @@ def _pil_to_array(image: PIL.Image.Image, num_channels: int) -> np.ndarray:
 
 
 def _numpy_to_channels_first(array: np.ndarray) -> torch.Tensor:
+    if array.dtype.kind not in "biufc":
+        raise TypeError(f"A numpy image must hold numbers; got dtype {array.dtype}. Use uint8 or float32.")
+    if array.dtype in (np.uint32, np.uint64):
+        array = array.astype(np.int64)
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim == 3:
@@ -90,10 +102,10 @@ def _numpy_to_channels_first(array: np.ndarray) -> torch.Tensor:
         array = array[None]
     if array.ndim != 4:
         raise ValueError(f"A numpy image must be (H, W), (H, W, C) or (B, H, W, C); got shape {array.shape}.")
-    return torch.tensor(array).permute(0, 3, 1, 2)
+    return torch.tensor(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
 
 
-def _to_unit_range(tensor: torch.Tensor) -> torch.Tensor:
+def _to_unit_range(tensor: torch.Tensor, kind: str = "torch") -> torch.Tensor:
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"Image dtype {tensor.dtype} is not supported: use uint8 in [0, 255] or float in [0, 1].")
     if tensor.numel() == 0:
@@ -107,10 +119,17 @@ def _to_unit_range(tensor: torch.Tensor) -> torch.Tensor:
         tensor, low, high = tensor.to(torch.int32), 0, 65535
     else:
         low, high = 0, 255
-    if tensor.min() < low - 1e-3 or tensor.max() > high + 1e-3:
+    smallest, largest = tensor.min().item(), tensor.max().item()
+    if smallest < low - 1e-3 or largest > high + 1e-3:
+        if tensor.is_floating_point() and smallest >= 0 and largest <= 255:
+            hint = "Divide 0..255 values by 255."
+        elif tensor.is_floating_point() and smallest >= -1 and largest <= 1:
+            hint = "Rescale [-1, 1] values with (x + 1) / 2."
+        else:
+            hint = "Use uint8 in [0, 255], uint16 in [0, 65535] or floats in [0, 1]."
         raise ValueError(
-            f"Pixel values must lie in [{low}, {high}] for {tensor.dtype} images (diffusers' convention); got "
-            f"[{tensor.min().item():.3g}, {tensor.max().item():.3g}]. Rescale [-1, 1] tensors with (x + 1) / 2."
+            f"Pixel values of a {kind} image of {str(tensor.dtype).removeprefix('torch.')} must lie in [{low}, "
+            f"{high}] (diffusers' convention); got [{smallest:.3g}, {largest:.3g}]. {hint}"
         )
     return (tensor.float() / high).clamp(0, 1)
 

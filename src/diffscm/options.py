@@ -51,10 +51,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
-    """--device (default: cuda when there is one) and --dtype."""
+    """--device (default: cuda when there is one), checked before any work, and --dtype."""
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype
+    if args.device is None:
+        return ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, mps, ...): {error}") from None
+    if device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        available = module is not None and hasattr(module, "is_available") and module.is_available()
+        count = module.device_count() if available and hasattr(module, "device_count") else 1
+        if not available or (device.index or 0) >= count:
+            raise ValueError(f"--device {args.device!r}: this machine has no such device.")
+    return args.device, args.dtype
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:

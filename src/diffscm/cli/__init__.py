@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError, NotImplementedError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -102,12 +102,15 @@ def dataset_counterfactuals(args: argparse.Namespace):
 
 
 def unique_stems(paths: list[str]) -> list[str]:
-    """File stems for the outputs, `x`, `x-2`, `x-3` ... where several inputs share one, so none overwrites another."""
-    seen, stems = {}, []
+    """File stems for the outputs, `x`, `x-2`, `x-3` ... where several inputs share one, so none overwrites another
+    (nor an input that is itself called `x-2`)."""
+    used, stems = set(), []
     for path in paths:
-        stem = Path(path).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+        stem, number = Path(path).stem, 1
+        while (stem if number == 1 else f"{stem}-{number}") in used:
+            number += 1
+        stems.append(stem if number == 1 else f"{stem}-{number}")
+        used.add(stems[-1])
     return stems
 
 

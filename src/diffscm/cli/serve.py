@@ -17,6 +17,7 @@ import torch
 
 from .. import hub
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
+from ..options import device_and_dtype
 from ..paths import shipped_checkpoint, shipped_data
 from .demo import image_grid
 
@@ -25,6 +26,10 @@ DEFAULT_MODELS = {
     "Morpho-MNIST: thickness -> intensity -> image <- digit": "diffscm-morphomnist-conditional",
 }
 KEEP = "keep"
+MAX_UPLOAD = "5mb"  # a digit is a few KB
+MAX_PIXELS = 4096 * 4096  # refused from the header, before decoding: a small PNG can hold 13000 x 13000 pixels
+CONCURRENCY = 1  # one request at a time uses every core; the others wait in the queue
+QUEUE_SIZE = 32
 
 
 def add_commands(commands):
@@ -32,11 +37,24 @@ def add_commands(commands):
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument(
+        "--model", nargs="+", default=None, help="Pipeline folders or Hub ids to serve (default: the shipped ones)."
+    )
     parser.set_defaults(func=serve)
 
 
 def serve(args: argparse.Namespace):
-    build_app(device=args.device).launch(server_name=args.host, server_port=args.port)
+    models = {Path(model).name or model: model for model in args.model} if args.model else None
+    device, _ = device_and_dtype(argparse.Namespace(device=args.device, dtype="float32"))
+    app = build_app(models, device)
+    app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
+    app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
+
+
+def limit_image_size():
+    """Uploads larger than MAX_PIXELS are refused by PIL from their header, before any pixel is decoded (PIL raises
+    its DecompressionBombError past twice MAX_IMAGE_PIXELS)."""
+    PIL.Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
 
 
 class CounterfactualDemo:
@@ -129,6 +147,7 @@ def drawn_digit(editor_value) -> PIL.Image.Image | None:
 def build_app(models: dict[str, str] | None = None, device: str | None = None):
     import gradio as gr
 
+    limit_image_size()
     demo = CounterfactualDemo(models, device)
     names = list(demo.models)
 
