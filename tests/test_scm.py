@@ -81,6 +81,7 @@ def test_morphomnist_graph_orders_causes_first_and_round_trips_its_config():
             "twice",
         ),
         ([{"name": "image", "type": "image", "colour": "red"}], "unknown fields"),
+        ([{"name": "digit"}, {"name": "image", "type": "image", "parents": ["digit"]}], "'digit' needs type"),
     ],
 )  # fmt: skip
 def test_invalid_graphs_are_refused_with_the_reason(nodes, message):

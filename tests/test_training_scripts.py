@@ -367,6 +367,28 @@ def test_conditional_mechanism_trains_with_redrawn_digits_and_exports(tmp_path):
     image = load_image_dataset(train_data_dir=str(data))[0]["image"]
     out = pipe(image, intervention={"digit": 3}, factual_values={"thickness": 2.0, "intensity": 150.0, "digit": 1})
     assert out.counterfactual_values["digit"].tolist() == [3] and len(out.images) == 1
+    main(
+        [
+            "evaluate-scm",
+            "--model",
+            str(pipeline_dir),
+            "--data-dir",
+            str(data),
+            "--num-samples",
+            "2",
+            "--composition-samples",
+            "1",
+            "--composition-cycles",
+            "1",
+            "--out",
+            str(tmp_path / "eval"),
+            "--quiet",
+        ]
+    )
+    fidelity = json.loads((tmp_path / "eval" / "metrics.json").read_text())["generation_fidelity"]
+    assert list(fidelity) == ["cfg 1", "cfg {'thickness': 1.0, 'intensity': 1.0, 'digit': 2.0}"]
+    assert set(fidelity["cfg 1"]) >= {"benchmark", "morphometrics"}, "the benchmark's judges read the mechanism"
+    assert "The mechanism alone (fresh noise" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_digit_conditional_pipeline_fine_tunes_a_classifier_guided_ones_classifier(unet_run, tmp_path):

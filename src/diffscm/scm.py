@@ -123,6 +123,11 @@ class Node:
         unknown = set(spec) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"Node {spec.get('name')!r} has unknown fields {sorted(unknown)}.")
+        missing = [name for name in ("name", "type") if name not in spec]
+        if missing:
+            raise ValueError(
+                f'Node {spec.get("name", spec)!r} needs {" and ".join(missing)} (e.g. "type": "categorical").'
+            )
         if "range" in spec and spec["range"] is not None:
             spec["range"] = tuple(float(v) for v in spec["range"])
         return cls(**spec | {"parents": tuple(spec.get("parents", ())), "mechanism": Mechanism(**mechanism)})

@@ -13,13 +13,14 @@ import torch
 
 from .. import hub
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
-from ..evaluation import DigitOracle, DigitVAE, metrics, morphomnist
+from ..evaluation import DigitOracle, DigitVAE, metrics, mnist, morphomnist
 from ..evaluation.benchmark_judges import BenchmarkJudges
 from ..evaluation.plots import plot_abduction_curve, plot_guidance_sweep
 from ..options import add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
 
 DEFAULT_SCM_MODEL = "diffscm-morphomnist-conditional"
+GENERATION_STEPS = 25  # DDIM steps of the mechanism-alone fidelity (fresh noise, no abduction)
 
 
 def add_commands(commands):
@@ -113,6 +114,9 @@ def evaluate_scm(args: argparse.Namespace):
         pipe, images[few], {name: value[few] for name, value in factual.items()}, args.composition_cycles, **chain
     )
     result["morphometrics_agreement"] = morphomnist.morphometrics_agreement(images, factual)
+    result["generation_fidelity"] = morphomnist.generation_fidelity(
+        pipe, oracle, factual, judges, (1.0, options["cfg_scale"]), GENERATION_STEPS, args.seed
+    )
     split = json.loads((Path(pipe.config._name_or_path) / "training.json").read_text())["split"]
     extra = "".join(f", plus {source}" for source in split.get("extra_train_sources", []))
     result["settings"] = {
@@ -129,6 +133,7 @@ def evaluate_scm(args: argparse.Namespace):
         else args.refinement,
         "unet_evaluations_per_counterfactual": nfe,
         "composition_images": min(args.composition_samples, len(rows)),
+        "generation_steps": GENERATION_STEPS,
     }  # fmt: skip
     write_report(args, "evaluate-scm", result, morphomnist.report(result))
 
@@ -167,32 +172,12 @@ def evaluate(args: argparse.Namespace):
         )  # fmt: skip
         result["model"], result["classifier"] = str(pipe.config._name_or_path), args.classifier
         return write_report(args, "evaluate", result, metrics.explanation_table(result))
-    vae = load_vae(args.vae, pipe)
     chain = {"steps": args.steps, "refinement": args.refinement, "cfg_scale": options["cfg_scale"]}
-
-    # Headline numbers at one scale on every image; the sweep and the costlier metrics on the first few.
-    result, targets, counterfactuals = metrics.evaluate_counterfactuals(
-        pipe, oracle, images, labels, [scale], seed=args.seed, vae=vae, **chain
-    )
-    few, fewest = slice(0, args.sweep_samples), slice(0, args.composition_samples)
-    if args.guidance_scales:
-        scales = sorted(set(args.guidance_scales) | {scale})
-        sweep, _, _ = metrics.evaluate_counterfactuals(
-            pipe, oracle, images[few], labels[few], scales, seed=args.seed, vae=vae, **chain
-        )
-        result["sweep"] = {
-            "num_images": sweep["num_images"], "scales": sweep["scales"], "knee": metrics.knee(sweep["scales"])
-        }  # fmt: skip
-    result["reversibility"] = metrics.reversibility(
-        pipe, oracle, images[few], counterfactuals[scale][few], labels[few], targets[few], scale, **chain
-    )
-    factual = {pipe.single_categorical_parent(): labels[fewest]}
-    if args.composition_cycles:
-        result["composition"] = metrics.composition(
-            pipe, oracle, images[fewest], factual, args.composition_cycles, **chain
-        )
     settings = [tuple(int(n) for n in pair.split(":")) for pair in args.abduction_settings]
-    result["abduction_curve"] = metrics.abduction_curve(pipe, images[fewest], settings, factual, chain["cfg_scale"])
+    result = mnist.evaluate(
+        pipe, oracle, images, labels, scale, chain, load_vae(args.vae, pipe), args.seed, args.guidance_scales,
+        args.sweep_samples, args.composition_samples, args.composition_cycles, settings,
+    )  # fmt: skip
     result["model"] = str(pipe.config._name_or_path)
     result["data"] = args.data_dir or "held-out split of mnist-bundled"
     oracle_record = Path(oracle_dir) / "oracle.json"
