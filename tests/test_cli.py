@@ -39,6 +39,14 @@ def test_demo_writes_grid_and_oracle_table(model_dirs, tmp_path, capsys):
     assert str(out / "counterfactuals.png") in capsys.readouterr().out
 
 
+def test_demo_writes_a_folder_per_model_with_a_row_per_held_out_class(model_dirs, tmp_path, monkeypatch):
+    pipeline_dir, oracle_dir = model_dirs
+    monkeypatch.chdir(tmp_path)
+    main(["demo", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--quiet"])
+    grid = PIL.Image.open(tmp_path / "diffscm-demo" / pipeline_dir.name / "counterfactuals.png")
+    assert grid.size == (12 * 28 * 3, 14 + 5 * 28 * 3), "one row per class among the 5 held-out digits"
+
+
 def test_counterfactual_command_writes_one_file_per_target(model_dirs, tmp_path):
     pipeline_dir, _ = model_dirs
     rgb = tmp_path / "seven.png"

@@ -2,19 +2,34 @@
 
 import io
 import json
+import os
 import shutil
 import socket
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from conftest import tiny_pipeline
 
+from diffscm import DiffSCMPipeline
 from diffscm.cli import main
-from diffscm.cli.serve import MAX_PIXELS, MAX_UPLOAD, CounterfactualDemo, build_app, drawn_digit
+from diffscm.cli.serve import (
+    MAX_PIXELS,
+    MAX_UPLOAD,
+    CounterfactualDemo,
+    build_app,
+    drawn_digit,
+    read_back,
+    values_table,
+)
+from diffscm.evaluation import DigitOracle
+from diffscm.paths import shipped_checkpoint
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+SCREENSHOTS = Path(os.environ.get("DIFFSCM_SCREENSHOTS", "test-artifacts"))  # kept for a person to look at
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +41,35 @@ def tiny_model(tmp_path_factory):
     return {"tiny MNIST": str(folder)}
 
 
-def test_demo_logic_makes_a_grid_and_a_table(tiny_model):
+def test_demo_logic_makes_a_captioned_gallery_a_grid_and_a_read_back_table(tiny_model):
     demo = CounterfactualDemo(tiny_model, device="cpu")
     image, values = demo.example("tiny MNIST", 1)
     assert image.size == (28, 28) and set(values) == {"label"}
-    grid, table = demo.counterfactuals("tiny MNIST", image, {"label": "3"})
-    assert grid.size == (3 * 28 * 4, 14 + 28 * 4) and "| do(label=3) | 3 |" in table
+    gallery, grid, table = demo.counterfactuals("tiny MNIST", image, {"label": "3"})
+    assert [caption for _, caption in gallery] == ["factual", "null intervention (reconstruction)", "do(label=3)"]
+    assert all(picture.size == (168, 168) for picture, _ in gallery), "large enough to see"
+    assert grid.size == (3 * 28 * 4, 14 + 28 * 4)
+    row = next(line for line in table.splitlines() if line.startswith("| do(label=3) |"))
+    asked, propagated, read = row.split("|")[2].split(" / ")
+    assert asked.strip() == "3" and propagated.strip() == "3" and read.strip().isdigit(), "read back by the oracle"
     with pytest.raises(ValueError, match="fewer than 5"):
         demo.example("tiny MNIST", 4)
+
+
+def test_a_multi_parent_request_leaves_the_unticked_variables_to_their_mechanisms():
+    pipe = DiffSCMPipeline.from_pretrained(
+        shipped_checkpoint("diffscm-morphomnist-conditional"), num_inference_steps=3
+    )
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(torch.rand(1, 1, 28, 28) * 0, intervention={"thickness": 4.0},
+               factual_values={"thickness": 2.0, "intensity": 120.0, "digit": 3}, output_type="pt")  # fmt: skip
+    readings = read_back(out.images, DigitOracle.from_pretrained(shipped_checkpoint("morphomnist-oracle")).eval(),
+                         pipe.causal_graph.image_parents)  # fmt: skip
+    table = values_table(out, ["do(thickness=4)"], [{"thickness": 4.0}], readings)
+    row = next(line for line in table.splitlines() if line.startswith("| do(thickness=4) |"))
+    thickness, intensity = row.split("|")[2:4]
+    assert thickness.strip().startswith("4.00 / 4.00 / ") and intensity.strip().startswith("- / ")
+    assert float(intensity.split(" / ")[1]) > 200, "intensity followed thickness through its mechanism"
 
 
 def test_an_image_bomb_is_refused_from_its_header_before_decoding(tiny_model, tmp_path):
@@ -83,6 +119,7 @@ def test_upload_press_and_see_the_counterfactuals_in_a_browser(tiny_model, tmp_p
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    options.add_argument("--window-size=1400,1100")  # a laptop's screen
     browser = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
     try:
         browser.get(f"http://127.0.0.1:{port}")
@@ -91,13 +128,19 @@ def test_upload_press_and_see_the_counterfactuals_in_a_browser(tiny_model, tmp_p
         upload.send_keys(str(digit))
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))
         wait.until(expected_conditions.element_to_be_clickable((By.ID, "run"))).click()
-        result = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#grid img"))
+        shown = wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 12 and
+                           b.find_elements(By.CSS_SELECTOR, "#gallery img"))  # fmt: skip
         wait.until(lambda b: "do(label=9)" in b.find_element(By.ID, "values").text)
         table = browser.find_element(By.ID, "values").text
-        with urllib.request.urlopen(result[0].get_attribute("src")) as response:  # the image the page shows
-            grid = PIL.Image.open(io.BytesIO(response.read()))
+        heights = [image.size["height"] for image in shown]
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "web-demo-mnist.png"))
+        with urllib.request.urlopen(shown[0].get_attribute("src")) as response:  # the image the page shows
+            first = PIL.Image.open(io.BytesIO(response.read()))
     finally:
         browser.quit()
         app.close()
-    assert "Factual values (predicted from the image)" in table and "do(label=0)" in table
-    assert grid.size == (12 * 28 * 4, 14 + 28 * 4), "factual, null and the 10 counterfactuals of do(label = 0..9)"
+    assert "Factual values (predicted from the image)" in table and "do(label=0)" in table and "read back" in table
+    assert len(shown) == 12, "factual, null and the 10 counterfactuals of do(label = 0..9)"
+    assert min(heights) >= 112, f"every image is shown at least 112 px high: {heights}"
+    assert first.size == (168, 168)

@@ -25,7 +25,9 @@ def add_commands(commands):
     parser = commands.add_parser("demo", help="Counterfactuals of held-out digits with a shipped model.")
     add_pipeline_options(parser)
     parser.add_argument("--oracle", default=None, help="Oracle folder (default: the shipped MNIST oracle).")
-    parser.add_argument("--num-digits", type=int, default=8)
+    parser.add_argument(
+        "--num-digits", type=int, default=None, help="Held-out digits, one row each (default: one per class)."
+    )
     parser.add_argument(
         "--data-dir", default=None, help="For a multi-parent model: the data it held out from (default: the "
         "repository's Morpho-MNIST).",
@@ -35,14 +37,15 @@ def add_commands(commands):
         "would make it say that digit (e.g. checkpoints/mnist-vit-classifier).",
     )  # fmt: skip
     parser.add_argument("--classifier-scale", type=float, default=8.0, help="Guidance scale of the explanations.")
-    parser.add_argument("--out", default="diffscm-demo")
+    parser.add_argument("--out", default=None, help="Default: diffscm-demo/MODEL, a folder per model.")
     parser.set_defaults(func=demo)
 
 
 def demo(args: argparse.Namespace):
     """Counterfactuals of held-out bundled digits under do(digit = 0..9), as a PNG grid and an oracle table."""
-    if args.num_digits < 1:
+    if args.num_digits is not None and args.num_digits < 1:
         raise ValueError(f"--num-digits must be >= 1, got {args.num_digits}.")
+    args.out = args.out or str(Path("diffscm-demo") / Path(args.model or hub.DEFAULT_MODEL).name)
     check_output_dir(args.out)
     device, dtype = device_and_dtype(args)
     pipe = hub.load_pipeline(args.model, device, dtype)
@@ -51,9 +54,9 @@ def demo(args: argparse.Namespace):
         return scm_demo(pipe, args)
     oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint(DEFAULT_ORACLE)).eval().to(device)
     rows = heldout_rows(pipe.config._name_or_path, load_bundled_mnist(), 500, source=BUNDLED_MNIST)
-    digits = one_per_class(rows, args.num_digits)
-    images, labels = [row["image"] for row in digits], [row["label"] for row in digits]
     parent = pipe.single_categorical_parent()
+    digits = one_per_class(rows, args.num_digits or pipe.causal_graph.nodes[parent].num_classes)
+    images, labels = [row["image"] for row in digits], [row["label"] for row in digits]
     num_classes = pipe.causal_graph.nodes[parent].num_classes
     options = pipeline_options(args)
     explained = None
@@ -96,7 +99,7 @@ def scm_demo(pipe, args: argparse.Namespace):
     was asked and, for Morpho-MNIST variables, what the morphometrics measure."""
     graph = pipe.causal_graph
     data_dir = args.data_dir or shipped_data("morphomnist")
-    rows = heldout_rows(pipe.config._name_or_path, load_image_dataset(train_data_dir=data_dir), args.num_digits)
+    rows = heldout_rows(pipe.config._name_or_path, load_image_dataset(train_data_dir=data_dir), args.num_digits or 8)
     factual = graph.data_values(rows)
     options = pipeline_options(args)
     scale = options.pop("guidance_scale")

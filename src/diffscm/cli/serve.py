@@ -15,10 +15,13 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from .. import hub
+from .. import hub, morphometrics
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
+from ..evaluation import DigitOracle
+from ..evaluation.metrics import oracle_predictions
 from ..options import device_and_dtype
-from ..paths import shipped_checkpoint, shipped_data
+from ..paths import REPOSITORY, shipped_checkpoint, shipped_data
+from ..tables import markdown_table
 from .demo import image_grid
 
 DEFAULT_MODELS = {
@@ -30,6 +33,17 @@ MAX_UPLOAD = "5mb"  # a digit is a few KB
 MAX_PIXELS = 4096 * 4096  # refused from the header, before decoding: a small PNG can hold 13000 x 13000 pixels
 CONCURRENCY = 1  # one request at a time uses every core; the others wait in the queue
 QUEUE_SIZE = 32
+EXAMPLES = [str(path) for path in sorted((REPOSITORY / "docs" / "examples").glob("*.png"))]  # in a checkout
+HOW_IT_WORKS = """
+1. **Abduction**: the picture is inverted by deterministic DDIM to its exogenous noise u, the part of the image that
+   its causes do not explain (the writer's style).
+2. **Action**: do() sets the variables you tick; their descendants follow the causal graph's mechanisms (on
+   Morpho-MNIST, thicker strokes are brighter: intensity follows thickness unless you tick it too).
+3. **Prediction**: the diffusion model runs from the same u under the new parents.
+
+The null intervention (the parents unchanged) must give the picture back: it shows how exact the abduction is. The
+table reads every counterfactual back with judges that never guided it: morphometrics and an independent oracle.
+"""
 
 
 def add_commands(commands):
@@ -66,6 +80,7 @@ class CounterfactualDemo:
             raise FileNotFoundError("No pipeline to serve: none of the shipped checkpoints was found.")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipeline = cache(self._load)
+        self._oracle = cache(lambda folder: DigitOracle.from_pretrained(folder).eval().to(self.device))
 
     def _load(self, name: str):
         pipe = hub.load_pipeline(self.models[name]).to(self.device)
@@ -87,44 +102,79 @@ class CounterfactualDemo:
             raise ValueError(f"The model holds out fewer than {index + 1} digits.")
         return rows[0]["image"], {k: v.tolist() for k, v in pipe.causal_graph.data_values(rows).items()}
 
+    def oracle(self, name: str):
+        """The independent digit oracle of the model's data (never used for guidance)."""
+        scm = self.is_scm(name)
+        return self._oracle(shipped_checkpoint("morphomnist-oracle" if scm else "mnist-oracle"))
+
     @torch.no_grad()
     def counterfactuals(self, name: str, image: PIL.Image.Image, request: dict, factual: dict | None = None):
-        """The grid (factual, null intervention, counterfactuals) and a Markdown table of the values."""
+        """The gallery (factual, null intervention, counterfactuals, each captioned), the same as one grid image, and
+        a Markdown table: per variable the value asked, the value after propagation through the mechanisms, and the
+        value read back from the picture by an independent measurement."""
         pipe = self.pipeline(name)
         if self.is_scm(name):
             intervention = {k: v for k, v in request.items() if v is not None and v != KEEP}
             if not intervention:
-                raise ValueError("Choose at least one intervention.")
+                raise ValueError("Tick at least one variable to intervene on.")
             out = pipe(image, intervention=intervention, factual_values=factual, output_type="pt",
                        return_reconstruction=True)  # fmt: skip
-            headers = ["factual", "null", "do(" + ", ".join(f"{k}={_show(v)}" for k, v in intervention.items()) + ")"]
+            headers = ["do(" + ", ".join(f"{k}={_show(v)}" for k, v in intervention.items()) + ")"]
+            asked = [intervention]
         else:
             parent = pipe.single_categorical_parent()
             target = request.get(parent, "all")
             out = pipe(image, target="all" if target == "all" else int(target), factual_values=factual,
                        output_type="pt", return_reconstruction=True)  # fmt: skip
-            headers = ["factual", "null"] + [f"do({parent}={t})" for t in out.targets]
+            headers = [f"do({parent}={t})" for t in out.targets]
+            asked = [{parent: int(t)} for t in out.targets]
         factual_image = (pipe.preprocess(image) + 1) / 2
-        columns = torch.cat([factual_image, out.reconstructions, out.images]).cpu()[None]
-        grid = image_grid(columns, headers, scale=4)
-        return grid, values_table(out, headers[2:])
+        images = torch.cat([factual_image, out.reconstructions, out.images]).cpu()
+        captions = ["factual", "null intervention (reconstruction)", *headers]
+        gallery = [(_enlarged(picture), caption) for picture, caption in zip(images, captions, strict=True)]
+        grid = image_grid(images[None], ["factual", "null", *headers], scale=4)
+        readings = read_back(images[2:], self.oracle(name), pipe.causal_graph.image_parents)
+        return gallery, grid, values_table(out, headers, asked, readings)
 
 
-def values_table(out, headers: list[str]) -> str:
-    """The values asked for and the anti-causal predictor's reading of each counterfactual."""
+def read_back(images: torch.Tensor, oracle, parents) -> dict[str, np.ndarray]:
+    """What an independent measurement reads from each picture in [0, 1]: Morpho-MNIST's morphometrics for
+    thickness and intensity, the oracle for the digit (the categorical parent)."""
+    readings = {}
+    if {"thickness", "intensity"} & set(parents):
+        measured = morphometrics.measure(images)
+        readings |= {k: measured[k] for k in ("thickness", "intensity") if k in parents}
+    categorical = [p for p in parents if p not in readings]
+    if categorical:
+        readings[categorical[0]] = oracle_predictions(oracle, images).numpy()
+    return readings
+
+
+def values_table(out, headers: list[str], asked: list[dict], readings: dict) -> str:
+    """Per counterfactual and variable: asked (or - when left to its mechanism), after propagation, read back."""
     names = list(out.counterfactual_values)
-    lines = [
-        "| counterfactual | " + " | ".join(f"asked {n}" for n in names) + " | " + " | ".join(
-            f"reads {n}" for n in out.predicted_values) + " |",
-        "|---|" + "---:|" * (len(names) + len(out.predicted_values)),
-    ]  # fmt: skip
+    columns = [f"{n}: asked / after propagation / read back" for n in names]
+    rows = []
     for i, header in enumerate(headers):
-        asked = " | ".join(_show(out.counterfactual_values[n][i]) for n in names)
-        read = " | ".join(_show(v[i]) for v in out.predicted_values.values())
-        lines.append(f"| {header} | {asked} | {read} |")
+        cells = []
+        for n in names:
+            request = asked[min(i, len(asked) - 1)]
+            read = _show(readings[n][i]) if n in readings else "-"
+            cells.append(
+                f"{_show(request[n]) if n in request else '-'} / {_show(out.counterfactual_values[n][i])} / {read}"
+            )
+        rows.append([header, *cells])
     factual = ", ".join(f"{k} {_show(v[0])}" for k, v in out.factual_values.items())
     given = "predicted from the image" if out.predicted_factuals else "given"
-    return f"Factual values ({given}): {factual}\n\n" + "\n".join(lines)
+    table = markdown_table(["counterfactual", *columns], rows, [False] * (len(columns) + 1))
+    note = "Read back: thickness and intensity by Morpho-MNIST's morphometrics, the digit by an independent oracle."
+    return f"Factual values ({given}): {factual}\n\n{table}\n\n{note}"
+
+
+def _enlarged(picture: torch.Tensor, size: int = 168) -> PIL.Image.Image:
+    """A 28-pixel image in [0, 1] as a crisp `size`-pixel PIL image, large enough to see."""
+    pixels = (picture.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).squeeze(-1).numpy()
+    return PIL.Image.fromarray(pixels).resize((size, size), PIL.Image.NEAREST)
 
 
 def drawn_digit(editor_value) -> PIL.Image.Image | None:
@@ -151,22 +201,24 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None):
     demo = CounterfactualDemo(models, device)
     names = list(demo.models)
 
-    def run(name, upload, drawing, example_values, target, thickness, intensity, digit, progress=gr.Progress(True)):  # noqa: B008
+    def run(name, upload, drawing, example_values, target, variables, thickness, intensity, digit,
+            progress=gr.Progress(True)):  # noqa: B008  # fmt: skip
         image = upload if upload is not None else drawn_digit(drawing)
         if image is None:
             raise gr.Error("Upload or draw a digit, or pick a held-out one.")
         factual = example_values if upload is not None and example_values else None
         if demo.is_scm(name):
-            request = {"thickness": thickness, "intensity": intensity, "digit": None if digit == KEEP else int(digit)}
+            chosen = {"thickness": thickness, "intensity": intensity, "digit": None if digit == KEEP else int(digit)}
+            request = {k: v for k, v in chosen.items() if k in (variables or [])}
         else:
             request = {demo.pipeline(name).single_categorical_parent(): target}
         try:
-            grid, table = demo.counterfactuals(name, image, request, factual)
+            gallery, grid, table = demo.counterfactuals(name, image, request, factual)
         except (ValueError, TypeError) as error:
             raise gr.Error(str(error)) from error
         path = Path(tempfile.mkdtemp()) / "counterfactuals.png"
         grid.save(path)
-        return grid, table, str(path)
+        return gallery, table, str(path)
 
     def pick(name, index):
         image, values = demo.example(name, int(index))
@@ -174,17 +226,17 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None):
 
     def controls(name):
         scm = demo.is_scm(name)
-        return gr.update(visible=not scm), gr.update(visible=scm), gr.update(visible=scm), gr.update(visible=scm)
+        return [gr.update(visible=not scm)] + [gr.update(visible=scm)] * 4
 
     with gr.Blocks(title="diffscm: counterfactual images") as app:
         gr.Markdown(
             "# diffscm: counterfactual images with diffusion models\n"
-            "What would this digit look like had its digit, stroke thickness or intensity been different? "
-            "Abduction inverts the image to its exogenous noise; the intervention runs the causal mechanism back "
-            "under the new values (Diff-SCM)."
+            "What would this digit look like had its digit, stroke thickness or intensity been different?"
         )
+        with gr.Accordion("How it works", open=False):
+            gr.Markdown(HOW_IT_WORKS)
         with gr.Row():
-            with gr.Column():
+            with gr.Column(scale=1):
                 model = gr.Dropdown(names, value=names[0], label="model")
                 with gr.Tab("upload"):
                     upload = gr.Image(type="pil", image_mode="L", label="factual image", elem_id="factual")
@@ -195,21 +247,27 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None):
                     example = gr.Button("pick a held-out digit", elem_id="pick")
                 example_values = gr.State(None)
                 target = gr.Dropdown(["all"] + [str(k) for k in range(10)], value="all", label="do(digit = ...)")
+                variables = gr.CheckboxGroup(["thickness", "intensity", "digit"], value=["thickness"], visible=False,
+                                             label="intervene on (the others follow their mechanisms)",
+                                             elem_id="variables")  # fmt: skip
                 thickness = gr.Slider(0.5, 6.0, value=4.0, step=0.1, label="do(thickness = ...) px", visible=False)
                 intensity = gr.Slider(64, 255, value=180, step=1, label="do(intensity = ...)", visible=False)
                 digit = gr.Dropdown([KEEP] + [str(k) for k in range(10)], value=KEEP, label="do(digit = ...)",
                                     visible=False)  # fmt: skip
                 button = gr.Button("Counterfactuals", variant="primary", elem_id="run")
-            with gr.Column():
-                grid = gr.Image(type="pil", label="factual | null intervention | counterfactuals", elem_id="grid")
+                if EXAMPLES:
+                    gr.Examples(EXAMPLES, inputs=upload, label="examples: click one, then Counterfactuals")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="factual | null intervention | counterfactuals", columns=4, height="auto",
+                                     object_fit="contain", elem_id="gallery")  # fmt: skip
                 table = gr.Markdown(elem_id="values")
                 download = gr.File(label="download the grid")
-        model.change(controls, model, [target, thickness, intensity, digit])
+        model.change(controls, model, [target, variables, thickness, intensity, digit])
         upload.upload(lambda: None, None, example_values)
         example.click(pick, [model, index], [upload, example_values])
-        button.click(run, [model, upload, drawing, example_values, target, thickness, intensity, digit],
-                     [grid, table, download])  # fmt: skip
-        app.load(controls, model, [target, thickness, intensity, digit])
+        button.click(run, [model, upload, drawing, example_values, target, variables, thickness, intensity, digit],
+                     [gallery, table, download])  # fmt: skip
+        app.load(controls, model, [target, variables, thickness, intensity, digit])
     return app
 
 
