@@ -68,7 +68,15 @@ def run(pipe, images, labels, targets, steps, refinement, batch_size, strength=1
             chunk = slice(start, start + batch_size)
             _synchronize(pipe.device)
             started = time.perf_counter()
-            abductions.append(pipe.abduct(images[chunk], {parent: labels[chunk]}, steps, strength, refinement))
+            abductions.append(
+                pipe.abduct(
+                    images[chunk],
+                    {parent: labels[chunk]},
+                    num_inference_steps=steps,
+                    strength=strength,
+                    abduction_refinement_steps=refinement,
+                )
+            )
             shared = abductions[-1].repeat_interleave(targets.shape[1])
             outputs.append(pipe.intervene(shared, targets[chunk].flatten(), guidance_scale=scale).cpu())
             _synchronize(pipe.device)

@@ -110,7 +110,9 @@ def main(args: argparse.Namespace):
     requests = intervention_requests(graph, factual, pool, args.seed)
     results = []
     for cfg in grid(args.cfg_scale):
-        abduction = pipe.abduct(images, factual, args.steps, abduction_refinement_steps=args.refinement, cfg_scale=cfg)
+        abduction = pipe.abduct(
+            images, factual, num_inference_steps=args.steps, abduction_refinement_steps=args.refinement, cfg_scale=cfg
+        )
         for guidance in grid(args.guidance_scale):
             entry = {"cfg_scale": pipe.cfg_scales(cfg), "guidance_scale": pipe.guidance_scales(guidance)}
             for variable in PARENTS:

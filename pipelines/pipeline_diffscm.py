@@ -49,14 +49,7 @@ from .pipeline_output import Abduction, DiffSCMPipelineOutput, Guidance
 EXPLAINED_CLASSIFIER_SCALE = 8.0  # measured: docs/evaluation-mnist-vit-conditional (the ViT flips 0.995 at 8)
 
 
-def ddim_step(
-    sample: torch.Tensor,
-    eps: torch.Tensor,
-    alpha_from: float,
-    alpha_to: float,
-    eta: float = 0.0,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-) -> torch.Tensor:
+def ddim_step(sample: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float, eta=0.0, generator=None):
     """DDIM move from alpha-bar `alpha_from` to `alpha_to` (Song et al. 2021, eq. 12), the one step function of both
     directions: with eta = 0 it is deterministic and its own inverse when the two alphas are swapped; eta > 0 (from
     less to more signal only) adds fresh noise from `generator`."""
@@ -78,18 +71,11 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
     2. Action: do(variable = value); descendants follow through their mechanisms with their abducted noise.
     3. Prediction: DDIM from u back to x_0 under the counterfactual values pa* of the image's parents.
 
-    The image's mechanism is one of two kinds, which the checkpoint records by having a `parent_embedding` or not:
-
-    - **classifier-guided** (the paper's): an unconditional eps_theta(x_t, t) steered by the noise-aware anti-causal
-      predictors, eps_hat = eps_theta(x_t, t) - sqrt(1 - alpha_bar_t) sum_k s_k grad log p_phi(pa_k* | x_t, t);
-    - **conditional**: eps_theta(x_t, t, pa), the structural mechanism x = f(pa, u) itself, inverted under the
-      factual parents and run under the counterfactual ones, with classifier-free guidance per parent,
-      eps_hat = eps(pa) + sum_k (w_k - 1) (eps(pa) - eps(pa without k)), the same in both directions; anti-causal
-      guidance may act on top.
-
-    Anti-causal guidance acts on every parent of a sample whose parents the intervention changes (the unchanged ones
-    are held at their factual values), and on none of a sample it leaves unchanged, so that do(parents = factual
-    values) returns the factual image.
+    The image's mechanism (`pipe.mechanism`) is **classifier-guided** (the paper's: an unconditional eps_theta(x_t, t)
+    steered by the noise-aware anti-causal predictors, eps - sqrt(1 - alpha_bar_t) sum_k s_k grad log p(pa_k* | x_t))
+    or **conditional** (eps_theta(x_t, t, pa), x = f(pa, u) itself, with classifier-free guidance per parent, the same
+    both ways; anti-causal guidance may act on top). Anti-causal guidance acts on every parent of a sample whose
+    parents change, and on none of one left unchanged, so that do(parents = factual values) returns the input.
 
     Parameters:
         unet ([`UNet2DModel`]): eps_theta (epsilon prediction); `class_embed_type="identity"` when conditional.
@@ -159,12 +145,9 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiffSCMPipeline":
-        """
-        Load a DiffSCMPipeline folder or Hub id ([`~diffscm.pipelines.folder`]). `torch_dtype` (or `dtype`): a torch
-        dtype, its name, or `{component: dtype, "default": dtype}` (abduction and guidance stay float32); `revision`,
-        `cache_dir`, `token`, `local_files_only`, `variant`, `low_cpu_mem_usage` as in diffusers (`device_map` and
-        `use_safetensors=False` are refused); any other keyword overrides a recorded setting or a component.
-        """
+        """Load a DiffSCMPipeline folder or Hub id ([`~diffscm.pipelines.folder`]). `torch_dtype` / `dtype`: a dtype,
+        its name or `{component: dtype, "default": dtype}` (abduction and guidance stay float32); diffusers' download
+        and loading keywords as in diffusers; any other keyword overrides a recorded setting or a component."""
         download, model_options, dtype = loading_options(kwargs)
         path = resolve(str(pretrained_model_name_or_path), **download)
         index = read_index(path)
@@ -200,6 +183,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         self,
         image: PipelineImageInput,
         factual_values: ValuesInput | None = None,
+        *,
         num_inference_steps: int | None = None,
         strength: float = 1.0,
         abduction_refinement_steps: int | None = None,
@@ -387,27 +371,6 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         self.maybe_free_model_hooks()
         return output if return_dict else tuple(getattr(output, name) for name in output.__dataclass_fields__)
 
-    def check_inputs(self, sample, target, intervention, guidance_scale, cfg_scale, eta, generator, output_type,
-                     callback_tensor_inputs, explained) -> tuple[dict, torch.Tensor | None]:  # fmt: skip
-        """Every setting of a `__call__` checked before the costly abduction; returns the intervention as
-        `{variable: one value per counterfactual}` and, with `target=`, the `(B, K)` targets."""
-        check_output_type(output_type)
-        check_eta(eta)
-        check_callback(callback_tensor_inputs, self._callback_tensor_inputs)
-        if (target is None) == (intervention is None):
-            raise ValueError("Give either `target` or `intervention` (a dict of variable values).")
-        self.guidance_scales(guidance_scale, explained=explained is not None)
-        self.cfg_scales(cfg_scale)
-        batch_size = sample.shape[0]
-        if target is not None:
-            targets = self.prepare_targets(target, batch_size)
-            check_generator(generator, targets.numel())
-            return {self.single_categorical_parent(): targets.flatten().numpy()}, targets
-        if not isinstance(intervention, dict) or not intervention:
-            raise ValueError(f"`intervention` must be a non-empty dict {{variable: value}}, got {intervention!r}.")
-        check_generator(generator, batch_size)
-        return {k: self._per_image(k, v, batch_size) for k, v in intervention.items()}, None
-
     def postprocess(self, sample: torch.Tensor, output_type: str):
         """A sample in [-1, 1] as `output_type`: "latent" as it is, else diffusers' image postprocessing."""
         return sample if output_type == "latent" else self.image_processor.postprocess(sample, output_type)
@@ -422,11 +385,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
     ):
-        """
-        The image mechanism alone, x = f(pa, u) from fresh noise u (no abduction, no anti-causal guidance): one image
-        per sample of `parent_values` (or `num_images` under the same values). What a conditional mechanism draws
-        here shows how well it follows its parents.
-        """
+        """The image mechanism alone, x = f(pa, u) from fresh noise u (no abduction, no anti-causal guidance): one
+        image per sample of `parent_values` (or `num_images`): how well a conditional mechanism follows its parents."""
         check_output_type(output_type)
         given = parent_values.values() if isinstance(parent_values, dict) else [parent_values]
         sizes = [len(value) for value in given if np.ndim(value) > 0]
@@ -446,14 +406,13 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         """eps_hat of one prediction step: the noise estimate under the counterfactual parents (with classifier-free
         guidance), minus sqrt(1 - alpha_bar_t) times the guidance gradient of the anti-causal predictor (or of an
         explained classifier) towards them."""
-        if guidance.explained_scale is not None and guidance.explained_gradient == "full":
-            eps, gradient = self.explained_gradient(guidance.explained, sample, timestep, alpha, values,
-                                                    guidance.cfg_scale)  # fmt: skip
-        else:
-            eps = self.predict_noise(sample, timestep, values, guidance.cfg_scale)
-            if guidance.explained_scale is not None:
-                gradient = self.explained_gradient(guidance.explained, sample, timestep, alpha, values, eps=eps)[1]
+        full = guidance.explained_scale is not None and guidance.explained_gradient == "full"
+        eps = None if full else self.predict_noise(sample, timestep, values, guidance.cfg_scale)
         if guidance.explained_scale is not None:
+            target = values[self.single_categorical_parent()]
+            eps, gradient = guidance.explained.guidance_gradient(
+                sample, alpha, target, lambda x: self.predict_noise(x, timestep, values, guidance.cfg_scale), eps
+            )
             eps = eps - math.sqrt(1 - alpha) * guidance.explained_scale.view(-1, 1, 1, 1) * gradient
         if guidance.anticausal:
             eps = eps - math.sqrt(1 - alpha) * self.log_likelihood_gradient(sample, timestep, values,
@@ -527,24 +486,6 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             return classifier, gradient
         self.single_categorical_parent()  # explanations name a class of the image's one categorical parent
         return ExplainedClassifier(classifier, processor).to(self._execution_device), gradient
-
-    def explained_gradient(
-        self, explained, sample, timestep, alpha: float, values: dict, cfg_scales: dict | None = None, eps=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps, the guidance gradient of a clean classifier): grad_{x_t} log p(target | x0_hat(x_t)), averaged over
-        random views of x0_hat, weighted by sqrt(alpha_bar_t / (1 - alpha_bar_t)): the plain gradient explodes at high
-        noise, where x0_hat divides by sqrt(alpha_bar_t) ~ 0.006 (measured on MNIST: images destroyed, L1 > 100 grey
-        levels at scale 2), and the signal-to-noise ratio itself leaves only adversarial detail changes near the end.
-        With `eps` given, x0_hat's noise estimate is held constant; without, the gradient runs through the UNet."""
-        target = values[self.single_categorical_parent()]
-        with torch.enable_grad():
-            sample = sample.detach().requires_grad_(True)
-            if eps is None:
-                eps = self.predict_noise(sample, timestep, values, cfg_scales)
-            denoised = (sample - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
-            log_prob = explained.robust_log_prob(denoised, target).sum()
-            gradient = torch.autograd.grad(log_prob, sample)[0]
-        return eps.detach(), gradient.float() * math.sqrt(alpha / (1 - alpha))
 
 
 def pipeline_causal_graph(config: dict | None, classifier, parent_embedding) -> CausalGraph:

@@ -10,7 +10,6 @@ load it. It holds out the same seeded split as the pipelines and reports its hel
 
 import argparse
 
-import torch
 import torch.nn.functional as F
 from transformers import (
     ConvNextImageProcessor,
@@ -59,16 +58,6 @@ def build(args: argparse.Namespace, num_labels: int):
     return ConvNextV2ForImageClassification(config), processor
 
 
-@torch.no_grad()
-def accuracy(model, dataloader, device) -> float:
-    correct = total = 0
-    for batch in dataloader:
-        predicted = model(pixel_values=batch["pixel_values"].to(device)).logits.argmax(-1).cpu()
-        correct += (predicted == batch["labels"]).sum().item()
-        total += len(predicted)
-    return correct / total
-
-
 def main(args: argparse.Namespace):
     accelerator = training.make_accelerator(args)
     split, split_record = training.load_split(args)
@@ -86,15 +75,16 @@ def main(args: argparse.Namespace):
         return F.cross_entropy(model(pixel_values=images).logits.float(), batch["labels"])
 
     run = training.train(accelerator, args, classifier, optimizer, lr_scheduler, dataloader, compute_loss, ema)
-    if accelerator.is_main_process:
-        heldout_accuracy = training.export_judge(
-            accelerator, args, classifier, ema, split, split_record, "train_image_classifier.py", run,
-            "heldout_accuracy", lambda model, batches: accuracy(model, batches, accelerator.device),
-        )  # fmt: skip
-        processor.save_pretrained(args.export_dir)
-        model_cards.write_image_classifier_card(args.export_dir)
-        print(f"held-out accuracy: {heldout_accuracy:.4f} ({split_record['num_heldout']} images)")
-    accelerator.end_training()
+
+    def write_card(export_dir: str):
+        processor.save_pretrained(export_dir)
+        model_cards.write_image_classifier_card(export_dir)
+
+    training.export_judge(
+        accelerator, args, classifier, ema, split, split_record, "train_image_classifier.py", run, "heldout_accuracy",
+        lambda model, batches: training.accuracy(lambda x: model(pixel_values=x).logits, batches, accelerator.device),
+        write_card, "held-out accuracy",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ It holds out the same seeded split as the pipeline's training runs and reports i
 import argparse
 import logging
 
-import torch
 import torch.nn.functional as F
 
 from diffscm import model_cards, training
@@ -28,16 +27,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--augment_degrees", type=float, default=10.0, help="Random rotation range (0: no augmentation)."
     )
     return training.parse_judge_args(parser, argv, "oracle")
-
-
-@torch.no_grad()
-def accuracy(model: DigitOracle, dataloader, device) -> float:
-    correct = total = 0
-    for batch in dataloader:
-        predicted = model(batch["pixel_values"].to(device)).argmax(-1).cpu()
-        correct += (predicted == batch["labels"]).sum().item()
-        total += len(predicted)
-    return correct / total
 
 
 def main(args: argparse.Namespace):
@@ -61,14 +50,11 @@ def main(args: argparse.Namespace):
         return F.cross_entropy(model(images).float(), batch["labels"])
 
     run = training.train(accelerator, args, oracle, optimizer, lr_scheduler, dataloader, compute_loss, ema)
-    if accelerator.is_main_process:
-        heldout_accuracy = training.export_judge(
-            accelerator, args, oracle, ema, split, split_record, "train_oracle.py", run, "heldout_accuracy",
-            lambda model, batches: accuracy(model, batches, accelerator.device),
-        )  # fmt: skip
-        model_cards.write_oracle_card(args.export_dir)
-        print(f"held-out accuracy of the oracle: {heldout_accuracy:.4f} ({split_record['num_heldout']} images)")
-    accelerator.end_training()
+    training.export_judge(
+        accelerator, args, oracle, ema, split, split_record, "train_oracle.py", run, "heldout_accuracy",
+        lambda model, batches: training.accuracy(model, batches, accelerator.device), model_cards.write_oracle_card,
+        "held-out accuracy of the oracle",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -142,7 +142,12 @@ def noise_model(args: argparse.Namespace, graph: CausalGraph | None) -> torch.nn
         if embedding.parents != graph.parent_specs():
             raise ValueError(f"{embedding_dir} embeds {embedding.parents}, not this graph's parents.")
     else:
-        embedding = ParentEmbedding(parents=graph.parent_specs(), embedding_dim=4 * unet.config.block_out_channels[0])
+        # From scratch the parents are drawn like diffusers' class embeddings; a pretrained UNet starts unchanged.
+        embedding = ParentEmbedding(
+            parents=graph.parent_specs(),
+            embedding_dim=4 * unet.config.block_out_channels[0],
+            zero_init=args.pretrained_model_name_or_path is not None,
+        )
     return ConditionalNoiseModel(unet, embedding)
 
 

@@ -50,14 +50,11 @@ def main(args: argparse.Namespace):
         return vae_loss(model(batch["pixel_values"]), batch["pixel_values"], args.beta)
 
     run = training.train(accelerator, args, vae, optimizer, lr_scheduler, dataloader, compute_loss, ema)
-    if accelerator.is_main_process:
-        loss = training.export_judge(
-            accelerator, args, vae, ema, split, split_record, "train_vae.py", run, "heldout_negative_elbo",
-            lambda model, batches: heldout_loss(model, batches, args, accelerator.device),
-        )  # fmt: skip
-        model_cards.write_vae_card(args.export_dir)
-        print(f"held-out negative ELBO of the VAE: {loss:.2f} per image ({split_record['num_heldout']} images)")
-    accelerator.end_training()
+    training.export_judge(
+        accelerator, args, vae, ema, split, split_record, "train_vae.py", run, "heldout_negative_elbo",
+        lambda model, batches: heldout_loss(model, batches, args, accelerator.device), model_cards.write_vae_card,
+        "held-out negative ELBO of the VAE per image",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -456,19 +456,35 @@ def record_run(
     return seconds_per_step
 
 
-def export_judge(accelerator: Accelerator, args: argparse.Namespace, model, ema, split, split_record: dict,
-                 script: str, run: tuple[int, float], metric: str, measure: Callable) -> float:  # fmt: skip
-    """Save a trained judge (oracle, VAE) to --export_dir with `{kind}.json`: its held-out `metric` (`measure(model,
-    held-out batches)`), the command and the split; returns the metric."""
-    final = trained_model(accelerator, model, ema)
-    value = measure(final, make_dataloader(split["heldout"], args, shuffle=False))
-    record_run(args, script, *run)
-    final.save_pretrained(args.export_dir)
-    command = read_json(Path(args.output_dir) / "training_args.json")["command"]
-    kind = script.removeprefix("train_").removesuffix(".py")
-    record = {metric: value, "split": split_record, "command": command}
-    write_json(Path(args.export_dir) / f"{kind}.json", record)
-    return value
+def export_judge(
+    accelerator: Accelerator, args: argparse.Namespace, model, ema, split, split_record: dict, script: str,
+    run: tuple[int, float], metric: str, measure: Callable, write_card: Callable, description: str,
+):  # fmt: skip
+    """On the main process: save a trained judge (oracle, VAE, image classifier) to --export_dir with `{kind}.json`
+    (its held-out `metric`, `measure(model, held-out batches)`, the command and the split), write its card with
+    `write_card(export_dir)`, and print the metric after `description`; then end the run."""
+    if accelerator.is_main_process:
+        final = trained_model(accelerator, model, ema)
+        value = measure(final, make_dataloader(split["heldout"], args, shuffle=False))
+        record_run(args, script, *run)
+        final.save_pretrained(args.export_dir)
+        command = read_json(Path(args.output_dir) / "training_args.json")["command"]
+        kind = script.removeprefix("train_").removesuffix(".py")
+        write_json(Path(args.export_dir) / f"{kind}.json", {metric: value, "split": split_record, "command": command})
+        write_card(args.export_dir)
+        print(f"{description}: {value:.4f} ({split_record['num_heldout']} held-out images)")
+    accelerator.end_training()
+
+
+@torch.no_grad()
+def accuracy(logits_of: Callable[[torch.Tensor], torch.Tensor], dataloader: DataLoader, device) -> float:
+    """The share of a data loader's labels that `logits_of(pixel_values)` ranks first."""
+    correct = total = 0
+    for batch in dataloader:
+        predicted = logits_of(batch["pixel_values"].to(device)).argmax(-1).cpu()
+        correct += (predicted == batch["labels"]).sum().item()
+        total += len(predicted)
+    return correct / total
 
 
 def run_script(main: Callable[[argparse.Namespace], None], parse_args: Callable[[], argparse.Namespace]):

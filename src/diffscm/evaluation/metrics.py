@@ -70,7 +70,9 @@ def explanation_metrics(
     targets = random_other_targets(labels, pipe.causal_graph.nodes[parent].num_classes, seed)
     count = len(images)
     with count_calls(pipe.unet) as abduction_calls:
-        abduction = pipe.abduct(images, {parent: labels}, steps, abduction_refinement_steps=refinement)
+        abduction = pipe.abduct(
+            images, {parent: labels}, num_inference_steps=steps, abduction_refinement_steps=refinement
+        )
     result = {
         "num_images": count,
         "explained_accuracy_on_factuals": _accuracy(explained.predict(images * 2 - 1), labels),
@@ -215,7 +217,9 @@ def abduction_curve(
     curve = []
     for steps, refinement in settings:
         with count_calls(pipe.unet) as calls:
-            abduction = pipe.abduct(images, factual, steps, abduction_refinement_steps=refinement, cfg_scale=cfg_scale)
+            abduction = pipe.abduct(
+                images, factual, num_inference_steps=steps, abduction_refinement_steps=refinement, cfg_scale=cfg_scale
+            )
             null = pipe.intervene(abduction)
         curve.append(
             {
@@ -255,7 +259,13 @@ def reversibility(
 ) -> dict:
     """x -> do(target) -> do(original label): L1 to x and the oracle's accuracy on the original label."""
     parent = pipe.single_categorical_parent()
-    abduction = pipe.abduct(counterfactuals, {parent: targets}, steps, 1.0, refinement, cfg_scale)
+    abduction = pipe.abduct(
+        counterfactuals,
+        {parent: targets},
+        num_inference_steps=steps,
+        abduction_refinement_steps=refinement,
+        cfg_scale=cfg_scale,
+    )
     reversed_images = pipe.intervene(abduction, labels, guidance_scale=scale)
     return {
         "guidance_scale": scale,
