@@ -26,11 +26,19 @@ class ParentEmbedding(ModelMixin, ConfigMixin):
         embedding_dim (`int`): width of the UNet's timestep embedding (4 x its first block's channels).
         hidden_dim (`int`): hidden width of each continuous parent's MLP.
         num_frequencies (`int`): sinusoidal frequencies of a continuous value (2^0 .. 2^(n-1) periods over the range).
+        zero_init (`bool`): start every embedding at zero, so that a pretrained unconditional UNet is unchanged at
+            first (fine-tuning); False draws them like diffusers' class embeddings (N(0, 1)), so that a UNet trained
+            from scratch sees its parents from the first step.
     """
 
     @register_to_config
     def __init__(
-        self, parents: dict | None = None, embedding_dim: int = 128, hidden_dim: int = 128, num_frequencies: int = 6
+        self,
+        parents: dict | None = None,
+        embedding_dim: int = 128,
+        hidden_dim: int = 128,
+        num_frequencies: int = 6,
+        zero_init: bool = True,
     ):
         super().__init__()
         _check_specs(parents)
@@ -39,15 +47,18 @@ class ParentEmbedding(ModelMixin, ConfigMixin):
         for name, spec in parents.items():
             if spec["type"] == "categorical":
                 self.embeddings[name] = nn.Embedding(spec["num_classes"] + 1, embedding_dim)
-                nn.init.zeros_(self.embeddings[name].weight)
+                if zero_init:
+                    nn.init.zeros_(self.embeddings[name].weight)
             else:
                 output = nn.Linear(hidden_dim, embedding_dim)
-                nn.init.zeros_(output.weight)
-                nn.init.zeros_(output.bias)
+                if zero_init:
+                    nn.init.zeros_(output.weight)
+                    nn.init.zeros_(output.bias)
                 self.embeddings[name] = nn.Sequential(
                     nn.Linear(2 * num_frequencies + 1, hidden_dim), nn.SiLU(), output
                 )
-                self.null[name] = nn.Parameter(torch.zeros(embedding_dim))
+                null = torch.zeros(embedding_dim) if zero_init else torch.randn(embedding_dim)
+                self.null[name] = nn.Parameter(null)
 
     @property
     def parents(self) -> dict[str, dict]:
