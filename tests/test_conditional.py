@@ -116,3 +116,14 @@ def test_mismatched_conditional_components_are_refused(conditional_pipeline, tra
         trained_pipeline(torch.rand(1, 1, 8, 8), target=0, cfg_scale=2.0, num_inference_steps=2)
     with pytest.raises(ValueError, match="needs an anti-causal `classifier`, a `parent_embedding`, or both"):
         DiffSCMPipeline(trained_pipeline.unet, trained_pipeline.scheduler)
+
+
+def test_a_from_scratch_embedding_tells_parents_apart_and_a_fine_tuning_one_starts_silent():
+    from diffscm import ParentEmbedding
+
+    specs = {"digit": {"type": "categorical", "num_classes": 10}, "level": {"type": "continuous", "range": [0, 1]}}
+    values = {"digit": torch.tensor([1, 2]), "level": torch.tensor([0.1, 0.9])}
+    fresh = ParentEmbedding(parents=specs, embedding_dim=32, zero_init=False)(values)
+    assert (fresh[0] - fresh[1]).abs().mean() > 0.1, "different parents, different conditioning from step one"
+    silent = ParentEmbedding(parents=specs, embedding_dim=32)(values)
+    assert silent.abs().max() == 0, "a pretrained unconditional UNet is unchanged at first"
