@@ -131,6 +131,9 @@ def test_output_types_and_diagnostics(trained_pipeline, factual_images):
     as_tuple = trained_pipeline(images, labels, num_inference_steps=3, output_type="pt", return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 9 and torch.equal(as_tuple[0], tensor.images)
     assert as_tuple[7] is None and as_tuple[8] is None, "the tuple keeps its layout: no reconstructions, no noise"
+    np.testing.assert_array_equal(tensor["target_probabilities"], tensor.target_probabilities)  # a field like others
+    plain = trained_pipeline(images, labels, num_inference_steps=3, output_type="pt")
+    assert len(plain.to_tuple()) == 7 and as_tuple[6] is not None, "diffusers' to_tuple keeps the probabilities"
 
 
 def test_latent_output_is_the_raw_sample_on_every_entry_point(trained_pipeline, factual_images):

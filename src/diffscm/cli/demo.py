@@ -36,7 +36,9 @@ def add_commands(commands):
         "--classifier", default=None, help="Explain this transformers image classifier folder: each column is what "
         "would make it say that digit (e.g. checkpoints/mnist-vit-classifier).",
     )  # fmt: skip
-    parser.add_argument("--classifier-scale", type=float, default=8.0, help="Guidance scale of the explanations.")
+    parser.add_argument(
+        "--classifier-scale", type=float, default=None, help="Guidance of the explanations (default: the pipeline's)."
+    )
     parser.add_argument("--out", default=None, help="Default: diffscm-demo/MODEL, a folder per model.")
     parser.set_defaults(func=demo)
 
@@ -62,7 +64,7 @@ def demo(args: argparse.Namespace):
     explained = None
     if args.classifier:
         explained = load_explained_classifier(args.classifier).to(device)
-        options |= {"explained_classifier": explained, "guidance_scale": args.classifier_scale}
+        options |= {"explained_classifier": explained, "guidance_scale": args.classifier_scale}  # None: the default
     print(f"Counterfactuals of {len(images)} held-out digits under do(digit = 0..{num_classes - 1}) ...")
     out = pipe(
         images, "all", factual_values={parent: labels}, output_type="pt", return_reconstruction=True, **options

@@ -52,7 +52,9 @@ def add_commands(commands):
         help="Evaluate counterfactual explanations of this transformers image classifier folder instead (its cheap "
         "and full gradient beside the noise-aware predictor).",
     )
-    parser.add_argument("--classifier-scale", type=float, default=8.0, help="Guidance scale of the explanations.")
+    parser.add_argument(
+        "--classifier-scale", type=float, default=None, help="Guidance of the explanations (default: the pipeline's)."
+    )
     parser.add_argument("--out", default="diffscm-evaluation")
     parser.add_argument("--write-model-card", action="store_true", help="Put the report into the model's card.")
     parser.set_defaults(func=evaluate)
@@ -167,7 +169,8 @@ def evaluate(args: argparse.Namespace):
     if args.classifier:
         explained = load_explained_classifier(args.classifier).to(device)
         result = metrics.explanation_metrics(
-            pipe, oracle, images, labels, explained, args.classifier_scale, scale, args.steps, args.refinement,
+            pipe, oracle, images, labels, explained, args.classifier_scale or pipe.config.explained_classifier_scale,
+            scale, args.steps, args.refinement,
             args.seed,
         )  # fmt: skip
         result["model"], result["classifier"] = str(pipe.config._name_or_path), args.classifier
