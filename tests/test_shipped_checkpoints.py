@@ -110,3 +110,18 @@ def test_shipped_morphomnist_interventions_move_the_measured_variables(morpho_pi
     assert (thick.counterfactual_values["intensity"] > thin.counterfactual_values["intensity"]).all()
     measured_thin, measured_thick = morphometrics.measure(thin.images), morphometrics.measure(thick.images)
     assert (measured_thick["thickness"] > measured_thin["thickness"]).all()
+
+
+@pytest.mark.parametrize(
+    "name", ["diffscm-mnist", "diffscm-mnist-conditional", "diffscm-morphomnist", "diffscm-morphomnist-conditional"]
+)
+def test_every_cards_python_snippet_runs_as_written_on_its_folder(name, tmp_path, monkeypatch):
+    card = (CHECKPOINTS / name / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'DiffSCMPipeline.from_pretrained("checkpoints/{name}")' in snippet and "image = " in snippet
+    monkeypatch.chdir(CHECKPOINTS.parent)  # the card's path is relative to the repository
+    saved = tmp_path / "counterfactual.png"
+    exec(snippet.replace('"counterfactual.png"', repr(str(saved))), {})  # noqa: S102
+    assert saved.is_file()
+    if "trust_remote_code=True)` once the pipeline's code lies next to the" not in card:
+        pytest.fail("a shipped folder holds no remote code, so its card must not offer the plain-diffusers line")
