@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import morphometrics
+from ..tables import markdown_table
 from .benchmark_judges import benchmark_intervention_values, composition_l1
 from .metrics import grey_level_l1, minimality, oracle_predictions, realism
 
@@ -274,23 +275,20 @@ def generation_table(fidelity: dict, settings: dict) -> list[str]:
     """The mechanism's own fidelity: fresh noise under held-out parents, every family's reading."""
     if not fidelity:
         return []
-    lines = [
+    rows = [
+        [scale, family, f"{row['thickness_mae']:.3f}", f"{row['intensity_mae']:.2f}", f"{row['digit_accuracy']:.3f}"]
+        for scale, families in fidelity.items()
+        for family, row in families.items()
+        if not family.startswith("predictor")
+    ]
+    header = ["classifier-free guidance", "family", "thickness MAE", "intensity MAE", "digit accuracy"]
+    return [
         "",
         f"The mechanism alone (fresh noise, the parents of the same held-out digits, no abduction, no anti-causal "
         f"guidance, {settings.get('generation_steps', 25)} DDIM steps), read against those parents:",
         "",
-        "| classifier-free guidance | family | thickness MAE | intensity MAE | digit accuracy |",
-        "|---|---|---:|---:|---:|",
+        markdown_table(header, rows, [False, False, True, True, True]),
     ]
-    for scale, families in fidelity.items():
-        for family, row in families.items():
-            if family.startswith("predictor"):
-                continue
-            lines.append(
-                f"| {scale} | {family} | {row['thickness_mae']:.3f} | {row['intensity_mae']:.2f} | "
-                f"{row['digit_accuracy']:.3f} |"
-            )
-    return lines
 
 
 def full_table(result: dict) -> list[str]:
