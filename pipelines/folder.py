@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -119,7 +120,28 @@ def load_components(folder: str, index: dict, dtype, skip=(), **options) -> dict
         cls = PREDICTORS[index[name][1]] if name == "classifier" else MODELS[name]
         component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
         components[name] = load_model(cls, folder, name, component_dtype, **options)
+    check_recorded_training(folder, components)
     return components
+
+
+def check_recorded_training(folder: str, components: dict):
+    """A folder's UNet size and schedule against its recorded training (`training.json`'s last train_unet.py run):
+    a `sample_size` or `num_train_timesteps` edited since would run without a word and draw garbage."""
+    record = Path(folder) / "training.json"
+    commands = json.loads(record.read_text()).get("commands", []) if record.is_file() else []
+    runs = [shlex.split(command) for command in commands if "train_unet.py" in command]
+    if not runs or "unet" not in components or "scheduler" not in components:
+        return
+    args, recorded = runs[-1], {"--resolution": 28, "--num_train_timesteps": 1000}
+    recorded |= {flag: int(args[args.index(flag) + 1]) for flag in recorded if flag in args}
+    found = {"--resolution": components["unet"].config.sample_size,
+             "--num_train_timesteps": components["scheduler"].config.num_train_timesteps}  # fmt: skip
+    for flag, value in found.items():
+        if value != recorded[flag]:
+            raise ValueError(
+                f"{folder}: the UNet was trained with {flag} {recorded[flag]} ({record}), but the folder's config "
+                f"says {value}; restore the config or retrain."
+            )
 
 
 def load_model(cls, folder: str, name: str, dtype: torch.dtype | None = None, **options):

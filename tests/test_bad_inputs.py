@@ -256,6 +256,29 @@ def with_an_unknown_key(folder):
     (folder / "model_index.json").write_text(json.dumps(index | {"guidance_scael": 3.0}))
 
 
+def edited_config(component: str, key: str, value):
+    def edit(folder):
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        config = json.loads((folder / component / name).read_text())
+        (folder / component / name).write_text(json.dumps(config | {key: value}))
+        record = {"commands": ["accelerate launch training_scripts/train_unet.py --resolution 28 --output_dir x"]}
+        (folder / "training.json").write_text(json.dumps(record))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (edited_config("scheduler", "num_train_timesteps", 10), "trained with --num_train_timesteps 1000 .* says 10"),
+        (edited_config("unet", "sample_size", 32), "trained with --resolution 28 .* says 32"),
+    ],
+)
+def test_a_config_that_disagrees_with_the_recorded_training_is_refused(model_dir, tmp_path, break_it, message):
+    with pytest.raises(ValueError, match=message):
+        DiffSCMPipeline.from_pretrained(pipeline_folder(tmp_path, model_dir, break_it))
+
+
 @pytest.mark.parametrize(
     "break_it, message",
     [
