@@ -168,14 +168,14 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             repo_id = hub_options.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
             importlib.import_module("diffscm.hub").push_to_hub(save_directory, repo_id, **hub_options)
 
-    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool | None = None, **kwargs) -> str:
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
         """Upload the pipeline to the Hub repo `repo_id` with its code and the project's model card (diffusers' own
         upload would write its generic card), keeping the `training.json` and `evaluation.md` of the folder it was
         loaded from; returns the repo URL."""
         hub = importlib.import_module("diffscm.hub")  # by name: plain diffusers loads this file without diffscm
         with tempfile.TemporaryDirectory(prefix="diffscm-push-") as staging:
             self.save_pretrained(staging)
-            hub.copy_records(self.config._name_or_path, staging)
+            hub.copy_records(self.config.get("_name_or_path", ""), staging)
             return hub.push_to_hub(staging, repo_id, token=token, private=bool(private))
 
     @torch.no_grad()
