@@ -259,13 +259,8 @@ def reversibility(
 ) -> dict:
     """x -> do(target) -> do(original label): L1 to x and the oracle's accuracy on the original label."""
     parent = pipe.single_categorical_parent()
-    abduction = pipe.abduct(
-        counterfactuals,
-        {parent: targets},
-        num_inference_steps=steps,
-        abduction_refinement_steps=refinement,
-        cfg_scale=cfg_scale,
-    )
+    chain = {"num_inference_steps": steps, "abduction_refinement_steps": refinement, "cfg_scale": cfg_scale}
+    abduction = pipe.abduct(counterfactuals, {parent: targets}, **chain)
     reversed_images = pipe.intervene(abduction, labels, guidance_scale=scale)
     return {
         "guidance_scale": scale,
