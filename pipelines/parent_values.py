@@ -43,6 +43,20 @@ class ParentValuesMixin:
             log_prob = self.classifier.log_likelihood(clean.to(self.classifier.dtype), 0, {parent: targets})[parent]
         return log_prob.exp().float().cpu().numpy()
 
+    def read_back(self, counterfactuals: torch.Tensor, targets, explained=None) -> dict:
+        """The output fields read from the counterfactuals: the anti-causal predictor's `predicted_values` and the
+        `target_probabilities`."""
+        clean = counterfactuals.clamp(-1, 1)
+        return {
+            "predicted_values": self.read_parents(clean),
+            "target_probabilities": self.target_probabilities(clean, targets, explained),
+        }
+
+    def act(self, factual: dict, intervention: dict, repeats: int) -> dict[str, np.ndarray]:
+        """Action: do(`intervention`) on the causal graph for each factual image repeated `repeats` times, the
+        descendants recomputed by their mechanisms from their abducted noise."""
+        return self.causal_graph.counterfactual({n: np.repeat(v, repeats) for n, v in factual.items()}, intervention)
+
     def infer_factual_values(self, sample: torch.Tensor, given: ValuesInput | None) -> tuple[dict, list[str]]:
         """Factual values: those `given`, and the image's parents not given predicted from the clean image by the
         anti-causal predictor (conditions from the given values). Returns the values and the predicted names."""

@@ -325,9 +325,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
 
         `image`: PIL, numpy channels-last or torch channels-first in [0, 1]. `target`: for one categorical parent, the
         class (one, one per image, `(B, K)` or "all": K counterfactuals from one abduction); else `intervention`:
-        do() on any variables, `{name: value or one per image}`, descendants following their mechanisms.
-        `factual_values`: the parents not given are read from the image. The chain and guidance default to the
-        checkpoint's measured choice ([`abduct`], [`intervene`]); the rest follows diffusers' pipelines.
+        do() on any variables, `{name: value or one per image}`. `factual_values`: the parents not given are read from
+        the image. The chain and guidance default to the checkpoint's measured choice ([`abduct`], [`intervene`]).
 
         Examples: `pipe(image, target=3)`; `pipe(image, intervention={"thickness": 4.0})`.
         """
@@ -338,15 +337,13 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                                                   generator, output_type, callback_on_step_end_tensor_inputs,
                                                   explained)  # fmt: skip
         factual, predicted = self.infer_factual_values(sample, factual_values)
-        repeats = 1 if targets is None else targets.shape[1]
-        factual_repeated = {name: np.repeat(value, repeats) for name, value in factual.items()}
-        counterfactual = self.causal_graph.counterfactual(factual_repeated, intervention)
-        parents = self.causal_graph.image_parents
+        parents, repeats = self.causal_graph.image_parents, 1 if targets is None else targets.shape[1]
 
         # 1. Abduction: u = DDIM^-1(x_0) once per factual image, under its factual parents.
         abduction = self.invert(sample, {name: factual[name] for name in parents}, num_inference_steps, strength,
                                 abduction_refinement_steps, cfg_scale)  # fmt: skip
-        # 2. Action: do(intervention) on the graph, descendants recomputed from their abducted noise (above).
+        # 2. Action: do(intervention) on the graph, descendants recomputed from their abducted noise.
+        counterfactual = self.act(factual, intervention, repeats)
         # 3. Prediction: DDIM from the same u under the counterfactual values of the image's parents.
         counterfactuals = self.intervene(
             abduction.repeat_interleave(repeats), {name: counterfactual[name] for name in parents},
@@ -355,18 +352,16 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             explained_classifier=explained, explained_gradient=explained_gradient,
         )  # fmt: skip
-        reconstructions = self.intervene(abduction, None, output_type=output_type) if return_reconstruction else None
 
         output = DiffSCMPipelineOutput(
             images=self.postprocess(counterfactuals, output_type),
             counterfactual_values=counterfactual,
             factual_values=factual,
             predicted_factuals=predicted,
-            predicted_values=self.read_parents(counterfactuals.clamp(-1, 1)),
             targets=None if targets is None else targets.flatten().numpy(),
-            target_probabilities=self.target_probabilities(counterfactuals.clamp(-1, 1), targets, explained),
-            reconstructions=reconstructions,
+            reconstructions=self.intervene(abduction, output_type=output_type) if return_reconstruction else None,
             noise=abduction.noise if return_noise else None,
+            **self.read_back(counterfactuals, targets, explained),
         )
         self.maybe_free_model_hooks()
         return output if return_dict else tuple(getattr(output, name) for name in output.__dataclass_fields__)
