@@ -348,3 +348,15 @@ def test_training_scripts_refuse_with_a_message_not_a_traceback(tmp_path, script
     names = {"text_folder": text_folder, "morpho": ROOT / "data" / "morphomnist"}
     result = run_script(script, *[arg.format(**names) for arg in args], "--output_dir", str(tmp_path / "out"))
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "native, precision, warned", [(False, "bf16", True), (True, "bf16", False), (False, "no", False)]
+)
+def test_bf16_training_on_a_cpu_that_emulates_it_warns(monkeypatch, caplog, native, precision, warned):
+    from diffscm import training
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    with caplog.at_level("WARNING", logger=training.logger.name):
+        training.warn_if_emulated_bf16(precision, torch.device("cpu"))
+    assert ("--mixed_precision no" in caplog.text) is warned

@@ -152,7 +152,18 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     logger.info(
         f"{accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}"
     )
+    warn_if_emulated_bf16(args.mixed_precision, accelerator.device)
     return accelerator
+
+
+def warn_if_emulated_bf16(mixed_precision: str | None, device: torch.device):
+    """bf16 autocast on a CPU without native bfloat16 (oneDNN's AVX-512 BF16 or AMX kernels) is emulated: on an
+    AVX2-only EPYC a batch-64 step of the 1.2M UNet took 36 s, against 3.7 s in fp32."""
+    if mixed_precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        logger.warning(
+            f"This CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16: bf16 autocast runs "
+            "emulated, about 10x slower than fp32 here. Pass --mixed_precision no."
+        )
 
 
 def load_split(args: argparse.Namespace):
