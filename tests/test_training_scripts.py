@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"
 TINY_UNET = ["--resolution", "16", "--block_out_channels", "8", "16", "--train_batch_size", "16"]
 TINY_CLASSIFIER = TINY_UNET
+SAFETENSORS = "diffusion_pytorch_model.safetensors"
 
 
 def launch(script: str, *args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
@@ -440,11 +441,12 @@ def test_the_official_release_layout_chooses_a_split(tmp_path):
         load_morphomnist(str(tmp_path), split="validation2")
 
 
-def run_args(out: Path, steps: int = 6) -> list[str]:
-    """Sample grids on the checkpoint steps, as the defaults (500 and 500) have them: drawing samples must not move
-    the training's random state after a checkpoint saved it."""
-    return ["--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", "2",
-            "--save_images_steps", "2", "--use_ema", "--report_to", "none", *TINY_UNET]  # fmt: skip
+def run_args(out: Path, script: str = "train_unet.py", steps: int = 6) -> list[str]:
+    """train_unet.py draws sample grids on the checkpoint steps, as the defaults (500 and 500) have them: drawing
+    samples must not move the training's random state after a checkpoint saved it."""
+    samples = ["--save_images_steps", "2"] if script == "train_unet.py" else []
+    return ["--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", "2", *samples,
+            "--use_ema", "--report_to", "none", *TINY_UNET]  # fmt: skip
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -454,11 +456,15 @@ def same_weights(a: Path, b: Path) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_a_run_killed_at_a_random_step_resumes_bit_exactly(tmp_path):
+@pytest.mark.parametrize("script, model", [("train_unet.py", "unet"), ("train_classifier.py", "classifier")])
+def test_a_run_killed_at_a_random_step_resumes_bit_exactly(unet_run, tmp_path, script, model):
+    """Each script with its default flags but for the step counts: killed after a checkpoint (mid-step or mid-write),
+    resumed, it ends on the uninterrupted run's very weights."""
+    source = [] if script == "train_unet.py" else ["--unet_model_name_or_path", str(unet_run)]
     reference = tmp_path / "reference"
-    launch("train_unet.py", *run_args(reference))
+    launch(script, *source, *run_args(reference, script))
     killed = tmp_path / "killed"
-    command = [sys.executable, str(ROOT / "training_scripts" / "train_unet.py"), *run_args(killed)]
+    command = [sys.executable, str(ROOT / "training_scripts" / script), *source, *run_args(killed, script)]
     process = subprocess.Popen(command, env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     target = random.choice([2, 4])  # kill it somewhere after this checkpoint, mid-step or mid-write
@@ -467,13 +473,9 @@ def test_a_run_killed_at_a_random_step_resumes_bit_exactly(tmp_path):
     time.sleep(random.uniform(0, 0.5))
     process.send_signal(signal.SIGKILL)
     process.wait()
-    result = launch("train_unet.py", *run_args(killed), "--resume_from_checkpoint", "latest")
+    result = launch(script, *source, *run_args(killed, script), "--resume_from_checkpoint", "latest")
     assert "Resumed from" in result.stderr
-    for name in (
-        "checkpoint-6/model.safetensors",
-        "checkpoint-6/ema.safetensors",
-        "unet/diffusion_pytorch_model.safetensors",
-    ):
+    for name in ("checkpoint-6/model.safetensors", "checkpoint-6/ema.safetensors", f"{model}/" + SAFETENSORS):
         assert same_weights(reference / name, killed / name), name
     assert not list(killed.glob("checkpoint-*/*.pkl")) or all(
         p.name.startswith("random_states") for p in killed.glob("checkpoint-*/*.pkl")
