@@ -68,7 +68,7 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
         license="apache-2.0",
         tags=["diffscm", "counterfactual", "causality", "diffusion", "image-to-image"]
         + ["classifier-free-guidance" if conditional else "classifier-guidance"],
-        datasets=[split["source"]] if split and _is_hub_id(split["source"]) else None,
+        datasets=_hub_datasets(split),
         pipeline_tag="image-to-image",
     )
     return ModelCard.from_template(
@@ -111,7 +111,7 @@ def write_oracle_card(oracle_dir: str | os.PathLike, repo_id: str | None = None)
     folder = Path(oracle_dir)
     record = _read_json(folder, "oracle.json")
     return _write_judge_card(
-        folder, ORACLE_TEMPLATE, "oracle", record, repo_id=repo_id or _display_path(folder),
+        folder, ORACLE_TEMPLATE, "oracle", record, "diffscm", repo_id=repo_id or _display_path(folder),
         heldout_accuracy=record["heldout_accuracy"],
     )  # fmt: skip
 
@@ -121,7 +121,7 @@ def write_vae_card(vae_dir: str | os.PathLike) -> ModelCard:
     folder = Path(vae_dir)
     record = _read_json(folder, "vae.json")
     return _write_judge_card(
-        folder, VAE_TEMPLATE, "vae", record, latent_dim=_read_json(folder, "config.json")["latent_dim"],
+        folder, VAE_TEMPLATE, "vae", record, "diffscm", latent_dim=_read_json(folder, "config.json")["latent_dim"],
         heldout_negative_elbo=record["heldout_negative_elbo"],
     )  # fmt: skip
 
@@ -131,17 +131,21 @@ def write_image_classifier_card(folder: str | os.PathLike, repo_id: str | None =
     folder = Path(folder)
     record = _read_json(folder, "image_classifier.json")
     return _write_judge_card(
-        folder, IMAGE_CLASSIFIER_TEMPLATE, "image-classification", record, "transformers",
+        folder, IMAGE_CLASSIFIER_TEMPLATE, "image-classification", record, "transformers", "image-classification",
         repo_id=repo_id or _display_path(folder), heldout_accuracy=record["heldout_accuracy"],
         architecture=_read_json(folder, "config.json")["architectures"][0],
     )  # fmt: skip
 
 
 def _write_judge_card(
-    folder: Path, template: str, tag: str, record: dict, library: str = "diffusers", **fields
+    folder: Path, template: str, tag: str, record: dict, library: str, pipeline_tag: str | None = None, **fields
 ) -> ModelCard:
-    """A judge's card: its command, parameter count and split, plus the template's own `fields`."""
-    card_data = ModelCardData(library_name=library, license="apache-2.0", tags=["diffscm", "evaluation", tag])
+    """A judge's card: its command, parameter count and split, plus the template's own `fields`. `library`: what
+    loads the folder (diffscm for its own `ModelMixin` classes, which diffusers alone cannot build)."""
+    card_data = ModelCardData(
+        library_name=library, license="apache-2.0", tags=["diffscm", "evaluation", tag],
+        datasets=_hub_datasets(record["split"]), pipeline_tag=pipeline_tag,
+    )  # fmt: skip
     card = ModelCard.from_template(
         card_data,
         template_str=_template(template),
@@ -262,6 +266,15 @@ def _predictor_metrics(record: dict) -> dict[str, dict] | None:
 
 def _g(value: float) -> str:
     return f"{value:g}"
+
+
+def _hub_datasets(split: dict | None) -> list[str] | None:
+    """The Hub data set behind a recorded split: its own id, or MNIST for the repository's bundled digits and
+    Morpho-MNIST (the morphometrically transformed MNIST digits); None for any other local folder."""
+    source = (split or {}).get("source")
+    if source == "mnist-bundled" or (source and Path(source).name == "morphomnist"):
+        return ["ylecun/mnist"]
+    return [source] if source and _is_hub_id(source) else None
 
 
 def _is_hub_id(source: str) -> bool:

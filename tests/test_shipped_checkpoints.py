@@ -125,3 +125,18 @@ def test_every_cards_python_snippet_runs_as_written_on_its_folder(name, tmp_path
     assert saved.is_file()
     if "trust_remote_code=True)` once the pipeline's code lies next to the" not in card:
         pytest.fail("a shipped folder holds no remote code, so its card must not offer the plain-diffusers line")
+
+
+@pytest.mark.parametrize("folder", sorted(path.parent for path in CHECKPOINTS.glob("*/README.md")))
+def test_every_shipped_card_names_its_data_its_task_and_the_library_that_loads_it(folder):
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(folder / "README.md").data
+    assert data.datasets == ["ylecun/mnist"] and data.license and "diffscm" in data.tags
+    if data.library_name == "diffusers":  # diffusers alone loads a pipeline folder, not our own judges' classes
+        assert (folder / "model_index.json").is_file() and data.pipeline_tag == "image-to-image"
+    elif data.library_name == "transformers":
+        assert json.loads((folder / "config.json").read_text())["architectures"]
+        assert data.pipeline_tag == "image-classification"
+    else:
+        assert data.library_name == "diffscm" and not (folder / "model_index.json").is_file()
