@@ -119,8 +119,10 @@ def class_targets(target, batch_size: int, num_classes: int) -> torch.Tensor:
 
 def check_components(unet, scheduler, classifier, parent_embedding, graph):
     """The components fit each other and the causal graph."""
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"Only epsilon-prediction UNets are supported, got {scheduler.config.prediction_type!r}.")
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(
+            f"Only epsilon- and v-prediction UNets are supported, got {scheduler.config.prediction_type!r}."
+        )
     conditional = unet.config.class_embed_type == "identity"
     if conditional != (parent_embedding is not None):
         raise ValueError(

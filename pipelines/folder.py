@@ -125,17 +125,20 @@ def load_components(folder: str, index: dict, dtype, skip=(), **options) -> dict
 
 
 def check_recorded_training(folder: str, components: dict):
-    """A folder's UNet size and schedule against its recorded training (`training.json`'s last train_unet.py run):
-    a `sample_size` or `num_train_timesteps` edited since would run without a word and draw garbage."""
+    """A folder's UNet size, schedule and prediction type against its recorded training (`training.json`'s last
+    train_unet.py run): a `sample_size`, `num_train_timesteps` or `prediction_type` edited since would run without a
+    word and draw garbage."""
     record = Path(folder) / "training.json"
     commands = json.loads(record.read_text()).get("commands", []) if record.is_file() else []
     runs = [shlex.split(command) for command in commands if "train_unet.py" in command]
     if not runs or "unet" not in components or "scheduler" not in components:
         return
-    args, recorded = runs[-1], {"--resolution": 28, "--num_train_timesteps": 1000}
-    recorded |= {flag: int(args[args.index(flag) + 1]) for flag in recorded if flag in args}
-    found = {"--resolution": components["unet"].config.sample_size,
-             "--num_train_timesteps": components["scheduler"].config.num_train_timesteps}  # fmt: skip
+    args = runs[-1]
+    recorded = {"--resolution": 28, "--num_train_timesteps": 1000, "--prediction_type": "epsilon"}
+    recorded |= {flag: type(value)(args[args.index(flag) + 1]) for flag, value in recorded.items() if flag in args}
+    unet, scheduler = components["unet"].config, components["scheduler"].config
+    found = {"--resolution": unet.sample_size, "--num_train_timesteps": scheduler.num_train_timesteps,
+             "--prediction_type": scheduler.prediction_type}  # fmt: skip
     for flag, value in found.items():
         if value != recorded[flag]:
             raise ValueError(

@@ -452,13 +452,22 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         """eps_theta(x_t, t) in float32 whatever the UNet's dtype; for a conditional mechanism eps_theta(x_t, t, pa)
         with per-parent classifier-free guidance, all its passes in one batched UNet call."""
         if self.parent_embedding is None:
-            return self.unet(sample.to(self.unet.dtype), timestep).sample.float()
+            return self.as_noise(self.unet(sample.to(self.unet.dtype), timestep).sample.float(), sample, timestep)
         guided = [name for name, scale in cfg_scales.items() if scale != 1]
         dropped = [{}] + [{name: True} for name in guided]
         labels = torch.cat([self.parent_embedding(parents, drop) for drop in dropped])
         batch = sample.to(self.unet.dtype).repeat(len(dropped), 1, 1, 1)
-        conditional, *without = self.unet(batch, timestep, class_labels=labels).sample.float().chunk(len(dropped))
-        return conditional + sum((cfg_scales[n] - 1) * (conditional - e) for n, e in zip(guided, without, strict=True))
+        full, *without = self.unet(batch, timestep, class_labels=labels).sample.float().chunk(len(dropped))
+        output = full + sum((cfg_scales[n] - 1) * (full - out) for n, out in zip(guided, without, strict=True))
+        return self.as_noise(output, sample, timestep)
+
+    def as_noise(self, output: torch.Tensor, sample: torch.Tensor, timestep: int) -> torch.Tensor:
+        """The UNet's output as eps: itself, or from a velocity v, eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t)
+        x_t (linear in the output, so classifier-free guidance may combine either)."""
+        if self.scheduler.config.prediction_type == "epsilon":
+            return output
+        alpha = float(self.scheduler.alphas_cumprod[int(timestep)])
+        return math.sqrt(alpha) * output + math.sqrt(1 - alpha) * sample.float()
 
     def log_likelihood_gradient(
         self, sample: torch.Tensor, timestep: int, values: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]

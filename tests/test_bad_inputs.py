@@ -14,6 +14,7 @@ import PIL.Image
 import pytest
 import torch
 from conftest import tiny_pipeline
+from diffusers import DDIMScheduler
 
 from diffscm import DiffSCMPipeline
 from diffscm.cli import main
@@ -272,6 +273,7 @@ def edited_config(component: str, key: str, value):
     [
         (edited_config("scheduler", "num_train_timesteps", 10), "trained with --num_train_timesteps 1000 .* says 10"),
         (edited_config("unet", "sample_size", 32), "trained with --resolution 28 .* says 32"),
+        (edited_config("scheduler", "prediction_type", "v_prediction"), "--prediction_type epsilon .* v_prediction"),
     ],
 )
 def test_a_config_that_disagrees_with_the_recorded_training_is_refused(model_dir, tmp_path, break_it, message):
@@ -360,3 +362,10 @@ def test_bf16_training_on_a_cpu_that_emulates_it_warns(monkeypatch, caplog, nati
     with caplog.at_level("WARNING", logger=training.logger.name):
         training.warn_if_emulated_bf16(precision, torch.device("cpu"))
     assert ("--mixed_precision no" in caplog.text) is warned
+
+
+def test_a_sample_predicting_unet_is_refused():
+    pipe = tiny_pipeline()
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    with pytest.raises(ValueError, match="Only epsilon- and v-prediction UNets are supported, got 'sample'"):
+        DiffSCMPipeline(pipe.unet, scheduler, pipe.classifier)

@@ -378,3 +378,18 @@ def test_a_generator_list_must_match_the_batch(scm_pipeline):
     abduction = scm_pipeline.abduct(torch.rand(2, 1, 8, 8), num_inference_steps=2)
     with pytest.raises(ValueError, match="3 generators for 2 samples"):
         scm_pipeline.intervene(abduction, None, eta=0.5, generator=generators)
+
+
+def test_a_velocity_predicting_unet_is_read_as_the_noise_diffusers_defines():
+    pipe = tiny_pipeline(size=8)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    generator = torch.Generator().manual_seed(0)
+    clean, noise = torch.randn(3, 1, 8, 8, generator=generator), torch.randn(3, 1, 8, 8, generator=generator)
+    for t in (0, 500, 999):
+        timesteps = torch.full((3,), t)
+        velocity = pipe.scheduler.get_velocity(clean, noise, timesteps)
+        noisy = pipe.scheduler.add_noise(clean, noise, timesteps)
+        assert torch.allclose(pipe.as_noise(velocity, noisy, t), noise, atol=1e-4)
+    null = pipe(torch.rand(2, 1, 8, 8), target=[0, 1], guidance_scale=0.0, num_inference_steps=10,
+                output_type="pt", return_reconstruction=True)  # fmt: skip
+    assert torch.isfinite(null.images).all() and null.reconstructions.shape == (2, 1, 8, 8)

@@ -61,6 +61,13 @@ def test_unet_run_writes_model_schedule_split_and_samples(unet_run):
     assert record["seconds_per_step"] > 0
 
 
+def test_num_epochs_sets_the_steps_from_the_data(tmp_path):
+    out = tmp_path / "unet"
+    launch("train_unet.py", "--output_dir", str(out), "--num_epochs", "2", "--holdout_size", "4950",
+           "--save_images_steps", "100", *TINY_UNET)  # fmt: skip
+    assert json.loads((out / "training_args.json").read_text())["steps"] == 2 * (50 // 16), "2 epochs, drop_last"
+
+
 def test_resume_after_a_crash_finishes_the_same_number_of_steps(unet_run, tmp_path):
     run = tmp_path / "unet"
     subprocess.run(["cp", "-r", str(unet_run), str(run)], check=True)
@@ -349,9 +356,11 @@ def test_conditional_mechanism_trains_with_redrawn_digits_and_exports(tmp_path):
     unet, run, pipeline_dir = tmp_path / "unet", tmp_path / "predictor", tmp_path / "pipeline"
     launch(
         "train_unet.py", "--output_dir", str(unet), "--causal_graph", "morphomnist", "--extra_train_data_dir",
-        str(redrawn), "--max_train_steps", "2", "--save_images_steps", "2", *tiny,
+        str(redrawn), "--max_train_steps", "2", "--save_images_steps", "2", "--prediction_type", "v_prediction",
+        "--eval_batch_size", "6", *tiny,
     )  # fmt: skip
-    assert (unet / "parent_embedding" / "config.json").is_file() and (unet / "samples" / "step-000002.png").is_file()
+    assert (unet / "parent_embedding" / "config.json").is_file()
+    assert PIL.Image.open(unet / "samples" / "step-000002.png").size == (3 * 28, 2 * 28), "6 samples, 2 rows"
     split = json.loads((unet / "split.json").read_text())
     assert split["extra_train_sources"] == [str(redrawn)] and split["num_heldout"] == 8
     assert split["num_train"] == split["num_images"] - 8 + 2 * split["num_images"], "redrawn digits train only"
@@ -362,6 +371,7 @@ def test_conditional_mechanism_trains_with_redrawn_digits_and_exports(tmp_path):
     )  # fmt: skip
     pipe = DiffSCMPipeline.from_pretrained(pipeline_dir)
     assert pipe.mechanism == "conditional" and pipe.cfg_scales() == {"thickness": 1.0, "intensity": 1.0, "digit": 2.0}
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
     commands = json.loads((pipeline_dir / "training.json").read_text())["commands"]
     scripts = [Path(c.split()[1 if c.startswith("python") else 2]).name for c in commands]
     assert scripts == ["redraw_morphomnist.py", "train_unet.py", "train_classifier.py"], "data, UNet, predictor"

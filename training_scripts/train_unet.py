@@ -14,9 +14,9 @@ clipping), `split.json`, `training_args.json`, sample grids under `samples/` and
 
 import argparse
 import logging
+import math
 import os
 
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
@@ -48,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="How the time (and parent) embedding enters each ResNet block: scale and shift of the normalised "
         "features (AdaGN, Dhariwal & Nichol 2021), or added ('default', diffusers' own default).",
     )
+    model.add_argument(
+        "--prediction_type",
+        default="epsilon",
+        choices=("epsilon", "v_prediction"),
+        help="What the UNet predicts: the noise, or the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0.",
+    )
     model.add_argument("--num_train_timesteps", type=int, default=1000)
     model.add_argument("--beta_schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     model.add_argument(
@@ -65,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR_t, gamma) / SNR_t; 0 weighs every step alike.",
     )
     parser.add_argument("--save_images_steps", type=int, default=500, help="Write a sample grid every N steps.")
+    parser.add_argument("--eval_batch_size", type=int, default=16, help="Images in each sample grid.")
     # A constant rate after warm-up, so that a run (or a later session) can extend --max_train_steps and go on.
     parser.set_defaults(lr_scheduler="constant_with_warmup")
     args = parser.parse_args(argv)
@@ -151,35 +158,41 @@ def noise_model(args: argparse.Namespace, graph: CausalGraph | None) -> torch.nn
     return ConditionalNoiseModel(unet, embedding)
 
 
-def weighted_noise_loss(predicted, noise, noise_scheduler, timesteps, snr_gamma: float) -> torch.Tensor:
-    """The eps-prediction MSE, each image weighted by min(SNR_t, gamma) / SNR_t (uniform when gamma is 0)."""
-    per_image = F.mse_loss(predicted.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+def weighted_loss(predicted, clean, noise, noise_scheduler, timesteps, snr_gamma: float) -> torch.Tensor:
+    """The MSE against the noise (or, for v-prediction, the velocity), each image weighted by min(SNR_t, gamma) /
+    SNR_t (or / (SNR_t + 1)), uniform when gamma is 0."""
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(clean, noise, timesteps) if v_prediction else noise
+    per_image = F.mse_loss(predicted.float(), target, reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:
         snr = compute_snr(noise_scheduler, timesteps)
-        per_image = per_image * snr.clamp(max=snr_gamma) / snr
+        per_image = per_image * snr.clamp(max=snr_gamma) / (snr + 1 if v_prediction else snr)
     return per_image.mean()
 
 
 @torch.no_grad()
 def save_samples(model, scheduler, args, step: int, values: dict | None = None):
-    """A 4x4 grid of DDIM samples (50 steps, fixed seed) from the current weights; a conditional model's under the
-    parents of 16 training images (`values`). The noise comes from a generator of its own: reseeding the global RNG
-    here would change the training noise after a checkpoint saved it, and a resumed run would no longer be exact."""
+    """A grid of --eval_batch_size DDIM samples (50 steps, fixed seed) from the current weights; a conditional
+    model's under the parents of as many training images (`values`). The noise comes from a generator of its own:
+    reseeding the global RNG here would change the training noise after a checkpoint saved it, and a resumed run
+    would no longer be exact."""
     scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+    count = args.eval_batch_size if values is None else len(next(iter(values.values())))
     if values is None:
         pipe = DDIMPipeline(unet=model, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
+        images = pipe(batch_size=count, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
     else:
         size = model.unet.config.sample_size
-        sample = torch.randn(16, args.num_channels, size, size, generator=torch.Generator().manual_seed(0))
+        sample = torch.randn(count, args.num_channels, size, size, generator=torch.Generator().manual_seed(0))
         scheduler.set_timesteps(50)
         for t in scheduler.timesteps:
             sample = scheduler.step(model(sample, t, values, {}), t, sample).prev_sample
-        images = [PIL.Image.fromarray(x) for x in ((sample.clamp(-1, 1) + 1) * 127.5).round().byte()[:, 0].numpy()]
+        images = DDIMPipeline.numpy_to_pil(((sample.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
     path = os.path.join(args.output_dir, "samples", f"step-{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    make_image_grid(images, rows=4, cols=4).save(path)
+    rows = max(r for r in range(1, math.isqrt(count) + 1) if count % r == 0)
+    make_image_grid(images, rows=rows, cols=count // rows).save(path)
 
 
 def main(args: argparse.Namespace):
@@ -188,13 +201,16 @@ def main(args: argparse.Namespace):
     graph = CausalGraph.load(args.causal_graph) if args.causal_graph else None
     columns = graph.data_columns if graph is not None else None
     dataloader = training.make_dataloader(split["train"], args, value_columns=columns)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+        prediction_type=args.prediction_type,
+    )  # fmt: skip
     unet, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(
         accelerator, noise_model(args, graph), dataloader, args
     )
     sample_values = None
-    if graph is not None:  # the parents of the first 16 training images, for the sample grids
-        rows = split["train"].select(range(min(16, len(split["train"]))))
+    if graph is not None:  # the parents of the first training images, for the sample grids
+        rows = split["train"].select(range(min(args.eval_batch_size, len(split["train"]))))
         sample_values = {name: torch.as_tensor(rows[column]) for name, column in columns.items()}
     if accelerator.is_main_process:
         # The scheduler goes first so that the anti-causal classifier can train on this schedule in parallel.
@@ -214,7 +230,7 @@ def main(args: argparse.Namespace):
             values = training.batch_values(batch)
             dropped = {name: torch.rand(len(clean), device=clean.device) < args.parent_dropout for name in values}
             predicted = model(noisy, timesteps, values, dropped)
-        return weighted_noise_loss(predicted, noise, noise_scheduler, timesteps, args.snr_gamma)
+        return weighted_loss(predicted, clean, noise, noise_scheduler, timesteps, args.snr_gamma)
 
     def write_samples(step):
         if accelerator.is_main_process and (step % args.save_images_steps == 0 or step == args.max_train_steps):

@@ -64,7 +64,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     train.add_argument("--output_dir", required=True)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--train_batch_size", type=int, default=64)
-    train.add_argument("--max_train_steps", type=int, default=1000)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Default: --num_epochs' steps, or 1000.")
+    train.add_argument("--num_epochs", type=int, default=None, help="Passes over the data; --max_train_steps wins.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--learning_rate", type=float, default=1e-3)
     train.add_argument("--lr_scheduler", default="cosine")
@@ -115,6 +116,7 @@ def check_training_args(args: argparse.Namespace):
     positive = [
         "train_batch_size",
         "max_train_steps",
+        "num_epochs",
         "gradient_accumulation_steps",
         "checkpointing_steps",
         "resolution",
@@ -345,11 +347,15 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMAModel | None):
 
 
 def prepare_model(accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, args: argparse.Namespace):
-    """AdamW, the LR schedule and (with --use_ema) an EMA of the weights, prepared and registered for checkpoints."""
+    """AdamW, the LR schedule and (with --use_ema) an EMA of the weights, prepared and registered for checkpoints;
+    --max_train_steps set from --num_epochs when not given."""
     ema = None
     if args.use_ema:
         warmup = {"use_ema_warmup": True, "power": args.ema_power} if args.ema_power is not None else {}
         ema = EMAModel(model.parameters(), decay=args.ema_max_decay, inv_gamma=args.ema_inv_gamma, **warmup)
+    if args.max_train_steps is None:
+        per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+        args.max_train_steps = per_epoch * args.num_epochs if args.num_epochs else 1000
     optimizer, lr_scheduler = optimizer_and_schedule(model, args, accelerator.num_processes)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     if ema is not None:
