@@ -101,6 +101,18 @@ def test_evaluate_writes_metrics_and_report(model_dirs, tmp_path):
     assert (out / "guidance_sweep.png").is_file() and (out / "abduction_curve.png").is_file()
 
 
+def test_a_small_evaluation_is_quick_and_the_long_curves_are_asked_for(model_dirs, tmp_path):
+    pipeline_dir, oracle_dir = model_dirs
+    base = ["evaluate", "--model", str(pipeline_dir), "--oracle", str(oracle_dir), "--num-samples", "3", "--quiet"]
+    main([*base, "--out", str(tmp_path / "quick")])
+    quick = json.loads((tmp_path / "quick" / "metrics.json").read_text())
+    assert set(quick["composition"]) == {"cycles_1"} and not quick["abduction_curve"]
+    assert not (tmp_path / "quick" / "abduction_curve.png").exists()
+    main([*base, "--curves", "--abduction-settings", "2:0", "--out", str(tmp_path / "curves")])
+    curves = json.loads((tmp_path / "curves" / "metrics.json").read_text())
+    assert set(curves["composition"]) == {"cycles_1", "cycles_10"} and len(curves["abduction_curve"]) == 1
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -23,6 +23,10 @@ DEFAULT_SCM_MODEL = "diffscm-morphomnist-conditional"
 GENERATION_STEPS = 25  # DDIM steps of the mechanism-alone fidelity (fresh noise, no abduction)
 
 
+CURVE_CYCLES = 10
+CURVE_SETTINGS = ["10:0", "20:0", "50:0", "10:1", "20:1", "25:1", "10:3", "20:3"]
+
+
 def add_commands(commands):
     parser = commands.add_parser("evaluate", help="Measure a pipeline on its held-out digits, judged by the oracle.")
     add_pipeline_options(parser)
@@ -36,15 +40,31 @@ def add_commands(commands):
         "pipeline's held-out split of the bundled digits.",
     )
     parser.add_argument("--guidance-scales", type=float, nargs="*", default=[], help="Scales of the sweep.")
-    parser.add_argument("--sweep-samples", type=int, default=100, help="Images for the sweep and reversibility.")
-    parser.add_argument("--composition-samples", type=int, default=50, help="Images for composition and abduction.")
+    parser.add_argument(
+        "--sweep-samples", type=int, default=None, help="Images for the sweep and reversibility (default 100, at "
+        "most --num-samples).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--composition-samples", type=int, default=None, help="Images for composition and abduction (default 50, at "
+        "most --num-samples).",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random targets.")
-    parser.add_argument("--composition-cycles", type=int, default=10, help="Null-intervention cycles (0: skip).")
+    parser.add_argument(
+        "--curves",
+        action="store_true",
+        help=f"Also the long curves: composition over {CURVE_CYCLES} null-intervention cycles and the abduction "
+        "curve over --abduction-settings (without: one cycle, no abduction curve).",
+    )
+    parser.add_argument(
+        "--composition-cycles", type=int, default=None, help=f"Null-intervention cycles (0: skip; default 1, or "
+        f"{CURVE_CYCLES} with --curves).",
+    )  # fmt: skip
     parser.add_argument(
         "--abduction-settings",
         nargs="*",
-        default=["10:0", "20:0", "50:0", "10:1", "20:1", "25:1", "10:3", "20:3"],
-        help="STEPS:REFINEMENT pairs for the curve of reconstruction error against UNet evaluations.",
+        default=None,
+        help="STEPS:REFINEMENT pairs for the curve of reconstruction error against UNet evaluations (default with "
+        f"--curves: {' '.join(CURVE_SETTINGS)}).",
     )
     parser.add_argument(
         "--classifier",
@@ -147,7 +167,20 @@ def unet_evaluations(pipe, images: torch.Tensor, factual: dict, chain: dict) -> 
     return calls["samples"] / len(images)
 
 
+def scaled_to_the_request(args: argparse.Namespace):
+    """The defaults of the sweeps at most --num-samples images, and the long curves only with --curves, so that a
+    small --num-samples is a quick run."""
+    for name, default in (("sweep_samples", 100), ("composition_samples", 50)):
+        if getattr(args, name) is None:
+            setattr(args, name, min(default, args.num_samples))
+    if args.composition_cycles is None:
+        args.composition_cycles = CURVE_CYCLES if args.curves else 1
+    if args.abduction_settings is None:
+        args.abduction_settings = CURVE_SETTINGS if args.curves else []
+
+
 def evaluate(args: argparse.Namespace):
+    scaled_to_the_request(args)
     for name in ("num_samples", "sweep_samples", "composition_samples"):
         if getattr(args, name) < 2:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 2 (realism compares feature sets).")
