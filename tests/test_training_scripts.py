@@ -394,9 +394,12 @@ def test_conditional_mechanism_trains_with_redrawn_digits_and_exports(tmp_path):
             "--out",
             str(tmp_path / "eval"),
             "--quiet",
+            "--write-model-card",
         ]
     )
     fidelity = json.loads((tmp_path / "eval" / "metrics.json").read_text())["generation_fidelity"]
+    recorded = json.loads((pipeline_dir / "training.json").read_text())["generation_fidelity"]
+    assert recorded["results"] == fidelity and recorded["command"].startswith("diffscm evaluate-scm")
     assert list(fidelity) == ["cfg 1", "cfg {'thickness': 1.0, 'intensity': 1.0, 'digit': 2.0}"]
     assert set(fidelity["cfg 1"]) >= {"benchmark", "morphometrics"}, "the benchmark's judges read the mechanism"
     assert "The mechanism alone (fresh noise" in (tmp_path / "eval" / "report.md").read_text()

@@ -32,12 +32,18 @@ def load_pipeline(name_or_path: str | None = None, device: str = "cpu", dtype: s
     return DiffSCMPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype), **kwargs).to(device)
 
 
-def write_evaluation(pipeline_dir: str, command: str, report: str):
-    """Put an evaluation report (and the command that measured it) into a pipeline folder and re-render its card."""
-    if not os.path.isdir(pipeline_dir):
+def write_evaluation(pipeline_dir: str, command: str, report: str, generation_fidelity: dict | None = None):
+    """Put an evaluation report (and the command that measured it) into a pipeline folder and re-render its card;
+    the mechanism's `generation_fidelity` also goes into `training.json`, beside the training it measures."""
+    folder = Path(pipeline_dir)
+    if not folder.is_dir():
         raise ValueError(f"Writing the model card needs a local pipeline folder, not {pipeline_dir!r}.")
-    (Path(pipeline_dir) / "evaluation.md").write_text(f"Measured with `{command}`:\n\n{report}")
-    model_cards.write_model_card(pipeline_dir)
+    (folder / "evaluation.md").write_text(f"Measured with `{command}`:\n\n{report}")
+    if generation_fidelity and (folder / "training.json").is_file():
+        record = _read_json(folder, "training.json")
+        record["generation_fidelity"] = {"command": command, "results": generation_fidelity}
+        (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    model_cards.write_model_card(folder)
 
 
 def write_defaults(pipeline_dir: str, command: str, guidance_scale: dict, cfg_scale: dict | None = None):

@@ -238,7 +238,9 @@ def write_report(args: argparse.Namespace, command: str, result: dict, report: s
     if args.write_model_card:
         line = "diffscm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == [command] else f"diffscm {command}"
         model = result.get("model") or result["settings"]["model"]
-        hub.write_evaluation(model, line, report)
+        hub.write_evaluation(
+            model, line, report, json.loads(json.dumps(result.get("generation_fidelity"), default=_plain))
+        )
         print(f"Updated the model card {model}/README.md")
 
 
