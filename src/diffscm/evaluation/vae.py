@@ -8,6 +8,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
+from torch.distributions import Independent, Normal, kl_divergence
 
 
 @dataclass
@@ -77,14 +78,19 @@ class DigitVAE(ModelMixin, ConfigMixin):
 def vae_loss(output: DigitVAEOutput, sample: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """Negative ELBO per image: squared reconstruction error plus beta * KL(q(z | x) || N(0, I))."""
     reconstruction = F.mse_loss(output.reconstruction, sample, reduction="none").flatten(1).sum(1)
-    kl = 0.5 * (output.mean.pow(2) + output.log_variance.exp() - 1 - output.log_variance).sum(1)
+    standard = torch.zeros_like(output.mean)
+    kl = gaussian_kl(output.mean, output.log_variance, standard, standard)
     return (reconstruction + beta * kl).mean()
 
 
 def gaussian_kl(mean_p, log_var_p, mean_q, log_var_q) -> torch.Tensor:
     """KL(p || q) of diagonal Gaussians, row by row (broadcasting)."""
-    ratio = (log_var_p - log_var_q).exp()
-    return 0.5 * (ratio + (mean_q - mean_p).pow(2) / log_var_q.exp() - 1 - (log_var_p - log_var_q)).sum(-1)
+    return kl_divergence(diagonal_gaussian(mean_p, log_var_p), diagonal_gaussian(mean_q, log_var_q))
+
+
+def diagonal_gaussian(mean: torch.Tensor, log_var: torch.Tensor) -> Independent:
+    """N(mean, diag(exp(log_var))) over the last dimension."""
+    return Independent(Normal(mean, (0.5 * log_var).exp()), 1)
 
 
 @torch.no_grad()
