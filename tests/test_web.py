@@ -1,8 +1,10 @@
 """The web demo end to end in a real headless browser (Debian's chromium and chromedriver, driven by selenium)."""
 
+import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import urllib.request
@@ -98,38 +100,61 @@ def test_a_drawing_becomes_a_white_on_black_digit():
     assert drawn_digit({"composite": None}) is None
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run)")
-def test_upload_press_and_see_the_counterfactuals_in_a_browser(tiny_model, tmp_path):
+@contextlib.contextmanager
+def page_in_a_browser(models: dict[str, str], tmp_path: Path):
+    """The demo served on a free local port and opened in headless Chromium at a laptop's window size."""
     from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = build_app(tiny_model, device="cpu")
+    app = build_app(models, device="cpu")
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    digit = tmp_path / "digit.png"
-    PIL.Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)).save(digit)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
-    options.add_argument("--window-size=1400,1100")  # a laptop's screen
+    options.add_argument("--window-size=1400,1100")
     browser = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
     try:
         browser.get(f"http://127.0.0.1:{port}")
+        yield browser
+    finally:
+        browser.quit()
+        app.close()
+
+
+def press_and_wait_for_the_gallery(browser, count: int) -> list:
+    """Press Counterfactuals; the gallery's images once `count` of them are shown, with a screenshot kept."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 180)
+    wait.until(expected_conditions.element_to_be_clickable((By.ID, "run"))).click()
+    return wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= count and
+                      b.find_elements(By.CSS_SELECTOR, "#gallery img"))  # fmt: skip
+
+
+BROWSER = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+
+
+@pytest.mark.slow
+@BROWSER
+def test_upload_press_and_see_the_counterfactuals_in_a_browser(tiny_model, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    digit = tmp_path / "digit.png"
+    PIL.Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)).save(digit)
+    with page_in_a_browser(tiny_model, tmp_path) as browser:
         wait = WebDriverWait(browser, 120)
         upload = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#factual input[type=file]"))
         upload.send_keys(str(digit))
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))
-        wait.until(expected_conditions.element_to_be_clickable((By.ID, "run"))).click()
-        shown = wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 12 and
-                           b.find_elements(By.CSS_SELECTOR, "#gallery img"))  # fmt: skip
+        shown = press_and_wait_for_the_gallery(browser, 12)
         wait.until(lambda b: "do(label=9)" in b.find_element(By.ID, "values").text)
         table = browser.find_element(By.ID, "values").text
         heights = [image.size["height"] for image in shown]
@@ -137,10 +162,33 @@ def test_upload_press_and_see_the_counterfactuals_in_a_browser(tiny_model, tmp_p
         browser.save_screenshot(str(SCREENSHOTS / "web-demo-mnist.png"))
         with urllib.request.urlopen(shown[0].get_attribute("src")) as response:  # the image the page shows
             first = PIL.Image.open(io.BytesIO(response.read()))
-    finally:
-        browser.quit()
-        app.close()
     assert "Factual values (predicted from the image)" in table and "do(label=0)" in table and "read back" in table
     assert len(shown) == 12, "factual, null and the 10 counterfactuals of do(label = 0..9)"
     assert min(heights) >= 112, f"every image is shown at least 112 px high: {heights}"
     assert first.size == (168, 168)
+
+
+@pytest.mark.slow
+@BROWSER
+def test_do_thickness_alone_in_a_browser_shows_intensity_following(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    models = {"Morpho-MNIST": str(shipped_checkpoint("diffscm-morphomnist-conditional"))}
+    with page_in_a_browser(models, tmp_path) as browser:
+        wait = WebDriverWait(browser, 120)
+        ticked = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#variables input[type=checkbox]:checked"))
+        assert [box.find_element(By.XPATH, "..").text for box in ticked] == ["thickness"], "do(thickness) alone"
+        browser.find_element(By.ID, "pick").click()  # held-out digit 0, with its recorded factual values
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))
+        shown = press_and_wait_for_the_gallery(browser, 3)
+        wait.until(lambda b: "do(thickness=4" in b.find_element(By.ID, "values").text)
+        table = browser.find_element(By.ID, "values").text
+        heights = [image.size["height"] for image in shown]
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "web-demo-morphomnist.png"))
+    assert len(shown) == 3 and min(heights) >= 112, f"factual, null, do(thickness=4), each large: {heights}"
+    row = next(line for line in table.splitlines() if line.startswith("do(thickness=4"))
+    thickness, intensity = re.findall(r"([-\d.]+) / ([\d.]+) / ([\d.]+)", row)[:2]
+    assert thickness[:2] == ("4", "4.00") and intensity[0] == "-", "intensity follows thickness, not asked"
+    assert all(float(value) > 0 for value in (thickness[2], intensity[1], intensity[2])), "propagated and read back"
