@@ -68,6 +68,14 @@ def test_num_epochs_sets_the_steps_from_the_data(tmp_path):
     assert json.loads((out / "training_args.json").read_text())["steps"] == 2 * (50 // 16), "2 epochs, drop_last"
 
 
+def test_a_fine_tuned_run_counts_the_images_its_weights_saw(unet_run, tmp_path):
+    out = tmp_path / "more"
+    launch("train_unet.py", "--output_dir", str(out), "--pretrained_model_name_or_path", str(unet_run),
+           "--max_train_steps", "2", "--save_images_steps", "100", *TINY_UNET)  # fmt: skip
+    record = json.loads((out / "training_args.json").read_text())
+    assert record["pretrained_images_seen"] == 4 * 16 and record["images_seen"] == 4 * 16 + 2 * 16
+
+
 def test_resume_after_a_crash_finishes_the_same_number_of_steps(unet_run, tmp_path):
     run = tmp_path / "unet"
     subprocess.run(["cp", "-r", str(unet_run), str(run)], check=True)

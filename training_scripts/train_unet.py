@@ -237,9 +237,11 @@ def main(args: argparse.Namespace):
             model = training.trained_model(accelerator, unet, ema)
             save_samples(model, noise_scheduler, args, step, sample_values)
 
+    images_before = training.images_seen_by(args.pretrained_model_name_or_path)
     steps, seconds = training.train(
-        accelerator, args, unet, optimizer, lr_scheduler, dataloader, compute_loss, ema, write_samples, SCRIPT
-    )
+        accelerator, args, unet, optimizer, lr_scheduler, dataloader, compute_loss, ema, write_samples, SCRIPT,
+        images_before,
+    )  # fmt: skip
     if accelerator.is_main_process:
         model = training.trained_model(accelerator, unet, ema)
         if graph is None:
@@ -248,7 +250,9 @@ def main(args: argparse.Namespace):
             model.unet.save_pretrained(os.path.join(args.output_dir, "unet"))
             model.parent_embedding.save_pretrained(os.path.join(args.output_dir, "parent_embedding"))
             training.write_json(os.path.join(args.output_dir, "causal_graph.json"), graph.to_config())
-        seconds_per_step = training.record_run(args, SCRIPT, steps, seconds, num_processes=accelerator.num_processes)
+        seconds_per_step = training.record_run(
+            args, SCRIPT, steps, seconds, num_processes=accelerator.num_processes, images_before=images_before
+        )
         logger.info(f"Saved the UNet to {args.output_dir}/unet ({seconds_per_step} s/step)")
     accelerator.end_training()
 

@@ -374,9 +374,10 @@ def train(
     ema: EMAModel | None = None,
     after_step: Callable[[int], None] | None = None,
     script: str | None = None,
+    images_before: int = 0,
 ) -> tuple[int, float]:
     """The training loop every script shares: resume, accumulate, clip, EMA, log, checkpoint (and with `script`,
-    the run's record at each checkpoint: `record_run`).
+    the run's record at each checkpoint: `record_run`, counting `images_before` seen by the weights it started from).
 
     Returns the number of steps this run made and the seconds they took."""
     first_step = maybe_resume(accelerator, args, ema)
@@ -405,7 +406,7 @@ def train(
             save_checkpoint(accelerator, args, done, ema)
             if script is not None and accelerator.is_main_process:
                 elapsed = time.perf_counter() - started
-                record_run(args, script, done - first_step, elapsed, done, accelerator.num_processes)
+                record_run(args, script, done - first_step, elapsed, done, accelerator.num_processes, images_before)
         if after_step is not None:
             after_step(done)
     accelerator.wait_for_everyone()
@@ -446,11 +447,17 @@ def training_command(script: str) -> str:
 
 
 def record_run(
-    args: argparse.Namespace, script: str, steps_run: int, seconds: float, step: int | None = None, num_processes=1
+    args: argparse.Namespace,
+    script: str,
+    steps_run: int,
+    seconds: float,
+    step: int | None = None,
+    num_processes=1,
+    images_before: int = 0,
 ) -> float | None:
     """`training_args.json`: the reproducing command, the arguments, the measured seconds per step and the images
-    seen up to `step` (default --max_train_steps): written at every checkpoint too, so that a run stopped early
-    keeps its record.
+    seen up to `step` (default --max_train_steps), `images_before` of them by the weights it fine-tuned: written at
+    every checkpoint too, so that a run stopped early keeps its record.
 
     A rerun that only exports (nothing left to train) keeps the speed measured by the run that trained."""
     path = Path(args.output_dir) / "training_args.json"
@@ -461,16 +468,26 @@ def record_run(
     else:
         seconds_per_step = None
     step = args.max_train_steps if step is None else step
-    images_seen = step * args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    images_seen = images_before + step * args.train_batch_size * args.gradient_accumulation_steps * num_processes
     record = {
         "command": training_command(script),
         "seconds_per_step": seconds_per_step,
         "steps": step,
         "images_seen": images_seen,
+        "pretrained_images_seen": images_before,
         "args": vars(args),
     }
     write_json(path, record)
     return seconds_per_step
+
+
+def images_seen_by(folder: str | None) -> int:
+    """The training images behind a pretrained UNet: a pipeline folder's `training.json` or a run's
+    `training_args.json` (0 for new weights or where nothing is recorded)."""
+    for name, key in (("training.json", "unet_images_seen"), ("training_args.json", "images_seen")):
+        if folder and (Path(folder) / name).is_file():
+            return read_json(Path(folder) / name).get(key) or 0
+    return 0
 
 
 def export_judge(
