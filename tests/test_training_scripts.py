@@ -503,6 +503,26 @@ def test_a_run_killed_at_a_random_step_resumes_bit_exactly(unet_run, tmp_path, s
     ), "the EMA is kept as safetensors, never pickled"
 
 
+def test_sigterm_checkpoints_the_step_it_stopped_at_and_the_run_resumes_bit_exactly(tmp_path):
+    steps = ["--max_train_steps", "12", "--checkpointing_steps", "100", "--save_images_steps", "2"]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    launch("train_unet.py", *run_args(reference), *steps)
+    command = [sys.executable, str(ROOT / "training_scripts" / "train_unet.py"), *run_args(stopped), *steps]
+    process = subprocess.Popen(command, env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    while not (stopped / "samples" / "step-000002.png").is_file() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    [checkpoint] = stopped.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert 2 <= step < 12 and f"Stopped by SIGTERM after step {step}" in stderr
+    assert json.loads((stopped / "training_args.json").read_text())["steps"] == step
+    launch("train_unet.py", *run_args(stopped), *steps, "--resume_from_checkpoint", "latest")
+    assert same_weights(reference / "unet" / SAFETENSORS, stopped / "unet" / SAFETENSORS)
+
+
 def test_a_broken_latest_checkpoint_is_named_and_the_one_before_is_used(unet_run, tmp_path):
     run = tmp_path / "unet"
     subprocess.run(["cp", "-r", str(unet_run), str(run)], check=True)

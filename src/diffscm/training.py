@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -384,6 +385,7 @@ def train(
     batches = batches_from(accelerator, dataloader, first_step, args.gradient_accumulation_steps)
     progress = tqdm(range(first_step, args.max_train_steps), disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
+    stop = StopRequest(accelerator)
     for step in progress:
         for _ in range(args.gradient_accumulation_steps):
             with accelerator.accumulate(model):
@@ -402,15 +404,42 @@ def train(
         logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
         progress.set_postfix(**logs)
         accelerator.log(logs, step=done)
-        if done % args.checkpointing_steps == 0 or done == args.max_train_steps:
+        stopping = stop.requested()
+        if done % args.checkpointing_steps == 0 or done == args.max_train_steps or stopping:
             save_checkpoint(accelerator, args, done, ema)
             if script is not None and accelerator.is_main_process:
                 elapsed = time.perf_counter() - started
                 record_run(args, script, done - first_step, elapsed, done, accelerator.num_processes, images_before)
+        if stopping:
+            logger.info(f"Stopped by SIGTERM after step {done}: --resume_from_checkpoint latest goes on from there.")
+            sys.exit(128 + signal.SIGTERM)
         if after_step is not None:
             after_step(done)
+    stop.restore()
     accelerator.wait_for_everyone()
     return max(0, args.max_train_steps - first_step), time.perf_counter() - started
+
+
+class StopRequest:
+    """SIGTERM asks the training loop to finish its step, write a checkpoint there and exit (a job scheduler's
+    pre-emption, or `kill` of a background run), instead of losing the steps since the last checkpoint. Every
+    process stops at the same step: the request is shared among processes once a step."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator, self.signalled = accelerator, False
+        self.previous = signal.signal(signal.SIGTERM, self._signal)
+
+    def _signal(self, signum, frame):
+        self.signalled = True
+
+    def requested(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.signalled
+        flags = self.accelerator.gather(torch.tensor([int(self.signalled)], device=self.accelerator.device))
+        return bool(flags.any())
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 def trained_model(accelerator: Accelerator, model: torch.nn.Module, ema: EMAModel | None) -> torch.nn.Module:
