@@ -37,9 +37,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="Classifier-free guidance of every parent.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="The Markdown table (a JSON beside it).")
+    parser.add_argument(
+        "--extend",
+        default=None,
+        help="An earlier measurement's JSON by the same protocol: its rows come first, so that the curve goes on "
+        "across sessions (the runs it measured need not exist any more).",
+    )
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error("--num-samples must be >= 2.")
+    if args.extend:
+        previous = json.loads(Path(args.extend).read_text())
+        if (previous["num_samples"], previous["cfg_scale"], previous.get("seed", 0)) != (
+            args.num_samples, args.cfg_scale, args.seed
+        ):  # fmt: skip
+            parser.error(f"{args.extend} was measured with other --num-samples, --cfg-scale or --seed.")
     for run in args.runs:
         if not (Path(run) / "unet").is_dir() or not (Path(run) / "parent_embedding").is_dir():
             parser.error(f"{run} holds no conditional unet/ and parent_embedding/ (export the checkpoint first).")
@@ -93,8 +105,12 @@ def main(args: argparse.Namespace):
             scores = {"oracle": {"digit_accuracy": accuracy}}
         table.append({"run": name, "images_seen": images_seen(Path(name)), "scores": scores})
         print(json.dumps(table[-1]))
-    command = "python benchmarks/generation_fidelity.py " + shlex.join(sys.argv[1:])
-    record = {"command": command, "num_samples": len(rows), "cfg_scale": args.cfg_scale, "rows": table}
+    commands = ["python benchmarks/generation_fidelity.py " + shlex.join(sys.argv[1:])]
+    if args.extend:
+        previous = json.loads(Path(args.extend).read_text())
+        commands, table = previous.get("commands", [previous.get("command")]) + commands, previous["rows"] + table
+    record = {"commands": commands, "num_samples": len(rows), "cfg_scale": args.cfg_scale, "seed": args.seed}
+    record["rows"] = table
     if morpho:
         record["real_heldout_digits"] = real
     Path(args.out).with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
@@ -115,11 +131,12 @@ def report(record: dict, morpho: bool) -> str:
         if morpho:
             cells += [f"{scores['thickness_mae']:.3f}", f"{scores['intensity_mae']:.2f}"]
         rows.append(cells + [f"{scores['digit_accuracy']:.3f}"])
+    measured = ", then ".join(f"`{command}`" for command in record["commands"])
     return (
         f"Generation fidelity of the image mechanism: one image from fresh noise per held-out digit "
         f"({record['num_samples']} digits), under its parents, classifier-free guidance {record['cfg_scale']:g}, no "
         f"anti-causal guidance, 25 DDIM steps; read by the {'benchmark' if morpho else 'independent oracle'}'s "
-        f"judges. Measured with `{record['command']}`.\n\n" + markdown_table(header, rows) + "\n"
+        f"judges. Measured with {measured}.\n\n" + markdown_table(header, rows) + "\n"
     )
 
 
