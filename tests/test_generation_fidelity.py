@@ -38,6 +38,15 @@ def test_the_shipped_digit_mechanism_draws_the_asked_digit_far_above_chance(tmp_
     assert accuracy >= 0.3, "chance is 0.1; the shipped mechanism measured 0.57 on 200 digits"
     assert "| digit accuracy (oracle) |" in out.read_text() and record["num_samples"] == 40
 
+    later = tmp_path / "later.md"  # a later session goes on with the same curve
+    extend = ["--pipeline", pipeline, "--num-samples", "40", "--extend", str(out.with_suffix(".json"))]
+    generation_fidelity.main(generation_fidelity.parse_args([*extend, "--out", str(later)]))
+    curve = json.loads(later.with_suffix(".json").read_text())
+    assert curve["rows"][0] == record["rows"][0] and len(curve["rows"]) == 2 and len(curve["commands"]) == 2
+    assert curve["rows"][1]["scores"] == record["rows"][0]["scores"], "the same mechanism, seed and digits"
+    with pytest.raises(SystemExit):
+        generation_fidelity.parse_args([*extend[:3], "20", *extend[4:], "--out", str(later)])
+
 
 def test_a_run_folder_without_a_conditional_unet_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
