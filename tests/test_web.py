@@ -126,16 +126,21 @@ def page_in_a_browser(models: dict[str, str], tmp_path: Path):
         app.close()
 
 
-def press_and_wait_for_the_gallery(browser, count: int) -> list:
-    """Press Counterfactuals; the gallery's images once `count` of them are shown, with a screenshot kept."""
+def press_and_read_the_page(browser, count: int, row: str, screenshot: str) -> tuple[list, str, list[int]]:
+    """Press Counterfactuals and wait for `count` gallery images and the values table's `row`; returns the images,
+    the table's text and the images' shown heights, and keeps a screenshot for a person to look at."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, 180)
     wait.until(expected_conditions.element_to_be_clickable((By.ID, "run"))).click()
-    return wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= count and
-                      b.find_elements(By.CSS_SELECTOR, "#gallery img"))  # fmt: skip
+    shown = wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= count and
+                       b.find_elements(By.CSS_SELECTOR, "#gallery img"))  # fmt: skip
+    wait.until(lambda b: row in b.find_element(By.ID, "values").text)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / screenshot))
+    return shown, browser.find_element(By.ID, "values").text, [image.size["height"] for image in shown]
 
 
 BROWSER = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
@@ -154,12 +159,7 @@ def test_upload_press_and_see_the_counterfactuals_in_a_browser(tiny_model, tmp_p
         upload = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#factual input[type=file]"))
         upload.send_keys(str(digit))
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))
-        shown = press_and_wait_for_the_gallery(browser, 12)
-        wait.until(lambda b: "do(label=9)" in b.find_element(By.ID, "values").text)
-        table = browser.find_element(By.ID, "values").text
-        heights = [image.size["height"] for image in shown]
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(SCREENSHOTS / "web-demo-mnist.png"))
+        shown, table, heights = press_and_read_the_page(browser, 12, "do(label=9)", "web-demo-mnist.png")
         with urllib.request.urlopen(shown[0].get_attribute("src")) as response:  # the image the page shows
             first = PIL.Image.open(io.BytesIO(response.read()))
     assert "Factual values (predicted from the image)" in table and "do(label=0)" in table and "read back" in table
@@ -181,12 +181,7 @@ def test_do_thickness_alone_in_a_browser_shows_intensity_following(tmp_path):
         assert [box.find_element(By.XPATH, "..").text for box in ticked] == ["thickness"], "do(thickness) alone"
         browser.find_element(By.ID, "pick").click()  # held-out digit 0, with its recorded factual values
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))
-        shown = press_and_wait_for_the_gallery(browser, 3)
-        wait.until(lambda b: "do(thickness=4" in b.find_element(By.ID, "values").text)
-        table = browser.find_element(By.ID, "values").text
-        heights = [image.size["height"] for image in shown]
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(SCREENSHOTS / "web-demo-morphomnist.png"))
+        shown, table, heights = press_and_read_the_page(browser, 3, "do(thickness=4", "web-demo-morphomnist.png")
     assert len(shown) == 3 and min(heights) >= 112, f"factual, null, do(thickness=4), each large: {heights}"
     row = next(line for line in table.splitlines() if line.startswith("do(thickness=4"))
     thickness, intensity = re.findall(r"([-\d.]+) / ([\d.]+) / ([\d.]+)", row)[:2]
