@@ -369,3 +369,12 @@ def test_a_sample_predicting_unet_is_refused():
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
     with pytest.raises(ValueError, match="Only epsilon- and v-prediction UNets are supported, got 'sample'"):
         DiffSCMPipeline(pipe.unet, scheduler, pipe.classifier)
+
+
+@pytest.mark.parametrize("flag", ["--eval_batch_size", "--num_epochs"])
+def test_train_unet_refuses_a_count_below_one_before_any_work(tmp_path, flag):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training_scripts"))
+    import train_unet
+
+    with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
+        train_unet.parse_args(["--output_dir", str(tmp_path / "out"), flag, "0"])

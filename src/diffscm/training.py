@@ -123,7 +123,9 @@ def check_training_args(args: argparse.Namespace):
         "resolution",
     ]
     positive += [
-        name for name in ("save_images_steps", "checkpoints_total_limit", "num_classes") if name in vars(args)
+        name
+        for name in ("save_images_steps", "eval_batch_size", "checkpoints_total_limit", "num_classes")
+        if name in vars(args)
     ]
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
