@@ -46,8 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error("--num-samples must be >= 2.")
-    if args.extend:
-        previous = json.loads(Path(args.extend).read_text())
+    args.previous = json.loads(Path(args.extend).read_text()) if args.extend else None
+    if args.previous:
+        previous = args.previous
         if (previous["num_samples"], previous["cfg_scale"], previous.get("seed", 0)) != (
             args.num_samples, args.cfg_scale, args.seed
         ):  # fmt: skip
@@ -106,8 +107,8 @@ def main(args: argparse.Namespace):
         table.append({"run": name, "images_seen": images_seen(Path(name)), "scores": scores})
         print(json.dumps(table[-1]))
     commands = ["python benchmarks/generation_fidelity.py " + shlex.join(sys.argv[1:])]
-    if args.extend:
-        previous = json.loads(Path(args.extend).read_text())
+    if args.previous:
+        previous = args.previous
         commands, table = previous.get("commands", [previous.get("command")]) + commands, previous["rows"] + table
     record = {"commands": commands, "num_samples": len(rows), "cfg_scale": args.cfg_scale, "seed": args.seed}
     record["rows"] = table
