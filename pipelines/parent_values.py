@@ -44,11 +44,12 @@ class ParentValuesMixin:
         return log_prob.exp().float().cpu().numpy()
 
     def read_back(self, counterfactuals: torch.Tensor, targets, explained=None) -> dict:
-        """The output fields read from the counterfactuals: the anti-causal predictor's `predicted_values` and the
-        `target_probabilities`."""
+        """The output fields read from the counterfactuals: the anti-causal predictor's `predicted_values`, and with
+        `target=` the flat `targets` and their `target_probabilities`."""
         clean = counterfactuals.clamp(-1, 1)
         return {
             "predicted_values": self.read_parents(clean),
+            "targets": None if targets is None else targets.flatten().numpy(),
             "target_probabilities": self.target_probabilities(clean, targets, explained),
         }
 
@@ -140,9 +141,13 @@ class ParentValuesMixin:
         }
 
     def check_inputs(self, sample, target, intervention, guidance_scale, cfg_scale, eta, generator, output_type,
-                     callback_tensor_inputs, explained) -> tuple[dict, torch.Tensor | None]:  # fmt: skip
+                     callback_tensor_inputs, explained_classifier, explained_processor, explained_gradient,
+                     kwargs) -> tuple[dict, torch.Tensor | None, object, str]:  # fmt: skip
         """Every setting of a `__call__` checked before the costly abduction; returns the intervention as
-        `{variable: one value per counterfactual}` and, with `target=`, the `(B, K)` targets."""
+        `{variable: one value per counterfactual}`, with `target=` the `(B, K)` targets (else None), and the explained
+        classifier ([`explained_from`]) with its gradient's kind."""
+        explained, explained_gradient = self.explained_from(kwargs, explained_classifier, explained_processor,
+                                                            explained_gradient)  # fmt: skip
         check_output_type(output_type)
         check_eta(eta)
         check_callback(callback_tensor_inputs, self._callback_tensor_inputs)
@@ -154,8 +159,10 @@ class ParentValuesMixin:
         if target is not None:
             targets = self.prepare_targets(target, batch_size)
             check_generator(generator, targets.numel())
-            return {self.single_categorical_parent(): targets.flatten().numpy()}, targets
+            intervention = {self.single_categorical_parent(): targets.flatten().numpy()}
+            return intervention, targets, explained, explained_gradient
         if not isinstance(intervention, dict) or not intervention:
             raise ValueError(f"`intervention` must be a non-empty dict {{variable: value}}, got {intervention!r}.")
         check_generator(generator, batch_size)
-        return {k: self._per_image(k, v, batch_size) for k, v in intervention.items()}, None
+        intervention = {k: self._per_image(k, v, batch_size) for k, v in intervention.items()}
+        return intervention, None, explained, explained_gradient

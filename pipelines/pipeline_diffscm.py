@@ -278,7 +278,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         check_noise(abduction.noise, self.unet.config.in_channels, self.unet.config.sample_size)
         factual = self.prepare_parent_values(abduction.factual_values, abduction.batch_size)
         values = factual if parent_values is None else self.prepare_parent_values(parent_values, abduction.batch_size)
-        guidance = self.prepare_guidance(guidance_scale, abduction.cfg_scale, factual, values, explained)
+        guidance = self.prepare_guidance(guidance_scale, abduction.cfg_scale, factual, values, explained,
+                                         explained_gradient)  # fmt: skip
         chain = self.get_chain(abduction.num_inference_steps, abduction.strength)
         sample = abduction.noise.to(self._execution_device, torch.float32)
 
@@ -320,25 +321,16 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         explained_gradient: str = "cheap",
         **kwargs,
     ) -> DiffSCMPipelineOutput | tuple:
-        r"""
-        The counterfactual "had `intervention` held": abduction, action on the causal graph, prediction.
-
-        `image`: PIL, numpy channels-last or torch channels-first in [0, 1]. `target`: for one categorical parent, the
-        class (one, one per image, `(B, K)` or "all": K counterfactuals from one abduction); else `intervention`:
-        do() on any variables, `{name: value or one per image}`. `factual_values`: the parents not given are read from
-        the image. The chain and guidance default to the checkpoint's measured choice ([`abduct`], [`intervene`]).
-
-        Examples: `pipe(image, target=3)`; `pipe(image, intervention={"thickness": 4.0})`.
-        """
-        explained, explained_gradient = self.explained_from(kwargs, explained_classifier, explained_processor,
-                                                            explained_gradient)  # fmt: skip
+        r"""The counterfactual of `image` (PIL, numpy HWC or torch CHW in [0, 1]) had `intervention` held (`{variable:
+        values}`) or `target` (the class of its one categorical parent: one, one per image, `(B, K)` or "all"), by
+        abduction, action and prediction. Unknown `factual_values` are read from the image; the rest: the config's."""
         sample = self.preprocess(image)
-        intervention, targets = self.check_inputs(sample, target, intervention, guidance_scale, cfg_scale, eta,
-                                                  generator, output_type, callback_on_step_end_tensor_inputs,
-                                                  explained)  # fmt: skip
+        intervention, targets, explained, explained_gradient = self.check_inputs(
+            sample, target, intervention, guidance_scale, cfg_scale, eta, generator, output_type,
+            callback_on_step_end_tensor_inputs, explained_classifier, explained_processor, explained_gradient, kwargs,
+        )  # fmt: skip
         factual, predicted = self.infer_factual_values(sample, factual_values)
         parents, repeats = self.causal_graph.image_parents, 1 if targets is None else targets.shape[1]
-
         # 1. Abduction: u = DDIM^-1(x_0) once per factual image, under its factual parents.
         abduction = self.invert(sample, {name: factual[name] for name in parents}, num_inference_steps, strength,
                                 abduction_refinement_steps, cfg_scale)  # fmt: skip
@@ -352,13 +344,11 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             explained_classifier=explained, explained_gradient=explained_gradient,
         )  # fmt: skip
-
         output = DiffSCMPipelineOutput(
             images=self.postprocess(counterfactuals, output_type),
             counterfactual_values=counterfactual,
             factual_values=factual,
             predicted_factuals=predicted,
-            targets=None if targets is None else targets.flatten().numpy(),
             reconstructions=self.intervene(abduction, output_type=output_type) if return_reconstruction else None,
             noise=abduction.noise if return_noise else None,
             **self.read_back(counterfactuals, targets, explained),
@@ -414,7 +404,9 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                                                                               guidance.anticausal)  # fmt: skip
         return eps
 
-    def prepare_guidance(self, guidance_scale, cfg_scale: dict, factual: dict, values: dict, explained) -> Guidance:
+    def prepare_guidance(
+        self, guidance_scale, cfg_scale: dict, factual: dict, values: dict, explained, explained_gradient: str
+    ) -> Guidance:
         """The checked guidance of one prediction: anti-causal scales for the samples whose parents change (every
         parent of those), or the explained classifier's scale on the categorical parent."""
         scales = self.guidance_scales(guidance_scale, explained=explained is not None)
@@ -428,8 +420,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                     f"`target` {values[parent].max().item()} is not a class of the explained classifier, which has "
                     f"{explained.num_labels} labels."
                 )
-            scale = anticausal.pop(parent, None)
-            guidance.explained, guidance.explained_scale = explained, scale
+            guidance.explained, guidance.explained_scale = explained, anticausal.pop(parent, None)
+            guidance.explained_gradient = explained_gradient
         return guidance
 
     def get_chain(self, num_inference_steps: int, strength: float = 1.0) -> list[tuple[int, float, float]]:

@@ -57,6 +57,15 @@ def test_guidance_through_the_denoised_estimate_moves_towards_the_explained_clas
     assert (explained.predict(guided.images * 2 - 1) == 1 - labels).float().mean() >= 1 / 2
 
 
+def test_the_full_gradient_is_not_the_cheap_one(trained_pipeline, factual_images, vit):
+    images, labels = factual_images
+    request = dict(factual_values={"label": labels}, num_inference_steps=5, output_type="pt", guidance_scale=100.0,
+                   explained_classifier=vit, explained_processor=PROCESSOR)  # fmt: skip
+    cheap = trained_pipeline(images, 1 - labels, explained_gradient="cheap", **request).images
+    full = trained_pipeline(images, 1 - labels, explained_gradient="full", **request).images
+    assert (cheap - full).abs().max() > 1e-3, "explained_gradient='full' differentiates through the UNet"
+
+
 def test_the_processor_resizes_and_normalises_differentiably_for_an_rgb_classifier():
     explained = ExplainedClassifier(tiny_vit(channels=3, size=16), {"size": {"height": 16, "width": 16},
                                     "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.2, 0.2]})  # fmt: skip
