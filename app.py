@@ -1,5 +1,5 @@
 """The Hugging Face Space entry point: the diffscm web demo (`diffscm serve` runs the same app on localhost)."""
 
-from diffscm.cli.serve import build_app
+from diffscm.cli.serve import build_app, launch
 
-build_app().launch()
+launch(build_app())

@@ -21,9 +21,11 @@ from diffscm.cli import main
 from diffscm.cli.serve import (
     MAX_PIXELS,
     MAX_UPLOAD,
+    PAGE_CSS,
     CounterfactualDemo,
     build_app,
     drawn_digit,
+    launch,
     read_back,
     values_table,
 )
@@ -87,7 +89,7 @@ def test_serve_takes_models_and_validates_the_device_before_loading(tiny_model, 
     launched = {}
     monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kwargs: launched.update(kwargs))
     main(["serve", "--model", *tiny_model.values(), "--port", "7999"])
-    assert launched == {"server_name": "127.0.0.1", "server_port": 7999, "max_file_size": MAX_UPLOAD}
+    assert launched == {"server_name": "127.0.0.1", "server_port": 7999, "max_file_size": MAX_UPLOAD, "css": PAGE_CSS}
     with pytest.raises(SystemExit, match="--device 'cuda:7': this machine has no such device"):
         main(["serve", "--model", *tiny_model.values(), "--device", "cuda:7"])
 
@@ -109,7 +111,7 @@ def page_in_a_browser(models: dict[str, str], tmp_path: Path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     app = build_app(models, device="cpu")
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -140,7 +142,18 @@ def press_and_read_the_page(browser, count: int, row: str, screenshot: str) -> t
     wait.until(lambda b: row in b.find_element(By.ID, "values").text)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOTS / screenshot))
-    return shown, browser.find_element(By.ID, "values").text, [image.size["height"] for image in shown]
+    return shown, browser.find_element(By.ID, "values").text, [shown_height(browser, image) for image in shown]
+
+
+def shown_height(browser, image) -> float:
+    """The height in px at which an <img> draws its picture: its box scaled by `object-fit` (which may keep a 28 px
+    digit at 28 px inside a large box)."""
+    return browser.execute_script(
+        "const i = arguments[0], fit = getComputedStyle(i).objectFit;"
+        "const s = Math.min(i.clientWidth / i.naturalWidth, i.clientHeight / i.naturalHeight);"
+        "return (fit === 'none' ? 1 : fit === 'scale-down' ? Math.min(1, s) : s) * i.naturalHeight;",
+        image,
+    )
 
 
 BROWSER = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
@@ -180,8 +193,11 @@ def test_do_thickness_alone_in_a_browser_shows_intensity_following(tmp_path):
         ticked = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#variables input[type=checkbox]:checked"))
         assert [box.find_element(By.XPATH, "..").text for box in ticked] == ["thickness"], "do(thickness) alone"
         browser.find_element(By.ID, "pick").click()  # held-out digit 0, with its recorded factual values
-        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))
+        picked = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))[0]
+        wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", picked))
+        picked_height = shown_height(browser, picked)
         shown, table, heights = press_and_read_the_page(browser, 3, "do(thickness=4", "web-demo-morphomnist.png")
+    assert picked_height >= 112, f"the picked 28 px digit is drawn large: {picked_height} px"
     assert len(shown) == 3 and min(heights) >= 112, f"factual, null, do(thickness=4), each large: {heights}"
     row = next(line for line in table.splitlines() if line.startswith("do(thickness=4"))
     thickness, intensity = re.findall(r"([-\d.]+) / ([\d.]+) / ([\d.]+)", row)[:2]

@@ -34,6 +34,11 @@ MAX_PIXELS = 4096 * 4096  # refused from the header, before decoding: a small PN
 CONCURRENCY = 1  # one request at a time uses every core; the others wait in the queue
 QUEUE_SIZE = 32
 EXAMPLES = [str(path) for path in sorted((REPOSITORY / "docs" / "examples").glob("*.png"))]  # in a checkout
+# A 28 px digit is drawn at 224 px, its pixels kept square: the factual must be as easy to see as the counterfactuals.
+PAGE_CSS = (
+    "#factual img { height: 224px !important; width: auto !important; object-fit: contain !important; "
+    "image-rendering: pixelated; }"
+)
 HOW_IT_WORKS = """
 1. **Abduction**: the picture is inverted by deterministic DDIM to its exogenous noise u, the part of the image that
    its causes do not explain (the writer's style).
@@ -62,7 +67,12 @@ def serve(args: argparse.Namespace):
     device, _ = device_and_dtype(argparse.Namespace(device=args.device, dtype="float32"))
     app = build_app(models, device)
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
-    app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
+    launch(app, server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
+
+
+def launch(app, **options):
+    """Serve the page of [`build_app`] with its style (Gradio takes the page's CSS at launch)."""
+    return app.launch(css=PAGE_CSS, **options)
 
 
 def limit_image_size():
