@@ -36,6 +36,6 @@ setup(
         "opencv-python-headless>=4.5",
         "matplotlib",
     ],
-    extras_require={"web": ["gradio>=4"], "test": ["pytest", "ruff", "selenium", "gradio>=4"]},
+    extras_require={"web": ["gradio>=4"], "test": ["pytest", "pytest-xdist", "ruff", "selenium", "gradio>=4"]},
     entry_points={"console_scripts": ["diffscm = diffscm.cli:main"]},
 )

@@ -1,6 +1,7 @@
 """The shipped pipelines and judges load and behave (real weights, a few held-out digits, few steps)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,30 @@ def test_every_shipped_card_names_its_data_its_task_and_the_library_that_loads_i
         assert data.pipeline_tag == "image-classification"
     else:
         assert data.library_name == "diffscm" and not (folder / "model_index.json").is_file()
+
+
+def test_explanations_with_no_scale_take_the_measured_default_at_every_entry_point(tmp_path, capsys):
+    """The shipped ViT explained with no scale, in Python and by `diffscm demo --classifier`: both use the
+    pipeline's recorded `explained_classifier_scale`, which flips the independent oracle on held-out digits."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from diffscm.cli import main
+    from diffscm.data import BUNDLED_MNIST, heldout_rows
+
+    folder, vit_folder = CHECKPOINTS / "diffscm-mnist-conditional", CHECKPOINTS / "mnist-vit-classifier"
+    pipe = DiffSCMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    vit = AutoModelForImageClassification.from_pretrained(vit_folder)
+    processor = AutoImageProcessor.from_pretrained(vit_folder)
+    rows = heldout_rows(str(folder), load_bundled_mnist(), 60, source=BUNDLED_MNIST)
+    labels = np.array([row["label"] for row in rows])
+    targets = (labels + np.random.default_rng(0).integers(1, 10, len(labels))) % 10  # another digit each
+    out = pipe([row["image"] for row in rows], targets, factual_values={"digit": labels}, output_type="pt",
+               explained_classifier=vit, explained_processor=processor)  # fmt: skip
+    oracle = DigitOracle.from_pretrained(CHECKPOINTS / "mnist-oracle").eval()
+    flips = (oracle_predictions(oracle, out.images).numpy() == targets).mean()
+    assert flips >= 0.9, f"the oracle agrees with the asked digit on {flips:.3f} of 60 explanations"
+
+    main(["demo", "--classifier", str(vit_folder), "--out", str(tmp_path / "demo"), "--quiet"])
+    shown = re.search(r"Oracle agrees with the intervened digit on (\d+)%", capsys.readouterr().out)
+    assert int(shown.group(1)) >= 90, shown.group(0)
