@@ -323,7 +323,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
     ) -> DiffSCMPipelineOutput | tuple:
         r"""The counterfactual of `image` (PIL, numpy HWC or torch CHW in [0, 1]) had `intervention` held (`{variable:
         values}`) or `target` (the class of its one categorical parent: one, one per image, `(B, K)` or "all"), by
-        abduction, action and prediction. Unknown `factual_values` are read from the image; the rest: the config's."""
+        abduction, action and prediction. Missing `factual_values` are read from the image; the rest: the config."""
         sample = self.preprocess(image)
         intervention, targets, explained, explained_gradient = self.check_inputs(
             sample, target, intervention, guidance_scale, cfg_scale, eta, generator, output_type,
