@@ -34,6 +34,7 @@ from .checks import (
     explained_keywords,
     renamed_keyword,
 )
+from .fixed_point import anderson_mix
 from .folder import (
     SETTINGS,
     load_components,
@@ -195,8 +196,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         `factual_values`: the parents' values, those not given read by the anti-causal predictor at t = 0.
         `strength`: the fraction of the chain inverted (the official Diff-SCM code used 0.75).
         `abduction_refinement_steps`: K extra UNet passes per step, solving x_t = step^-1(x_next, eps(x_t, t)) by
-        fixed-point iteration so that the generation step from x_t lands back on x_next. `cfg_scale`: per parent,
-        kept for the prediction. Returns the [`Abduction`] that [`intervene`] follows.
+        Anderson-accelerated fixed-point iteration, so that the generation step from x_t lands back on x_next.
+        `cfg_scale`: per parent, kept for the prediction. Returns the [`Abduction`] that [`intervene`] follows.
         """
         sample = self.preprocess(image)
         factual, _ = self.infer_factual_values(sample, factual_values)
@@ -230,9 +231,12 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
 
         eps = torch.zeros_like(sample)  # each step starts from the previous step's noise estimate
         for t, alpha_t, alpha_next in self.progress_bar(chain[::-1]):
+            guess, tried, mapped = ddim_step(sample, eps, alpha_next, alpha_t), [], []
             for _ in range(1 + refinements):  # fixed point of x_t = step^-1(x_next, eps(x_t, t))
-                eps = self.predict_noise(ddim_step(sample, eps, alpha_next, alpha_t), t, parents, cfg_scales)
-            sample = ddim_step(sample, eps, alpha_next, alpha_t)
+                eps = self.predict_noise(guess, t, parents, cfg_scales)
+                tried.append(guess), mapped.append(ddim_step(sample, eps, alpha_next, alpha_t))
+                guess = anderson_mix(tried, mapped)
+            sample = guess
         check_finite(sample, "The abducted noise", cfg_scales)
         factual = {name: value.cpu().numpy() for name, value in parents.items()}
         return Abduction(sample, factual, steps, float(strength), refinements, cfg_scales)

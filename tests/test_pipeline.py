@@ -54,6 +54,19 @@ def test_exact_abduction_refinement_reduces_reconstruction_error(trained_pipelin
     assert l1(refined.images, images) < 0.6 * l1(plain.images, images)
 
 
+def test_anderson_acceleration_beats_plain_fixed_point_iteration(trained_pipeline, factual_images, monkeypatch):
+    images, labels = factual_images
+    errors = {}
+    for name in ("anderson", "plain"):
+        if name == "plain":
+            monkeypatch.setattr(type(trained_pipeline).__module__ + ".anderson_mix", lambda tried, mapped: mapped[-1])
+        out = trained_pipeline(
+            images, labels, guidance_scale=0, num_inference_steps=30, abduction_refinement_steps=3, output_type="pt"
+        )
+        errors[name] = l1(out.images, images)
+    assert errors["anderson"] < 0.8 * errors["plain"], errors
+
+
 def test_guidance_raises_log_likelihood_of_the_target(trained_pipeline, factual_images):
     images, labels = factual_images
     target = 1 - labels
