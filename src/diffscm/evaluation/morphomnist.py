@@ -171,14 +171,13 @@ PUBLISHED = {
 
 
 def headline(result: dict, family: str) -> dict[str, float]:
-    """The benchmark table's five numbers for one family of judges (composition is judge-free)."""
-    composition_result = result["composition"]
+    """The benchmark table's numbers for one family of judges (composition is judge-free): composition after each
+    cycle count that was run (`composition_1`, `composition_N`)."""
     return {
         "thickness_mae": result["do(thickness)"][family]["thickness_mae"],
         "intensity_mae": result["do(intensity)"][family]["intensity_mae"],
         "digit_accuracy": result["do(digit)"][family]["digit_accuracy"],
-        "composition_1": composition_result["cycles_1"]["benchmark_l1"],
-        "composition_10": composition_result.get("cycles_10", {}).get("benchmark_l1", float("nan")),
+        **{key.replace("cycles", "composition"): run["benchmark_l1"] for key, run in result["composition"].items()},
     }
 
 
@@ -191,8 +190,9 @@ def report(result: dict) -> str:
         ("intensity MAE under do(intensity), grey levels ↓", "intensity_mae", "{:.2f}"),
         ("digit accuracy under do(digit) ↑", "digit_accuracy", "{:.3f}"),
         ("composition L1, 1 cycle (padded 32x32, grey levels) ↓", "composition_1", "{:.3f}"),
-        ("composition L1, 10 cycles ↓", "composition_10", "{:.3f}"),
     ]
+    for cycles in (key.removeprefix("cycles_") for key in result["composition"] if key != "cycles_1"):
+        rows.append((f"composition L1, {cycles} cycles ↓", f"composition_{cycles}", "{:.3f}"))
     families = [f for f in ("benchmark", "benchmark (batch statistics)") if f in result["factual"]]
     header = " | ".join(f"diffscm, {f} judges" for f in families)
     lines = [
@@ -208,7 +208,7 @@ def report(result: dict) -> str:
     ]
     for label, key, fmt in rows:
         ours = " | ".join(f"**{fmt.format(headline(result, f)[key])}**" for f in families)
-        published = " | ".join(fmt.format(value) for value in PUBLISHED[key])
+        published = " | ".join(fmt.format(value) for value in PUBLISHED[key]) if key in PUBLISHED else "- | - | -"
         lines.append(f"| {label} | {ours} | {published} |")
     lines += [
         "",
