@@ -345,7 +345,11 @@ def test_causal_graph_pipeline_trains_intervenes_and_evaluates(tmp_path):
     assert result["settings"]["num_images"] == 4 and "ground_truth_l1" in result["do(thickness)"]
     assert set(result["do(digit)"]) >= {"benchmark", "benchmark (batch statistics)", "morphometrics", "reversibility"}
     assert result["settings"]["unet_evaluations_per_counterfactual"] == 2 + 2  # 2 steps, no refinement, each way
+    truth = result["do(intensity)"]["ground-truth counterfactual"]
+    assert truth["morphometrics"]["intensity_mae"] < 1 < result["do(intensity)"]["unchanged image"]["morphometrics"][
+        "intensity_mae"], "the data's own process sets the intensity that the unchanged image lacks"  # fmt: skip
     table = (report / "report.md").read_text()
+    assert "| benchmark, on the ground-truth counterfactual (the floor) |" in table
     assert "| composition L1, 1 cycle" in table and "| composition L1, 2 cycles ↓ |" in table
     assert "10 cycles" not in table and "nan" not in table, "2 cycles measured: no 10-cycle row beside the published"
 
