@@ -11,7 +11,6 @@ Effectiveness is the independent oracle's flip rate to a random other digit, on 
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from diffscm import hub
 from diffscm.data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist
 from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.metrics import count_calls, evaluate_counterfactuals
+from diffscm.options import describe_machine
 from diffscm.paths import shipped_checkpoint
 
 
@@ -128,7 +128,7 @@ def main():
         }
         print(name, json.dumps(results[name]))
     reuse = reuse_timing(pipe, images[: args.reuse_samples])
-    device = f"{platform.machine()}, {pipe.device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    device = describe_machine(str(pipe.device))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(markdown(results, reuse, args, device))
     Path(args.out).with_suffix(".json").write_text(json.dumps({"settings": results, "reuse": reuse}, indent=2) + "\n")

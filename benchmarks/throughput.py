@@ -16,7 +16,6 @@ independent oracle:
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -28,6 +27,7 @@ from diffscm import hub
 from diffscm.data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist
 from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.metrics import count_calls, grey_level_l1, oracle_predictions
+from diffscm.options import describe_machine
 from diffscm.paths import shipped_checkpoint
 
 
@@ -134,7 +134,7 @@ def main(args: argparse.Namespace):
     targets = other_targets(labels, 1)
     steps, refinement = base.config.num_inference_steps, base.config.abduction_refinement_steps
     result = {
-        "machine": f"{platform.machine()}, {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        "machine": describe_machine(device),
         "command": shlex.join(["python", "benchmarks/throughput.py", *sys.argv[1:]]),
         "num_images": len(images),
         "throughput": [],

@@ -13,6 +13,7 @@ from conftest import tiny_pipeline
 
 from diffscm.cli import main
 from diffscm.evaluation import DigitOracle, DigitVAE
+from diffscm.options import describe_machine
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,16 @@ def test_errors_are_clear(model_dirs, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as excinfo:
         main(argv + ["--out", str(tmp_path / "out")])
     assert message in str(excinfo.value)
+
+
+def test_benchmark_reports_name_the_chip_they_ran_on(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    described = describe_machine("cpu")
+    assert described.endswith(f", cpu, 3 CPU threads, torch {torch.__version__}")
+    chip = described.split(" (")[0]
+    assert chip and chip != "cpu", "the CPU by its model name, which two machines of one architecture differ in"
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 import argparse
 import os
+import platform
 import tempfile
+from pathlib import Path
 
 
 def parse_assignments(pairs: list[str] | None, flag: str) -> dict[str, float]:
@@ -48,6 +50,21 @@ def add_pipeline_options(parser: argparse.ArgumentParser, model_help: str = "the
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def describe_machine(device: str) -> str:
+    """What a benchmark ran on, for its report: the chip by name (speeds differ between CPUs of one architecture),
+    the device, the threads and torch."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        chip = torch.cuda.get_device_name(torch.device(device))
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")] if cpuinfo.is_file() else []  # fmt: skip
+        chip = names[0] if names else platform.processor() or "unnamed CPU"
+    return f"{chip} ({platform.machine()}), {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
