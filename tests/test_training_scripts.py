@@ -550,3 +550,24 @@ def test_a_broken_latest_checkpoint_is_named_and_the_one_before_is_used(unet_run
     result = launch("train_unet.py", *run_args(empty, steps=2), "--resume_from_checkpoint", "latest", check=False)
     assert result.returncode != 0 and "No checkpoint could be read" in result.stderr
     assert str(empty / "checkpoint-2") in result.stderr
+
+
+class _Hostile:
+    """A pickle that, unpickled without torch's allow-list, creates the file named by `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl"])
+def test_a_hostile_pickle_in_a_checkpoint_never_runs_and_the_checkpoint_is_named_broken(unet_run, tmp_path, name):
+    run = tmp_path / "unet"
+    subprocess.run(["cp", "-r", str(unet_run), str(run)], check=True)
+    marker = tmp_path / "PWNED"
+    torch.save(_Hostile(marker), run / "checkpoint-4" / name)
+    result = launch("train_unet.py", *run_args(run, steps=4), "--resume_from_checkpoint", "latest")
+    assert not marker.exists(), "the checkpoint's pickle ran"
+    assert f"Cannot resume from {run / 'checkpoint-4'}" in result.stderr and "checkpoint-2 at step 2" in result.stderr

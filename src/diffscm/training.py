@@ -20,6 +20,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import load as load_allow_listed
 from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -334,12 +335,17 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMAModel | None):
     """accelerate's state (weights, optimizer, schedule, RNG) and the EMA weights of one checkpoint folder."""
     if ema is not None and not (path / EMA_FILE).is_file():
         raise FileNotFoundError(f"{path / EMA_FILE} is missing")
-    # accelerate only logs a random-state file it cannot read, and the run would go on with other noise.
+    # accelerate only logs a random-state file it cannot read, and the run would go on with other noise. The file is
+    # a pickle: it is read as accelerate reads it, with torch's allow-list (weights_only=True plus numpy's RNG state
+    # types), so a hostile one is refused before anything in it runs.
     random_states = path / f"random_states_{accelerator.process_index}.pkl"
     try:
-        torch.load(random_states, weights_only=False)  # written by this run's own accelerate.save_state
-    except Exception as error:  # a missing, truncated or foreign file raises many kinds
+        load_allow_listed(random_states)
+    except Exception as error:  # a missing, truncated, foreign or hostile file raises many kinds
         raise ValueError(f"{random_states} cannot be read ({error!r})") from error
+    unexpected = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if unexpected:  # accelerate unpickles registered objects' files with weights_only=False; we register none
+        raise ValueError(f"{path} holds {unexpected}, which no diffscm run writes; refusing to unpickle them")
     accelerator.load_state(str(path))
     if ema is not None:
         with safe_open(str(path / EMA_FILE), framework="pt") as f:
