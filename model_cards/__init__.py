@@ -21,6 +21,7 @@ from diffscm.scm import CausalGraph, Node
 PIPELINE_TEMPLATE = "diffscm_pipeline.md"
 ORACLE_TEMPLATE = "oracle.md"
 VAE_TEMPLATE = "vae.md"
+JUDGES_TEMPLATE = "judges.md"
 IMAGE_CLASSIFIER_TEMPLATE = "image_classifier.md"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -116,6 +117,23 @@ def write_oracle_card(oracle_dir: str | os.PathLike, repo_id: str | None = None)
     )  # fmt: skip
 
 
+def write_judges_card(judges_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
+    """Render `README.md` of a judges folder from its `judges.json` (command, split, own held-out errors)."""
+    folder = Path(judges_dir)
+    record = _read_json(folder, "judges.json")
+    errors = "\n".join(f"- {name.replace('_', ' ')}: **{value:.4g}**" for name, value in record["heldout"].items())
+    return _write_judge_card(
+        folder,
+        JUDGES_TEMPLATE,
+        "judges",
+        record,
+        "diffscm",
+        repo_id=repo_id or _display_path(folder),
+        errors=errors,
+        edges=", ".join(CausalGraph.from_config(record["causal_graph"]).edges),
+    )
+
+
 def write_vae_card(vae_dir: str | os.PathLike) -> ModelCard:
     """Render `README.md` of a VAE folder from its `vae.json` and config."""
     folder = Path(vae_dir)
@@ -193,7 +211,7 @@ def _variable_row(node: Node, unet: dict, conditional: bool) -> dict:
         )
     else:
         values = (
-            f"{node.num_classes} classes"
+            (f"{node.num_classes} classes" + (f" ({', '.join(node.classes)})" if node.classes else ""))
             if node.type == "categorical"
             else f"[{_g(node.range[0])}, {_g(node.range[1])}]"
         )
@@ -208,12 +226,19 @@ def _mechanism_formula(node: Node) -> str:
     if m.kind == "identity":
         return "root: its value is its own noise" if not node.parents else "identity"
     terms = [_g(m.bias)] if m.bias else []
-    terms += [f"{_g(weight)} {parent}".removeprefix("1 ") for parent, weight in m.weights.items()]
+    terms += [_mechanism_term(weight, parent) for parent, weight in m.weights.items()]
     terms += [f"{_g(m.scale)} u".removeprefix("1 ")]
     linear = " + ".join(terms).replace("+ -", "- ")
     if m.kind == "affine":
         return linear
     return f"{_g(m.low)} + {_g(m.high - m.low)} sigmoid({linear})"
+
+
+def _mechanism_term(weight, parent: str) -> str:
+    """`2 thickness`, or for a categorical parent (one-hot) `w[digit]` with w listed per class."""
+    if isinstance(weight, tuple):
+        return f"w[{parent}] (w = {', '.join(_g(w) for w in weight)})"
+    return f"{_g(weight)} {parent}".removeprefix("1 ")
 
 
 def _usage_example(graph: CausalGraph, has_classifier: bool) -> str:

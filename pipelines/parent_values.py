@@ -122,8 +122,10 @@ class ParentValuesMixin:
 
     def prepare_targets(self, target: TargetInput, batch_size: int) -> torch.Tensor:
         """Validated targets as a `(batch_size, K)` long tensor."""
-        num_classes = self.causal_graph.nodes[self.single_categorical_parent()].num_classes
-        return class_targets(target, batch_size, num_classes)
+        node = self.causal_graph.nodes[self.single_categorical_parent()]
+        if node.classes is not None and not (isinstance(target, str) and target == "all"):
+            target = _class_indices(node, target)
+        return class_targets(target, batch_size, node.num_classes)
 
     def prepare_parent_values(self, values: TargetInput | ValuesInput, batch_size: int) -> dict[str, torch.Tensor]:
         """Validated values of every parent of the image, one per sample, as tensors on the execution device."""
@@ -166,3 +168,12 @@ class ParentValuesMixin:
         check_generator(generator, batch_size)
         intervention = {k: self._per_image(k, v, batch_size) for k, v in intervention.items()}
         return intervention, None, explained, explained_gradient
+
+
+def _class_indices(node, target):
+    """Class names in `target` (one, or a list per image) as the node's class indices; anything else as it is."""
+    if isinstance(target, str):
+        return node.class_index(target)
+    if isinstance(target, list | tuple):
+        return [_class_indices(node, t) for t in target]
+    return target

@@ -1,6 +1,9 @@
 """Tiny components and a briefly trained pipeline on synthetic two-class images, all on the CPU and offline."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,6 +21,19 @@ from diffscm import (  # noqa: E402
 )
 
 torch.set_num_threads(1)  # the tiny test models are slower with more threads
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(script: str, *args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """A training script through `accelerate launch`, offline, one thread a process."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    command += ["--multi_gpu"] if processes > 1 else ["--num_machines", "1", "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", str(ROOT / "training_scripts" / script), *args]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
 
 
 def tiny_unet(channels: int = 1, size: int = 8, **config) -> UNet2DModel:

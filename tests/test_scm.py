@@ -1,5 +1,7 @@
 """The causal graph: validation, invertible mechanisms, abduction-action-prediction on the non-image nodes."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -170,3 +172,82 @@ def test_single_parent_graph_is_the_one_edge_case():
     graph = CausalGraph.single_parent("digit", 10)
     assert graph.image_parents == ("digit",) and graph.nodes["digit"].num_classes == 10
     assert isinstance(graph.nodes["digit"], Node)
+
+
+def test_a_categorical_parent_enters_one_hot_and_names_map_to_classes():
+    graph = CausalGraph(
+        [
+            Node("color", "categorical", classes=("red", "green", "blue")),
+            Node("size", "continuous", ("color",), range=(0.0, 20.0),
+                 mechanism=Mechanism("affine", {"color": (5.0, 1.0, 9.0)}, scale=1.0)),
+            Node("image", "image", ("color", "size")),
+        ]
+    )  # fmt: skip
+    values = graph.counterfactual({"color": ["red"], "size": [6.0]}, {"color": "blue"})
+    assert values["color"].tolist() == [2] and values["size"].tolist() == [10.0], "5 + 1 = 6 -> 9 + 1"
+    green = graph.counterfactual({"color": ["red"], "size": [6.0]}, {"color": "green"})
+    assert green["size"].tolist() == [2.0], "green's weight is its own, not between red's and blue's"
+    assert graph.nodes["color"].value_name(2) == "blue"
+    with pytest.raises(ValueError, match="no class 'purple'"):
+        graph.check_value("color", "purple")
+
+
+def test_fit_takes_the_range_from_the_data_and_chooses_the_mechanism_by_held_out_likelihood():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 3, 2000)
+    b = 60 + 180 / (1 + np.exp(-(np.array([-2.0, 0.0, 2.0])[a] + 0.5 * rng.standard_normal(2000))))
+    config = {"nodes": [
+        {"name": "a", "type": "categorical", "classes": ["x", "y", "z"]},
+        {"name": "b", "type": "continuous", "parents": ["a"], "range": [60, 240]},
+        {"name": "c", "type": "continuous"},
+        {"name": "image", "type": "image", "parents": ["a", "b", "c"]},
+    ]}  # fmt: skip
+    unfitted = CausalGraph.from_config(config, fitted=False)
+    assert not unfitted.fitted
+    with pytest.raises(ValueError, match="affine or logistic mechanism|needs a range"):
+        CausalGraph.from_config(config)  # a pipeline's graph is fitted
+    c = rng.uniform(2, 5, 2000)
+    train = {"a": a[:1500], "b": b[:1500], "c": c[:1500]}
+    heldout = {"a": a[1500:], "b": b[1500:], "c": c[1500:]}
+    graph, report = unfitted.fit(train, heldout)
+    assert graph.fitted and graph.nodes["c"].range == (c[:1500].min(), c[:1500].max())
+    assert report["b"]["kind"] == "logistic", "the data were drawn by a logistic mechanism"
+    weights = graph.nodes["b"].mechanism.weights["a"]
+    assert weights[0] < weights[1] < weights[2] and abs(graph.nodes["b"].mechanism.scale - 0.5) < 0.05
+    assert CausalGraph.from_config(graph.to_config()).to_config() == graph.to_config(), "saved and loaded as is"
+
+
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        ({"name": "a", "type": "continuous", "range": [0, float("inf")]}, "Node 'a': \"range\" must be finite"),
+        ({"name": "a", "type": "continuous", "range": "0-1"}, "Node 'a': \"range\" is \\[low, high\\]"),
+        ({"name": "a", "type": "categorical", "classes": "rgb"}, "Node 'a': \"classes\" is a list"),
+        ({"name": "a", "type": "categorical", "classes": ["r", "r"]}, "lists a name twice"),
+        ({"name": "a", "type": "categorical", "num_classes": "3"}, "Node 'a': \"num_classes\" is an integer"),
+        ({"name": "a", "type": "categorical", "num_classes": 2, "parents": "b"}, "Node 'a': 'parents' must be"),
+        ({"name": "a", "type": "continuous", "range": [0, 1], "mechanism": "affine"}, "Node 'a': 'mechanism'"),
+        ({"name": "a", "type": "continuous", "range": [0, 1], "mechanism": {"kind": "spline"}}, "Node 'a'.*spline"),
+        ({"name": "a", "type": "continuous", "range": [0, 1], "classes": ["x", "y"]}, "only categorical nodes"),
+    ],
+)
+def test_a_bad_graph_file_names_the_node_and_the_field(node, message, tmp_path):
+    path = tmp_path / "graph.json"
+    path.write_text(json.dumps({"nodes": [node, {"name": "image", "type": "image", "parents": ["a"]}]}))
+    with pytest.raises(ValueError, match=message):
+        CausalGraph.load(str(path))
+
+
+def test_the_protocol_intervenes_on_every_parent_with_another_value_and_descendants_follow():
+    from diffscm.evaluation.protocol import intervention_values
+
+    graph = CausalGraph.morphomnist()
+    factual = {"thickness": np.array([1.0, 2.0, 3.0, 4.0]), "intensity": np.array([100.0, 150.0, 200.0, 250.0]),
+               "digit": np.array([0, 3, 7, 9])}  # fmt: skip
+    requests = intervention_values(graph, factual, seed=1)
+    assert set(requests) == {"thickness", "intensity", "digit"}
+    assert np.all(requests["digit"]["digit"] != factual["digit"])
+    moved = requests["thickness"]["thickness"]
+    assert sorted(moved) == sorted(factual["thickness"]) and np.all(moved != factual["thickness"])
+    assert not np.allclose(requests["thickness"]["intensity"], factual["intensity"]), "intensity follows"
+    assert np.array_equal(requests["intensity"]["thickness"], factual["thickness"]), "thickness is no descendant"

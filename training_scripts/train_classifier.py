@@ -159,9 +159,12 @@ def predictor_heads(graph: CausalGraph) -> dict[str, dict]:
     return heads
 
 
-def value_columns(graph: CausalGraph | None) -> dict[str, str]:
-    """{variable: data column} of the image's parents."""
-    return {"label": "label"} if graph is None else graph.data_columns
+def parent_values(graph: CausalGraph | None, dataset) -> dict:
+    """{variable: values} of the image's parents (the `label` column without a graph)."""
+    if graph is None:
+        return {"label": dataset["label"]}
+    values = training.node_values(graph, dataset)
+    return {name: values[name] for name in graph.image_parents}
 
 
 def load_schedule(args: argparse.Namespace) -> DDIMScheduler:
@@ -211,11 +214,11 @@ def heldout_metrics(predictor, dataloader, scheduler, device, num_levels: int = 
 
 def main(args: argparse.Namespace):
     accelerator = training.make_accelerator(args)
-    graph = CausalGraph.load(args.causal_graph) if args.causal_graph else None
     scheduler = load_schedule(args)
     split, split_record = training.load_split(args)
     check_same_split(args, split_record)
-    dataloader = training.make_dataloader(split["train"], args, value_columns=value_columns(graph))
+    graph, _ = training.load_graph(args, split)
+    dataloader = training.make_dataloader(split["train"], args, values=parent_values(graph, split["train"]))
     classifier = load_or_build_predictor(args, graph, split["train"])
     conditioned = isinstance(classifier, AntiCausalPredictor)  # its heads may take other parents' values
     classifier, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(
@@ -241,7 +244,8 @@ def main(args: argparse.Namespace):
     if accelerator.is_main_process:
         final = training.trained_model(accelerator, classifier, ema)
         final.save_pretrained(os.path.join(args.output_dir, "classifier"))
-        heldout = training.make_dataloader(split["heldout"], args, shuffle=False, value_columns=value_columns(graph))
+        heldout_values = parent_values(graph, split["heldout"])
+        heldout = training.make_dataloader(split["heldout"], args, shuffle=False, values=heldout_values)
         metrics = heldout_metrics(final, heldout, scheduler, accelerator.device)
         training.write_json(os.path.join(args.output_dir, "heldout_metrics.json"), metrics)
         for name, result in metrics.items():

@@ -198,9 +198,10 @@ def save_samples(model, scheduler, args, step: int, values: dict | None = None):
 def main(args: argparse.Namespace):
     accelerator = training.make_accelerator(args)
     split, split_record = training.load_split(args)
-    graph = CausalGraph.load(args.causal_graph) if args.causal_graph else None
-    columns = graph.data_columns if graph is not None else None
-    dataloader = training.make_dataloader(split["train"], args, value_columns=columns)
+    graph, mechanism_fit = training.load_graph(args, split)
+    values = training.node_values(graph, split["train"]) if graph is not None else {}
+    values = {name: values[name] for name in graph.image_parents} if graph is not None else None
+    dataloader = training.make_dataloader(split["train"], args, values=values)
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
         prediction_type=args.prediction_type,
@@ -210,8 +211,7 @@ def main(args: argparse.Namespace):
     )
     sample_values = None
     if graph is not None:  # the parents of the first training images, for the sample grids
-        rows = split["train"].select(range(min(args.eval_batch_size, len(split["train"]))))
-        sample_values = {name: torch.as_tensor(rows[column]) for name, column in columns.items()}
+        sample_values = {name: torch.as_tensor(value[: args.eval_batch_size]) for name, value in values.items()}
     if accelerator.is_main_process:
         # The scheduler goes first so that the anti-causal classifier can train on this schedule in parallel.
         DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False).save_pretrained(
@@ -250,6 +250,7 @@ def main(args: argparse.Namespace):
             model.unet.save_pretrained(os.path.join(args.output_dir, "unet"))
             model.parent_embedding.save_pretrained(os.path.join(args.output_dir, "parent_embedding"))
             training.write_json(os.path.join(args.output_dir, "causal_graph.json"), graph.to_config())
+            training.write_json(os.path.join(args.output_dir, "mechanism_fit.json"), mechanism_fit)
         seconds_per_step = training.record_run(
             args, SCRIPT, steps, seconds, num_processes=accelerator.num_processes, images_before=images_before
         )

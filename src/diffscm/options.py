@@ -7,15 +7,22 @@ import tempfile
 from pathlib import Path
 
 
-def parse_assignments(pairs: list[str] | None, flag: str) -> dict[str, float]:
-    """`["thickness=4", "digit=3"]` -> `{"thickness": 4.0, "digit": 3.0}`."""
+def parse_assignments(pairs: list[str] | None, flag: str, numbers_only: bool = False) -> dict[str, float | str]:
+    """`["thickness=4", "color=blue"]` -> `{"thickness": 4.0, "color": "blue"}` (a class name stays a name, for the
+    causal graph to map); a variable given twice is refused."""
     values = {}
     for pair in pairs or []:
-        name, _, text = pair.partition("=")
+        name, equals, text = pair.partition("=")
+        if not name or not equals or not text:
+            raise ValueError(f"{flag} takes NAME=VALUE pairs, got {pair!r}.")
+        if name in values:
+            raise ValueError(f"{flag} gives {name!r} twice ({name}={values[name]} and {pair}); give it once.")
         try:
             values[name] = float(text)
         except ValueError:
-            raise ValueError(f"{flag} takes NAME=NUMBER pairs, got {pair!r}.") from None
+            if numbers_only:
+                raise ValueError(f"{flag} takes NAME=NUMBER pairs, got {pair!r}.") from None
+            values[name] = text
     return values
 
 
@@ -28,7 +35,7 @@ def parse_scale(values: list[str] | None, flag: str = "--guidance-scale") -> flo
             return float(values[0])
         except ValueError:
             raise ValueError(f"{flag} takes a number or NAME=NUMBER pairs, got {values[0]!r}.") from None
-    return parse_assignments(values, flag)
+    return parse_assignments(values, flag, numbers_only=True)
 
 
 def add_pipeline_options(parser: argparse.ArgumentParser, model_help: str = "the shipped MNIST one"):

@@ -8,12 +8,12 @@ anti-causal predictors. A counterfactual is abduction (u of every node), action 
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 NODE_TYPES = ("categorical", "continuous", "image")
-MECHANISMS = ("identity", "affine", "logistic")
+MECHANISMS = ("identity", "affine", "logistic", "auto")
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,13 @@ class Mechanism:
     - `affine`: v = bias + sum_p weights[p] * p + scale * u.
     - `logistic`: v = low + (high - low) * sigmoid(bias + sum_p weights[p] * p + scale * u); Morpho-MNIST's intensity
       is `logistic` with low 64, high 255, weights {thickness: 2}, bias -5, scale 0.5.
+
+    A categorical parent enters one-hot, never as its class index: its weight is a list with one entry per class
+    (`weights={"digit": [0.05, 0.15, ...]}`), so no order of the classes is implied.
     """
 
     kind: str = "identity"
-    weights: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float | tuple[float, ...]] = field(default_factory=dict)
     bias: float = 0.0
     scale: float = 1.0
     low: float | None = None
@@ -41,9 +44,19 @@ class Mechanism:
             raise ValueError(f"A {self.kind} mechanism needs a noise scale > 0, got {self.scale}.")
         if self.kind == "logistic" and not (self.low is not None and self.high is not None and self.low < self.high):
             raise ValueError(f"A logistic mechanism needs low < high, got {self.low} and {self.high}.")
+        weights = {
+            name: tuple(map(float, w)) if isinstance(w, list | tuple) else w for name, w in self.weights.items()
+        }
+        object.__setattr__(self, "weights", weights)
 
     def _linear(self, parents: dict[str, np.ndarray]) -> np.ndarray:
-        return self.bias + sum(weight * np.asarray(parents[name], float) for name, weight in self.weights.items())
+        terms = [
+            np.asarray(weight)[np.asarray(parents[name], np.int64)]
+            if isinstance(weight, tuple)
+            else weight * np.asarray(parents[name], float)
+            for name, weight in self.weights.items()
+        ]
+        return self.bias + sum(terms)
 
     def __call__(self, parents: dict[str, np.ndarray], noise: np.ndarray) -> np.ndarray:
         """The node's value from its parents' values and its noise."""
@@ -75,22 +88,52 @@ class Mechanism:
         parents: dict[str, np.ndarray],
         low: float | None = None,
         high: float | None = None,
+        num_classes: dict[str, int] | None = None,
     ) -> "Mechanism":
         """Least-squares fit of an `affine` or `logistic` (given `low`, `high`) mechanism to observed data; the noise
-        scale is the residuals' standard deviation, so abducted noise is standard normal on the fitted data."""
+        scale is the residuals' standard deviation, so abducted noise is standard normal on the fitted data. The
+        parents named in `num_classes` ({parent: K}) are categorical and enter one-hot."""
         if kind not in ("affine", "logistic"):
             raise ValueError(f"Only affine and logistic mechanisms are fitted, not {kind!r}.")
-        value = np.asarray(value, float)
-        if kind == "logistic":
-            span = high - low
-            fraction = np.clip((value - low) / span, 1e-4, 1 - 1e-4)
-            value = np.log(fraction / (1 - fraction))
+        num_classes = num_classes or {}
+        target = cls._link(kind, np.asarray(value, float), low, high)
         names = sorted(parents)
-        design = np.column_stack([np.asarray(parents[name], float) for name in names] + [np.ones_like(value)])
-        coefficients, *_ = np.linalg.lstsq(design, value, rcond=None)
-        residual_std = float(np.std(value - design @ coefficients)) or 1.0
-        weights = {name: float(w) for name, w in zip(names, coefficients[:-1], strict=True)}
+        blocks = [
+            np.eye(num_classes[name])[np.asarray(parents[name], np.int64)]
+            if name in num_classes
+            else np.asarray(parents[name], float)[:, None]
+            for name in names
+        ]
+        design = np.concatenate(blocks + [np.ones((len(target), 1))], axis=1)
+        coefficients, *_ = np.linalg.lstsq(design, target, rcond=None)
+        residual_std = float(np.std(target - design @ coefficients)) or 1.0
+        weights, start = {}, 0
+        for name, block in zip(names, blocks, strict=True):
+            width = block.shape[1]
+            part = coefficients[start : start + width]
+            weights[name] = tuple(map(float, part)) if name in num_classes else float(part[0])
+            start += width
         return cls(kind, weights, float(coefficients[-1]), residual_std, low, high)
+
+    @staticmethod
+    def _link(kind: str, value: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
+        if kind != "logistic":
+            return value
+        fraction = np.clip((value - low) / (high - low), 1e-4, 1 - 1e-4)
+        return np.log(fraction / (1 - fraction))
+
+    def log_likelihood(self, parents: dict[str, np.ndarray], value: np.ndarray) -> float:
+        """Mean log density of observed values under the mechanism (standard normal noise, change of variables):
+        how the training scripts choose between mechanisms on held-out data."""
+        value = np.asarray(value, float)
+        if self.kind == "logistic":
+            value = np.clip(value, self.low + 1e-4 * (self.high - self.low), self.high - 1e-4 * (self.high - self.low))
+        noise = self.abduct(parents, value)
+        log_jacobian = -np.log(self.scale) * np.ones_like(value)
+        if self.kind == "logistic":
+            fraction = (value - self.low) / (self.high - self.low)
+            log_jacobian -= np.log(fraction * (1 - fraction) * (self.high - self.low))
+        return float(np.mean(-0.5 * noise**2 - 0.5 * np.log(2 * np.pi) + log_jacobian))
 
 
 @dataclass(frozen=True)
@@ -102,9 +145,13 @@ class Node:
         name: the node's name, used in interventions (`{"thickness": 4.0}`).
         type: `"categorical"` (values 0..num_classes-1), `"continuous"` (values in `range`) or `"image"`.
         parents: names of the node's direct causes.
-        num_classes: number of classes of a categorical node.
-        range: `(low, high)` of a continuous node; interventions outside it are refused.
-        mechanism: the invertible mechanism of a non-image node (default: identity, for root nodes).
+        num_classes: number of classes of a categorical node (default: the number of `classes`).
+        classes: the class names of a categorical node (`["red", "green", "blue"]`): the data's strings map through
+            them, and interventions, reports and file names use them.
+        range: `(low, high)` of a continuous node; interventions outside it are refused. A graph file may leave it
+            out: the training scripts then take it from the training data and record it.
+        mechanism: the invertible mechanism of a non-image node (default: identity, for root nodes; a graph file's
+            node with parents and no fitted mechanism is fitted from the training data).
         column: the data set column that holds the node's values (default: its name).
     """
 
@@ -112,9 +159,15 @@ class Node:
     type: str
     parents: tuple[str, ...] = ()
     num_classes: int | None = None
+    classes: tuple[str, ...] | None = None
     range: tuple[float, float] | None = None
     mechanism: Mechanism = field(default_factory=Mechanism)
     column: str | None = None
+
+    def __post_init__(self):
+        if self.classes is not None:
+            object.__setattr__(self, "classes", _class_names(self.name, self.classes, self.num_classes))
+            object.__setattr__(self, "num_classes", len(self.classes))
 
     @classmethod
     def from_dict(cls, spec: dict) -> "Node":
@@ -128,18 +181,83 @@ class Node:
             raise ValueError(
                 f'Node {spec.get("name", spec)!r} needs {" and ".join(missing)} (e.g. "type": "categorical").'
             )
-        if "range" in spec and spec["range"] is not None:
-            spec["range"] = tuple(float(v) for v in spec["range"])
-        return cls(**spec | {"parents": tuple(spec.get("parents", ())), "mechanism": Mechanism(**mechanism)})
+        name = spec["name"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f'A node\'s "name" is a non-empty string, got {name!r}.')
+        _check_field(name, "type", spec["type"], str, "a string")
+        _check_field(name, "parents", spec.get("parents", []), list | tuple, "a list of node names")
+        _check_field(name, "column", spec.get("column"), str | None, "a column name")
+        _check_field(name, "mechanism", mechanism, dict, 'a dict such as {"kind": "affine"}')
+        if spec.get("range") is not None:
+            spec["range"] = _finite_pair(name, spec["range"])
+        if spec.get("num_classes") is not None and (
+            isinstance(spec["num_classes"], bool) or not isinstance(spec["num_classes"], int)
+        ):
+            raise ValueError(f'Node {name!r}: "num_classes" is an integer, got {spec["num_classes"]!r}.')
+        try:
+            mechanism = Mechanism(**mechanism)
+        except TypeError as error:
+            raise ValueError(f'Node {name!r}: "mechanism" {mechanism}: {error}') from None
+        except ValueError as error:
+            raise ValueError(f'Node {name!r}: "mechanism": {error}') from None
+        return cls(**spec | {"parents": tuple(spec.get("parents", ())), "mechanism": mechanism})
 
     def to_dict(self) -> dict:
         spec = asdict(self) | {"parents": list(self.parents)}
         spec["range"] = list(self.range) if self.range is not None else None
+        spec["classes"] = list(self.classes) if self.classes is not None else None
+        spec["mechanism"] = {k: list(v) if isinstance(v, tuple) else v for k, v in spec["mechanism"].items()}
+        spec["mechanism"]["weights"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in self.mechanism.weights.items()
+        }
         return {k: v for k, v in spec.items() if v is not None}
 
     @property
     def data_column(self) -> str:
         return self.column or self.name
+
+    def encode(self, values) -> np.ndarray:
+        """A data column's values as numbers: class names map through `classes` (a `ClassLabel` column gives its
+        names), class indices and continuous values pass; anything else names the node and the value."""
+        array = np.asarray(values)
+        if self.type == "continuous":
+            if not np.issubdtype(array.dtype, np.number):
+                raise ValueError(f"Node {self.name!r} is continuous, but its column {self.data_column!r} holds "
+                                 f"{array[:3].tolist()}...")  # fmt: skip
+            return array.astype(np.float64)
+        if array.dtype.kind in "US" or array.dtype == object:
+            return np.array([self.class_index(value) for value in array.tolist()], dtype=np.int64)
+        if array.dtype == bool:
+            return array.astype(np.int64)  # False, True: classes 0 and 1
+        if array.size and (np.any(array != np.round(array)) or array.min() < 0 or array.max() >= self.num_classes):
+            raise ValueError(
+                f"Node {self.name!r} is categorical with {self.num_classes} classes, but its column "
+                f"{self.data_column!r} holds {sorted(set(array.tolist()))[:10]}: class indices "
+                f'0..{self.num_classes - 1} (or names listed in "classes") are needed.'
+            )
+        return array.astype(np.int64)
+
+    def class_index(self, value) -> int:
+        """A categorical value, given by index or by name, as its class index."""
+        if isinstance(value, str):
+            if self.classes is None:
+                if value.isdecimal():
+                    return int(value)
+                raise ValueError(
+                    f'Node {self.name!r} got the class name {value!r}, but the graph lists no "classes" for it: '
+                    f'add "classes": [...] to the node.'
+                )
+            if value not in self.classes:
+                raise ValueError(f"Node {self.name!r} has no class {value!r}; its classes are {list(self.classes)}.")
+            return self.classes.index(value)
+        return value
+
+    def value_name(self, value) -> str:
+        """How reports, file names and the web page write a value: a class name, an index, or a number."""
+        if self.type == "categorical":
+            index = int(value)
+            return self.classes[index] if self.classes is not None else str(index)
+        return f"{float(value):g}"
 
 
 class CausalGraph:
@@ -156,14 +274,14 @@ class CausalGraph:
     ```
     """
 
-    def __init__(self, nodes: list[Node | dict]):
+    def __init__(self, nodes: list[Node | dict], fitted: bool = True):
         self.nodes = {}
         for node in nodes:
             node = node if isinstance(node, Node) else Node.from_dict(node)
             if node.name in self.nodes:
                 raise ValueError(f"Node {node.name!r} appears twice in the causal graph.")
             self.nodes[node.name] = node
-        self._validate()
+        self._validate(fitted)
         self.order = self._topological_order()
 
     @classmethod
@@ -188,24 +306,98 @@ class CausalGraph:
     @classmethod
     def load(cls, spec: str) -> "CausalGraph":
         """A named preset (`"morphomnist"`, or `"digit"`: MNIST's label -> image) or a JSON file holding
-        `{"nodes": [...]}`."""
+        `{"nodes": [...]}`, whose continuous ranges and mechanisms may be left for `fit` to take from the data."""
         if spec == "morphomnist":
             return cls.morphomnist()
         if spec == "digit":
             return cls.single_parent("digit", 10, column="label")
         with open(spec, encoding="utf-8") as f:
-            return cls.from_config(json.load(f))
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{spec} is not JSON: {error}") from None
+        return cls.from_config(config, fitted=False)
 
     @classmethod
-    def from_config(cls, config: dict | list) -> "CausalGraph":
-        """From `{"nodes": [node dicts]}` (as saved in `model_index.json`) or the list of node dicts."""
+    def from_config(cls, config: dict | list, fitted: bool = True) -> "CausalGraph":
+        """From `{"nodes": [node dicts]}` (as saved in `model_index.json`) or the list of node dicts; with
+        `fitted=False` ranges and mechanisms may still be missing (see `fit`)."""
         if isinstance(config, dict):
             if set(config) != {"nodes"}:
                 raise ValueError(f"A causal graph config is {{'nodes': [...]}}, got keys {sorted(config)}.")
             config = config["nodes"]
         if not isinstance(config, list | tuple) or not all(isinstance(node, dict | Node) for node in config):
             raise ValueError("A causal graph config lists its nodes as dicts.")
-        return cls(list(config))
+        return cls(list(config), fitted=fitted)
+
+    @property
+    def fitted(self) -> bool:
+        """Every continuous node has a range and every node with parents a mechanism with weights."""
+        return all(node.range is not None for node in self.nodes.values() if node.type == "continuous") and all(
+            node.mechanism.weights for node in self.nodes.values() if node.parents and node.type != "image"
+        )
+
+    @property
+    def node_columns(self) -> dict[str, str]:
+        """{non-image node: the data set column that holds its values}."""
+        return {name: self.nodes[name].data_column for name in self.variables}
+
+    def encode(self, columns: dict[str, list | None]) -> dict[str, np.ndarray]:
+        """Each node's values from data set columns ({column: values}; None for a column not needed here), class
+        names mapped through `classes`."""
+        missing = [
+            f"{name} (column {column!r})" for name, column in self.node_columns.items() if column not in columns
+        ]
+        if missing:
+            raise ValueError(
+                f"The data has no column for {', '.join(missing)}; its columns are {sorted(columns)}. Rename the "
+                'column or give the node a "column".'
+            )
+        return {name: self.nodes[name].encode(columns[column]) for name, column in self.node_columns.items()}
+
+    def data_values(self, rows: list[dict]) -> dict[str, np.ndarray]:
+        """The values of the image's parents in data set rows, read from each node's column, class names encoded."""
+        columns = {name: self.nodes[name].data_column for name in self.image_parents}
+        return {name: self.nodes[name].encode([row[column] for row in rows]) for name, column in columns.items()}
+
+    def fit(self, train: dict[str, np.ndarray], heldout: dict[str, np.ndarray] | None = None):
+        """
+        The graph with what its file left out taken from encoded data ({node: values}): each continuous node's
+        missing range (the training values' min and max), and each mechanism of a node with parents: `affine` or
+        `logistic` as given, or with `"kind": "auto"` (the default) the one of higher held-out log-likelihood.
+
+        Returns the fitted graph and a report {node: {"kind", "heldout_log_likelihood", "heldout_mae"}}.
+        """
+        heldout = heldout if heldout is not None and len(next(iter(heldout.values()), [])) else train
+        nodes, report = dict(self.nodes), {}
+        for name in self.variables:
+            node = nodes[name]
+            if node.type == "continuous" and node.range is None:
+                node = replace(node, range=(float(np.min(train[name])), float(np.max(train[name]))))
+            if node.parents and not node.mechanism.weights:
+                node, report[name] = self._fit_mechanism(node, nodes, train, heldout)
+            nodes[name] = node
+        return CausalGraph(list(nodes.values())), report
+
+    def _fit_mechanism(self, node: Node, nodes: dict, train: dict, heldout: dict):
+        categorical = {p: nodes[p].num_classes for p in node.parents if nodes[p].type == "categorical"}
+        kinds = ("affine", "logistic") if node.mechanism.kind == "auto" else (node.mechanism.kind,)
+        low, high = node.range
+        scored = []
+        for kind in kinds:
+            mechanism = Mechanism.fit(
+                kind, train[node.name], {p: train[p] for p in node.parents}, low, high, categorical
+            )
+            parents = {p: heldout[p] for p in node.parents}
+            predicted = mechanism(parents, np.zeros(len(heldout[node.name])))
+            record = {
+                "kind": kind,
+                "heldout_log_likelihood": mechanism.log_likelihood(parents, heldout[node.name]),
+                "heldout_mae": float(np.mean(np.abs(predicted - heldout[node.name]))),
+            }
+            scored.append((record["heldout_log_likelihood"], mechanism, record))
+        _, mechanism, record = max(scored, key=lambda item: item[0])
+        return replace(node, mechanism=mechanism), record
 
     def to_config(self) -> dict:
         return {"nodes": [node.to_dict() for node in self.nodes.values()]}
@@ -244,10 +436,6 @@ class CausalGraph:
                 specs[name] = {"type": "continuous", "range": list(node.range)}
         return specs
 
-    def data_values(self, rows: list[dict]) -> dict[str, np.ndarray]:
-        """The values of the image's parents in data set rows, read from each node's column."""
-        return {name: np.array([row[self.nodes[name].data_column] for row in rows]) for name in self.image_parents}
-
     def descendants(self, name: str) -> set[str]:
         found = {child for child, node in self.nodes.items() if name in node.parents}
         for child in list(found):
@@ -259,6 +447,9 @@ class CausalGraph:
         if name not in self.nodes or self.nodes[name].type == "image":
             raise ValueError(f"Unknown variable {name!r}; this causal graph's variables are {self.variables}.")
         node = self.nodes[name]
+        if node.type == "categorical" and _holds_strings(value):
+            many = isinstance(value, list | tuple | np.ndarray)
+            value = [node.class_index(v) for v in value] if many else node.class_index(value)
         array = np.asarray(value)
         if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
             raise TypeError(f"{name!r} takes numbers, got {value!r}.")
@@ -270,8 +461,9 @@ class CausalGraph:
             raise ValueError(f"{name!r} must be finite, got {value!r}.")
         if node.type == "categorical":
             if not np.all(array == np.round(array)) or np.any(array < 0) or np.any(array >= node.num_classes):
+                names = f" or its class names {list(node.classes)}" if node.classes else ""
                 raise ValueError(
-                    f"{name!r} is categorical: class indices in [0, {node.num_classes - 1}], got {value!r}."
+                    f"{name!r} is categorical: class indices in [0, {node.num_classes - 1}]{names}, got {value!r}."
                 )
             return array.astype(np.int64)
         low, high = node.range
@@ -301,6 +493,8 @@ class CausalGraph:
                         f"do({', '.join(intervention)}) changes: give them."
                     )
                 value = node.mechanism(values, node.mechanism.abduct(factual, factual[name]))
+                if node.type == "continuous":  # an affine mechanism may leave the range the data (and model) span
+                    value = np.clip(value, *node.range)
             elif name in factual:
                 value = factual[name]
             else:
@@ -309,7 +503,7 @@ class CausalGraph:
         size = max(np.size(v) for v in values.values())
         return {name: np.broadcast_to(v, (size,)).copy() for name, v in values.items()}
 
-    def _validate(self):
+    def _validate(self, fitted: bool = True):
         images = [node.name for node in self.nodes.values() if node.type == "image"]
         if len(images) != 1:
             raise ValueError(f"A causal graph needs exactly one image node, got {images}.")
@@ -322,14 +516,18 @@ class CausalGraph:
                 if self.nodes[parent].type == "image":
                     raise ValueError(f"The image cannot cause {node.name!r}: the image node must be a sink.")
             if node.type == "categorical" and (node.num_classes is None or node.num_classes < 2):
-                raise ValueError(f"Categorical node {node.name!r} needs num_classes >= 2.")
-            if node.type == "continuous" and (node.range is None or not node.range[0] < node.range[1]):
+                raise ValueError(f'Categorical node {node.name!r} needs "num_classes" >= 2 or "classes".')
+            if node.type != "categorical" and node.classes is not None:
+                raise ValueError(f'Node {node.name!r} is {node.type}: only categorical nodes have "classes".')
+            if node.type == "continuous" and node.range is None and fitted:
                 raise ValueError(f"Continuous node {node.name!r} needs a range (low, high) with low < high.")
-            self._validate_mechanism(node)
+            if node.type == "continuous" and node.range is not None and not node.range[0] < node.range[1]:
+                raise ValueError(f"Continuous node {node.name!r} needs a range (low, high) with low < high.")
+            self._validate_mechanism(node, fitted)
         if not self.image.parents:
             raise ValueError("The image node needs at least one parent to intervene on.")
 
-    def _validate_mechanism(self, node: Node):
+    def _validate_mechanism(self, node: Node, fitted: bool):
         mechanism = node.mechanism
         if node.type == "image" or not node.parents:
             if mechanism.kind != "identity" and node.type == "image":
@@ -339,16 +537,31 @@ class CausalGraph:
             return
         if node.type == "categorical":
             raise ValueError(f"Categorical node {node.name!r} with parents has no invertible mechanism here.")
-        if mechanism.kind == "identity":
+        if not fitted and not mechanism.weights:
+            if mechanism.kind == "identity":
+                object.__setattr__(node, "mechanism", Mechanism("auto"))  # fitted from the data
+            return
+        if mechanism.kind in ("identity", "auto"):
             raise ValueError(
                 f"Node {node.name!r} has parents {list(node.parents)}: give it an affine or logistic "
-                "mechanism (or fit one with Mechanism.fit)."
+                "mechanism (or fit one with Mechanism.fit, or leave it to the training scripts in a graph file)."
             )
         if set(mechanism.weights) != set(node.parents):
             raise ValueError(
                 f"The mechanism of {node.name!r} weighs {sorted(mechanism.weights)}, but its parents are "
                 f"{sorted(node.parents)}."
             )
+        for parent, weight in mechanism.weights.items():
+            classes = self.nodes[parent].num_classes if self.nodes[parent].type == "categorical" else None
+            if classes is not None and (not isinstance(weight, tuple) or len(weight) != classes):
+                raise ValueError(
+                    f"The mechanism of {node.name!r}: categorical parent {parent!r} enters one-hot, so its weight is "
+                    f"a list of {classes} numbers, got {weight!r}."
+                )
+            if classes is None and not isinstance(weight, int | float):
+                raise ValueError(
+                    f"The mechanism of {node.name!r}: the weight of {parent!r} is a number, got {weight!r}."
+                )
 
     def _topological_order(self) -> list[str]:
         order, visiting = [], set()
@@ -370,3 +583,36 @@ class CausalGraph:
 
     def __repr__(self) -> str:
         return f"CausalGraph({', '.join(self.edges)})"
+
+
+def _check_field(node: str, name: str, value, kind, description: str):
+    if not isinstance(value, kind):
+        raise ValueError(f"Node {node!r}: {name!r} must be {description}, got {value!r}.")
+
+
+def _finite_pair(node: str, value) -> tuple[float, float]:
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f'Node {node!r}: "range" is [low, high], two numbers, got {value!r}.')
+    if not all(math.isfinite(v) for v in value):
+        raise ValueError(f'Node {node!r}: "range" must be finite, got {list(value)}.')
+    return float(value[0]), float(value[1])
+
+
+def _class_names(node: str, classes, num_classes) -> tuple[str, ...]:
+    if not isinstance(classes, list | tuple) or not all(isinstance(c, str) and c for c in classes):
+        raise ValueError(f'Node {node!r}: "classes" is a list of class names (strings), got {classes!r}.')
+    if len(set(classes)) != len(classes):
+        raise ValueError(f'Node {node!r}: "classes" lists a name twice: {list(classes)}.')
+    if num_classes is not None and num_classes != len(classes):
+        raise ValueError(f'Node {node!r}: "num_classes" {num_classes} differs from its {len(classes)} "classes".')
+    return tuple(classes)
+
+
+def _holds_strings(value) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "US"
+    return isinstance(value, str) or (isinstance(value, list | tuple) and any(isinstance(v, str) for v in value))

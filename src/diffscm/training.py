@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import BUNDLED_MNIST, images_to_tensor, load_image_dataset, split_dataset
+from .scm import CausalGraph
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     data.add_argument("--cache_dir", default=None)
     data.add_argument("--resolution", type=int, default=28, help="Smaller images are zero-padded, larger resized.")
     data.add_argument("--num_channels", type=int, default=1, choices=(1, 3))
-    data.add_argument("--holdout_size", type=float, default=500, help="Held-out images (count, or fraction < 1).")
+    data.add_argument(
+        "--holdout_size",
+        type=float,
+        default=None,
+        help="Held-out images: a count, a fraction < 1, or 0 for none (default: 10%% of the data, at most 500).",
+    )
     data.add_argument("--split_seed", type=int, default=0, help="Seed of the recorded train/held-out split.")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
@@ -178,7 +185,7 @@ def load_split(args: argparse.Namespace):
         args.dataset, args.dataset_name, args.train_data_dir, args.image_column, args.label_column, args.cache_dir,
         args.split,
     )  # fmt: skip
-    holdout = int(args.holdout_size) if args.holdout_size >= 1 else args.holdout_size
+    holdout = int(args.holdout_size) if args.holdout_size is not None and args.holdout_size >= 1 else args.holdout_size
     split = split_dataset(ds, holdout, seed=args.split_seed)
     source = args.dataset_name or args.train_data_dir or args.dataset or BUNDLED_MNIST
     record = {
@@ -225,17 +232,15 @@ def _whole_batch(batch: dict) -> dict:
 
 
 def make_dataloader(
-    dataset, args: argparse.Namespace, shuffle: bool = True, value_columns: dict[str, str] | None = None
+    dataset, args: argparse.Namespace, shuffle: bool = True, values: dict[str, np.ndarray] | None = None
 ) -> DataLoader:
-    """Batches of `pixel_values` in [-1, 1] and `labels`, decoded once into memory; with `value_columns` ({variable:
-    column}) also each variable's values under `value/{variable}` (see `batch_values`)."""
-    missing = set((value_columns or {}).values()) - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"the data has no column {sorted(missing)} (its columns: {dataset.column_names}).")
-    columns = {
-        "pixel_values": images_to_tensor(dataset["image"], args.num_channels, args.resolution),
-        "labels": torch.as_tensor(dataset["label"]),
-    } | {f"value/{name}": torch.as_tensor(dataset[column]) for name, column in (value_columns or {}).items()}
+    """Batches of `pixel_values` in [-1, 1] (and `labels`, where the data has integer labels), decoded once into
+    memory; with `values` ({variable: one value per image}, e.g. from `node_values`) also each variable's values
+    under `value/{variable}` (see `batch_values`)."""
+    columns = {"pixel_values": images_to_tensor(dataset["image"], args.num_channels, args.resolution)}
+    if "label" in dataset.column_names and np.asarray(dataset["label"]).dtype.kind in "iu":
+        columns["labels"] = torch.as_tensor(dataset["label"])
+    columns |= {f"value/{name}": torch.as_tensor(value) for name, value in (values or {}).items()}
     return DataLoader(
         TensorBatches(columns),
         batch_size=args.train_batch_size,
@@ -249,8 +254,23 @@ def make_dataloader(
     )
 
 
+def node_values(graph: CausalGraph, dataset) -> dict[str, np.ndarray]:
+    """Every non-image node's values in a data set, read from its column, class names encoded."""
+    needed = set(graph.node_columns.values())
+    return graph.encode({column: dataset[column] if column in needed else None for column in dataset.column_names})
+
+
+def load_graph(args: argparse.Namespace, split) -> tuple[CausalGraph | None, dict]:
+    """--causal_graph with what its file left out (ranges, mechanisms) fitted on the training split; the report
+    holds each fitted mechanism's held-out fit."""
+    if not args.causal_graph:
+        return None, {}
+    graph = CausalGraph.load(args.causal_graph)
+    return graph.fit(node_values(graph, split["train"]), node_values(graph, split["heldout"]))
+
+
 def batch_values(batch: dict) -> dict[str, torch.Tensor]:
-    """The variables' values of a batch from `make_dataloader(..., value_columns=...)`, keyed by variable."""
+    """The variables' values of a batch from `make_dataloader(..., values=...)`, keyed by variable."""
     return {key.removeprefix("value/"): value for key, value in batch.items() if key.startswith("value/")}
 
 

@@ -19,7 +19,13 @@ def add_commands(commands):
     parser.add_argument("images", nargs="*", help="PNG/JPEG files (RGB is converted, other sizes resized).")
     data = parser.add_argument_group("a whole data set instead of files (written as an imagefolder, resumable)")
     data.add_argument("--data-dir", default=None, help="An imagefolder tree or a Morpho-MNIST folder.")
-    data.add_argument("--dataset", default=None, help="A Hub data set id (image and label columns), or mnist-bundled.")
+    data.add_argument(
+        "--dataset",
+        default=None,
+        help="A data set that `datasets` reads (a Hub id; a local imagefolder with metadata.csv, parquet or arrow "
+        "files), whose columns are named by the causal graph's nodes; or mnist-bundled.",
+    )
+    data.add_argument("--image-column", default="image", help="The data set's image column.")
     data.add_argument("--split", default=None, help="Its split (Hub: default train; Morpho-MNIST: train / test).")
     data.add_argument("--num-images", type=int, default=None, help="Only the first N rows.")
     data.add_argument("--shard-size", type=int, default=256, help="Rows per shard (the unit of work and of resume).")
@@ -49,20 +55,23 @@ def counterfactual(args: argparse.Namespace):
     request = {"factual_values": parse_assignments(args.factual, "--factual")}
     if args.target is not None:
         parent = pipe.causal_graph.nodes[pipe.single_categorical_parent()]
-        request["target"] = parse_target(args.target, parent.num_classes)
+        request["target"] = parse_target(args.target, parent)
     else:
         request["intervention"] = parse_assignments(args.intervention, "--intervention")
     out = pipe(images, **request, return_reconstruction=args.reconstruction, **pipeline_options(args))
     names, per_image = unique_stems(args.images), len(out.images) // len(images)
     if out.predicted_factuals:
         print(f"Factual {', '.join(out.predicted_factuals)} predicted from the image(s) (not given).")
-    suffix = "_".join(f"{k}{v}" for k, v in sorted(request.get("intervention", {}).items()))
+    graph = pipe.causal_graph
+    intervention = {k: graph.check_value(k, v) for k, v in request.get("intervention", {}).items()}
+    suffix = "_".join(f"{k}{graph.nodes[k].value_name(v)}" for k, v in sorted(intervention.items()))
     for i, image in enumerate(out.images):
-        name = f"do{out.targets[i]}" if out.targets is not None else f"do_{suffix}"
+        target = out.targets is not None and _show(graph, pipe.single_categorical_parent(), out.targets[i])
+        name = f"do{target}" if target else f"do_{suffix}"
         path = Path(args.out) / f"{names[i // per_image]}_{name}.png"
         image.save(path)
-        values = ", ".join(f"{k}={_show(v[i])}" for k, v in out.counterfactual_values.items())
-        estimates = ", ".join(f"{k}={_show(v[i])}" for k, v in out.predicted_values.items())
+        values = ", ".join(f"{k}={_show(graph, k, v[i])}" for k, v in out.counterfactual_values.items())
+        estimates = ", ".join(f"{k}={_show(graph, k, v[i])}" for k, v in out.predicted_values.items())
         print(f"{path}  counterfactual {values}; predictor reads {estimates}")
     for stem, image in zip(names, out.reconstructions or [], strict=False):
         image.save(Path(args.out) / f"{stem}_null.png")
@@ -79,6 +88,7 @@ def dataset_counterfactuals(args: argparse.Namespace):
         dataset=args.dataset if args.dataset == BUNDLED_MNIST else None,
         dataset_name=args.dataset if args.dataset not in (None, BUNDLED_MNIST) else None,
         train_data_dir=args.data_dir,
+        image_column=args.image_column,
         split=args.split,
     )
     if args.num_images is not None:
@@ -92,10 +102,11 @@ def dataset_counterfactuals(args: argparse.Namespace):
         request = (
             {"random": parent, "seed": args.seed}
             if args.target == "random"
-            else {"intervention": {parent: parse_target(args.target, pipe.causal_graph.nodes[parent].num_classes)}}
+            else {"intervention": {parent: parse_target(args.target, pipe.causal_graph.nodes[parent])}}
         )
     else:
-        request = {"intervention": parse_assignments(args.intervention, "--intervention")}
+        assigned = parse_assignments(args.intervention, "--intervention")
+        request = {"intervention": {k: pipe.causal_graph.check_value(k, v).item() for k, v in assigned.items()}}
     written, process = write_counterfactuals(pipe, dataset, request, args.out, args.shard_size, pipeline_options(args))
     print(f"Process {process} wrote {written} shard(s) to {args.out}; load them all with "
           f"datasets.load_dataset('imagefolder', data_dir={args.out!r}).")  # fmt: skip
@@ -125,13 +136,20 @@ def read_image(path: str) -> PIL.Image.Image:
         raise ValueError(f"Cannot read {path} as an image: {error}") from error
 
 
-def parse_target(text: str, num_classes: int):
+def parse_target(text: str, node):
+    """--target: a class index or name of the categorical parent `node`, or 'all'."""
     if text == "all":
         return "all"
-    if not text.isdigit() or int(text) >= num_classes:
-        raise ValueError(f"--target must be a class in 0..{num_classes - 1} or 'all', got {text!r}.")
+    if node.classes and text in node.classes:
+        return node.classes.index(text)
+    names = f" or one of {list(node.classes)}" if node.classes else ""
+    if not text.isdigit() or int(text) >= node.num_classes:
+        raise ValueError(f"--target must be a class in 0..{node.num_classes - 1}{names} or 'all', got {text!r}.")
     return int(text)
 
 
-def _show(value) -> str:
+def _show(graph, name: str, value) -> str:
+    """A value as the reports write it: a class name, or a number to two decimals."""
+    if name in graph.nodes and graph.nodes[name].type == "categorical":
+        return graph.nodes[name].value_name(value)
     return f"{value:.2f}" if isinstance(value, float | np.floating) else str(value)

@@ -33,6 +33,13 @@ def add_commands(commands):
         "repository's Morpho-MNIST).",
     )  # fmt: skip
     parser.add_argument(
+        "--dataset",
+        default=None,
+        help="Your own data set (a Hub id, a local imagefolder with metadata.csv, parquet) that the model held out "
+        "images of: do() on every variable of its graph.",
+    )
+    parser.add_argument("--image-column", default="image", help="The --dataset's image column.")
+    parser.add_argument(
         "--classifier", default=None, help="Explain this transformers image classifier folder: each column is what "
         "would make it say that digit (e.g. checkpoints/mnist-vit-classifier).",
     )  # fmt: skip
@@ -52,7 +59,7 @@ def demo(args: argparse.Namespace):
     device, dtype = device_and_dtype(args)
     pipe = hub.load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
-    if len(pipe.causal_graph.image_parents) > 1:
+    if len(pipe.causal_graph.image_parents) > 1 or args.dataset:
         return scm_demo(pipe, args)
     oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint(DEFAULT_ORACLE)).eval().to(device)
     rows = heldout_rows(pipe.config._name_or_path, load_bundled_mnist(), 500, source=BUNDLED_MNIST)
@@ -100,12 +107,15 @@ def scm_demo(pipe, args: argparse.Namespace):
     of continuous ones, the next class of categorical ones), one abduction per digit; a PNG grid and a table of what
     was asked and, for Morpho-MNIST variables, what the morphometrics measure."""
     graph = pipe.causal_graph
-    data_dir = args.data_dir or shipped_data("morphomnist")
-    rows = heldout_rows(pipe.config._name_or_path, load_image_dataset(train_data_dir=data_dir), args.num_digits or 8)
-    factual = graph.data_values(rows)
+    if args.dataset:
+        dataset = load_image_dataset(dataset_name=args.dataset, image_column=args.image_column)
+    else:
+        dataset = load_image_dataset(train_data_dir=args.data_dir or shipped_data("morphomnist"))
+    rows = heldout_rows(pipe.config._name_or_path, dataset, args.num_digits or 8)
+    factual = graph.encode({column: [row[column] for row in rows] for column in graph.node_columns.values()})
     options = pipeline_options(args)
     scale = options.pop("guidance_scale")
-    abduction = pipe.abduct([row["image"] for row in rows], factual, **options)
+    abduction = pipe.abduct([row["image"] for row in rows], {p: factual[p] for p in graph.image_parents}, **options)
     columns = [(pipe.preprocess([row["image"] for row in rows]) + 1) / 2, pipe.intervene(abduction)]
     headers, asked = ["x", "null"], [factual, factual]
     for name in graph.variables:
@@ -130,7 +140,9 @@ def scm_demo(pipe, args: argparse.Namespace):
     lines = ["| column | asked (mean over digits; classes listed) |" + extra[0], "|---|---|" + extra[1]]
     for header, column, values in zip(headers, columns, asked, strict=True):
         text = ", ".join(
-            f"{k} {' '.join(map(str, v))}" if v.dtype.kind in "iu" else f"{k} {np.mean(v):.3g}"
+            f"{k} {' '.join(graph.nodes[k].value_name(x) for x in v)}"
+            if v.dtype.kind in "iu"
+            else f"{k} {np.mean(v):.3g}"
             for k, v in values.items()
         )
         measured = morphometrics.measure(column) if measurable else {}

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from .. import hub
+from ..colour_mnist import measured_hue_error, true_recolouring
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
-from ..evaluation import DigitOracle, DigitVAE, metrics, mnist, morphomnist
+from ..evaluation import DigitOracle, DigitVAE, GraphJudges, metrics, mnist, morphomnist, protocol
 from ..evaluation.benchmark_judges import BenchmarkJudges
 from ..evaluation.plots import plot_abduction_curve, plot_guidance_sweep
 from ..options import add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
@@ -39,6 +40,14 @@ def add_commands(commands):
         help="Evaluate on a random sample of another labelled folder (imagefolder or Morpho-MNIST) instead of the "
         "pipeline's held-out split of the bundled digits.",
     )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="Your own data set (as `datasets` reads it: a Hub id, a local imagefolder with metadata.csv, parquet): "
+        "the model's held-out images of it, scored for any causal graph by --judges (train_judges.py).",
+    )
+    parser.add_argument("--image-column", default="image", help="The --dataset's image column.")
+    parser.add_argument("--judges", default=None, help="With --dataset: the judges' folder from train_judges.py.")
     parser.add_argument("--guidance-scales", type=float, nargs="*", default=[], help="Scales of the sweep.")
     parser.add_argument(
         "--sweep-samples", type=int, default=None, help="Images for the sweep and reversibility (default 100, at "
@@ -180,6 +189,8 @@ def scaled_to_the_request(args: argparse.Namespace):
 
 
 def evaluate(args: argparse.Namespace):
+    if args.dataset or args.judges:
+        return evaluate_graph(args)
     scaled_to_the_request(args)
     for name in ("num_samples", "sweep_samples", "composition_samples"):
         if getattr(args, name) < 2:
@@ -226,6 +237,52 @@ def evaluate(args: argparse.Namespace):
         os.makedirs(args.out, exist_ok=True)
         plot_abduction_curve(result["abduction_curve"], Path(args.out) / "abduction_curve.png")
     write_report(args, "evaluate", result, metrics.summary_table(result))
+
+
+def evaluate_graph(args: argparse.Namespace):
+    """Any causal graph on the model's held-out images of --dataset, judged by --judges (`evaluation.protocol`)."""
+    if not (args.dataset and args.judges):
+        raise ValueError(
+            "Evaluating your own data set needs both --dataset and --judges (train them with "
+            "training_scripts/train_judges.py on the same data, --holdout_size and --split_seed as the model)."
+        )
+    cycles = CURVE_CYCLES if args.composition_cycles is None else args.composition_cycles
+    composition_samples = min(args.composition_samples or 50, args.num_samples)
+    if args.num_samples < 2 or cycles < 1 or composition_samples < 1:
+        raise ValueError("--num-samples must be >= 2, --composition-cycles and --composition-samples >= 1.")
+    if not os.path.isdir(args.judges):
+        raise FileNotFoundError(f"--judges {args.judges!r} is not a folder (train_judges.py --export_dir).")
+    check_output_dir(args.out)
+    device, dtype = device_and_dtype(args)
+    pipe = hub.load_pipeline(args.model, device, dtype)
+    pipe.set_progress_bar_config(leave=False, disable=args.quiet)
+    judges = GraphJudges.from_pretrained(args.judges).eval().to(device)
+    if set(judges.config.parents) != set(pipe.causal_graph.image_parents):
+        raise ValueError(
+            f"The judges {args.judges} read {sorted(judges.config.parents)}, but the model's image has the parents "
+            f"{sorted(pipe.causal_graph.image_parents)}: train judges for this graph."
+        )
+    dataset = load_image_dataset(dataset_name=args.dataset, image_column=args.image_column)
+    rows = heldout_rows(pipe.config._name_or_path, dataset, args.num_samples)
+    graph = pipe.causal_graph
+    factual = graph.encode({column: [row[column] for row in rows] for column in graph.node_columns.values()})
+    images = (pipe.preprocess([row["image"] for row in rows]) + 1) / 2
+    options = pipeline_options(args)
+    colour = (Path(args.dataset) / "colour_mnist.json").is_file()  # written by make_colour_mnist.py
+    exact = {"ground_truth": {"hue": true_recolouring}, "measures": {"hue_measured_error": measured_hue_error}}
+    result = protocol.evaluate(
+        pipe, judges, images, factual, args.seed, cycles, composition_samples, **(exact if colour else {}), **options
+    )
+    judges_record = Path(args.judges) / "judges.json"
+    result |= {
+        "model": str(pipe.config._name_or_path),
+        "data": args.dataset,
+        "judges": args.judges,
+        "num_images": len(rows),
+        "settings": {k: v for k, v in options.items() if v is not None},
+        "judges_heldout": json.loads(judges_record.read_text())["heldout"] if judges_record.is_file() else None,
+    }
+    write_report(args, "evaluate", result, protocol.report(result))
 
 
 def write_report(args: argparse.Namespace, command: str, result: dict, report: str):

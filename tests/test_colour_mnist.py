@@ -1,0 +1,59 @@
+"""Colour-MNIST: the colouring, its exact do(hue) ground truth and the shipped imagefolder."""
+
+import csv
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+
+from diffscm.colour_mnist import CLASS_NAMES, colour, hue_distance, make_colour_mnist, measure_hue, recolour
+from diffscm.data import load_bundled_mnist, load_image_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_bundled_mnist().select(range(0, 5000, 250))
+
+
+def test_recolouring_is_the_exact_counterfactual_of_do_hue(digits):
+    for row in digits:
+        grey = np.asarray(row["image"])
+        assert np.abs(recolour(colour(grey, 0.3), 0.8).astype(int) - colour(grey, 0.8).astype(int)).max() <= 1
+        assert np.array_equal(colour(grey, 0.55).max(axis=-1), grey), "the stroke's value is the grey digit"
+
+
+@pytest.mark.parametrize("hue", [0.05, 0.33, 0.62, 0.9])
+def test_the_measured_hue_is_the_drawn_one(digits, hue):
+    measured = [measure_hue(colour(np.asarray(row["image"]), hue)) for row in digits]
+    assert np.max(hue_distance(measured, hue)) < 0.01
+
+
+def test_hue_distance_goes_round_the_colour_wheel():
+    assert hue_distance(0.02, 0.98) == pytest.approx(0.04)
+    assert hue_distance(0.2, 0.5) == pytest.approx(0.3)
+
+
+def test_each_digit_draws_its_hue_from_its_own_band(digits):
+    coloured = make_colour_mnist(digits, seed=0)
+    hues, names = np.asarray(coloured["hue"]), coloured["digit"]
+    means = np.array([CLASS_NAMES.index(name) for name in names]) / 10 + 0.05
+    assert np.all((hues >= 0) & (hues <= 1)) and np.abs(hues - means).max() < 0.25
+    measured = [measure_hue(np.asarray(image)) for image in coloured["image"]]
+    assert np.nanmax(hue_distance(measured, hues)) < 0.02
+
+
+def test_the_shipped_imagefolder_reads_as_a_standard_one_with_class_names():
+    folder = ROOT / "data" / "colour-mnist"
+    ds = load_image_dataset(dataset_name=str(folder))
+    assert len(ds) == 5000 and set(ds.column_names) == {"image", "digit", "hue"}
+    assert isinstance(ds.features["image"], datasets.Image) and set(ds["digit"]) == set(CLASS_NAMES)
+    first = next(csv.DictReader(open(folder / "metadata.csv")))
+    image = PIL.Image.open(folder / first["file_name"])
+    assert image.mode == "RGB" and image.size == (28, 28)
+    assert hue_distance(measure_hue(np.asarray(image)), float(first["hue"])) < 0.02
+    bundled = make_colour_mnist(load_bundled_mnist().select(range(3)), seed=0)
+    assert np.array_equal(np.asarray(bundled[0]["image"]), np.asarray(image)), "made by the documented command"

@@ -1,0 +1,310 @@
+"""Your own images, attributes and causal graph, end to end at tiny size: a standard imagefolder with `metadata.csv`
+and string classes, a graph file that leaves ranges and mechanisms to the data, both training scripts, and the
+pipeline in Python and on the command line."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import pytest
+from conftest import ROOT, launch
+
+from diffscm import CausalGraph, DiffSCMPipeline
+
+pytestmark = pytest.mark.slow  # starts both training scripts
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+TINY = ["--resolution", "32", "--num_channels", "3", "--block_out_channels", "8", "16", "--report_to", "none"]
+SHAPES_GRAPH = {
+    "nodes": [
+        {"name": "color", "type": "categorical", "classes": ["red", "green", "blue"]},
+        {"name": "size", "type": "continuous", "parents": ["color"]},
+        {"name": "image", "type": "image", "parents": ["color", "size"]},
+    ]
+}
+
+
+def write_shapes(folder: Path, count: int = 300, seed: int = 0):
+    """`count` RGB 32x32 squares and discs as a standard imagefolder: `metadata.csv` with file_name, color (a class
+    name), size (pixels, larger for blue) and shape."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    with open(folder / "metadata.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "color", "size", "shape"])
+        for i in range(count):
+            color, shape = rng.choice(list(COLOURS)), rng.choice(["square", "disc"])
+            size = float(np.clip(6 + 3 * list(COLOURS).index(color) + rng.normal(0, 1.5), 3, 15))
+            image = PIL.Image.new("RGB", (32, 32))
+            box = (16 - size, 16 - size, 16 + size, 16 + size)
+            draw = PIL.ImageDraw.Draw(image)
+            (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLOURS[color])
+            image.save(folder / f"{i:04d}.png")
+            writer.writerow([f"{i:04d}.png", color, round(size, 3), shape])
+
+
+@pytest.fixture(scope="module")
+def shapes_pipeline(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("own-data")
+    write_shapes(root / "shapes")
+    (root / "graph.json").write_text(json.dumps(SHAPES_GRAPH))
+    data = ["--dataset_name", str(root / "shapes"), "--causal_graph", str(root / "graph.json"), *TINY]
+    launch(
+        "train_unet.py",
+        *data,
+        "--output_dir",
+        str(root / "unet"),
+        "--max_train_steps",
+        "2",
+        "--save_images_steps",
+        "2",
+        "--eval_batch_size",
+        "4",
+    )
+    launch(
+        "train_classifier.py",
+        *data,
+        "--unet_model_name_or_path",
+        str(root / "unet"),
+        "--output_dir",
+        str(root / "classifier"),
+        "--pipeline_output_dir",
+        str(root / "pipeline"),
+        "--max_train_steps",
+        "2",
+        "--num_inference_steps",
+        "2",
+    )
+    return root / "pipeline", root / "shapes"
+
+
+def test_the_graph_takes_its_range_and_mechanism_from_the_data(shapes_pipeline):
+    pipe = DiffSCMPipeline.from_pretrained(shapes_pipeline[0])
+    size = pipe.causal_graph.nodes["size"]
+    sizes = [float(row["size"]) for row in csv.DictReader(open(shapes_pipeline[1] / "metadata.csv"))]
+    assert min(sizes) <= size.range[0] < size.range[1] <= max(sizes)
+    weights = size.mechanism.weights["color"]
+    assert len(weights) == 3, "the categorical parent enters one-hot"
+    assert weights[0] < weights[1] < weights[2], "blue shapes are drawn larger than green, green than red"
+    record = json.loads((shapes_pipeline[0].parent / "unet" / "mechanism_fit.json").read_text())
+    assert record["size"]["kind"] in ("affine", "logistic") and record["size"]["heldout_mae"] < 2.0
+
+
+def test_an_intervention_by_class_name_in_python_and_on_the_command_line(shapes_pipeline, tmp_path):
+    folder, shapes = shapes_pipeline
+    pipe = DiffSCMPipeline.from_pretrained(folder)
+    image = PIL.Image.open(shapes / "0000.png")
+    out = pipe(
+        [image, image], intervention={"color": "blue"}, factual_values={"color": ["red", "red"]}, output_type="np"
+    )
+    assert out.images.shape == (2, 32, 32, 3)
+    assert out.counterfactual_values["color"].tolist() == [2, 2]
+    assert np.all(out.counterfactual_values["size"] > 9), "size follows color through the fitted mechanism"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffscm.cli",
+            "counterfactual",
+            str(shapes / "0000.png"),
+            "--model",
+            str(folder),
+            "--intervention",
+            "color=blue",
+            "--out",
+            str(tmp_path / "cf"),
+            "--steps",
+            "2",
+            "--refinement",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "cf" / "0000_do_colorblue.png").is_file() and "color=blue" in result.stdout
+
+
+def test_a_data_set_of_your_own_gets_counterfactuals_with_class_names(shapes_pipeline, tmp_path):
+    folder, shapes = shapes_pipeline
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffscm.cli",
+            "counterfactual",
+            "--dataset",
+            str(shapes),
+            "--model",
+            str(folder),
+            "--intervention",
+            "color=green",
+            "--num-images",
+            "4",
+            "--out",
+            str(tmp_path / "cf"),
+            "--steps",
+            "2",
+            "--refinement",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "cf" / "shard-00000" / "metadata.jsonl")]
+    assert len(rows) == 4 and all(row["intervention"] == {"color": "green"} for row in rows)
+    assert {row["factual"]["color"] for row in rows} <= set(COLOURS)
+
+
+def test_an_unknown_class_name_names_the_node_and_its_classes(shapes_pipeline):
+    pipe = DiffSCMPipeline.from_pretrained(shapes_pipeline[0])
+    with pytest.raises(ValueError, match=r"'color' has no class 'purple'.*\['red', 'green', 'blue'\]"):
+        pipe(PIL.Image.new("RGB", (32, 32)), intervention={"color": "purple"})
+
+
+def test_a_graph_without_classes_refuses_string_values_naming_the_node(tmp_path):
+    write_shapes(tmp_path / "shapes", count=20)
+    graph = {
+        "nodes": [
+            {"name": "color", "type": "categorical", "num_classes": 3},
+            {"name": "image", "type": "image", "parents": ["color"]},
+        ]
+    }
+    (tmp_path / "graph.json").write_text(json.dumps(graph))
+    result = launch(
+        "train_unet.py",
+        "--dataset_name",
+        str(tmp_path / "shapes"),
+        "--causal_graph",
+        str(tmp_path / "graph.json"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        *TINY,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Node 'color' got the class name" in result.stderr and '"classes"' in result.stderr
+
+
+def test_the_colour_mnist_graph_file_names_the_classes_and_leaves_the_mechanism_to_the_data():
+    graph = CausalGraph.load(str(ROOT / "docs" / "graphs" / "colour-mnist.json"))
+    assert not graph.fitted and graph.nodes["digit"].classes[3] == "three"
+    assert graph.nodes["hue"].mechanism.kind == "auto"
+
+
+def test_judges_and_the_evaluation_of_any_graph_write_a_report_with_every_do(shapes_pipeline, tmp_path):
+    folder, shapes = shapes_pipeline
+    graph_file = tmp_path / "graph.json"
+    graph_file.write_text(json.dumps(SHAPES_GRAPH))
+    data = ["--dataset_name", str(shapes), "--causal_graph", str(graph_file), *TINY[:4]]
+    launch(
+        "train_judges.py",
+        *data,
+        "--output_dir",
+        str(tmp_path / "judges-run"),
+        "--max_train_steps",
+        "2",
+        "--channels",
+        "8",
+        "16",
+        "--report_to",
+        "none",
+    )
+    record = json.loads((tmp_path / "judges-run" / "judges" / "judges.json").read_text())
+    assert set(record["heldout"]) == {"color_accuracy", "size_mae"} and record["split"]["num_heldout"] == 30
+    out = tmp_path / "evaluation"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffscm.cli",
+            "evaluate",
+            "--model",
+            str(folder),
+            "--dataset",
+            str(shapes),
+            "--judges",
+            str(tmp_path / "judges-run" / "judges"),
+            "--num-samples",
+            "6",
+            "--composition-samples",
+            "2",
+            "--composition-cycles",
+            "2",
+            "--steps",
+            "2",
+            "--refinement",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"do(color)", "do(size)"} <= set(metrics) and set(metrics["composition"]) == {"cycles_1", "cycles_2"}
+    assert metrics["do(color)"]["descendants"] == ["size"] and metrics["do(size)"]["descendants"] == []
+    report = (out / "report.md").read_text()
+    assert "size mae (follows)" in report and "color accuracy (kept)" in report and "unchanged image" in report
+
+
+def test_evaluating_your_own_data_set_needs_judges(shapes_pipeline, tmp_path):
+    folder, shapes = shapes_pipeline
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffscm.cli",
+            "evaluate",
+            "--model",
+            str(folder),
+            "--dataset",
+            str(shapes),
+            "--out",
+            str(tmp_path / "e"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0 and "--judges" in result.stderr and "train_judges.py" in result.stderr
+
+
+def test_the_demo_shows_every_do_of_your_own_graph_with_class_names(shapes_pipeline, tmp_path):
+    folder, shapes = shapes_pipeline
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffscm.cli",
+            "demo",
+            "--model",
+            str(folder),
+            "--dataset",
+            str(shapes),
+            "--num-digits",
+            "2",
+            "--steps",
+            "2",
+            "--refinement",
+            "0",
+            "--out",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "demo" / "interventions.md").read_text()
+    assert "do(color=next)" in table and "do(size=" in table and ("red" in table or "green" in table)
+    assert PIL.Image.open(tmp_path / "demo" / "counterfactuals.png").size[0] > 2 * 6 * 32
