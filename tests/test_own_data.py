@@ -4,6 +4,7 @@ pipeline in Python and on the command line."""
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -308,3 +309,35 @@ def test_the_demo_shows_every_do_of_your_own_graph_with_class_names(shapes_pipel
     table = (tmp_path / "demo" / "interventions.md").read_text()
     assert "do(color=next)" in table and "do(size=" in table and ("red" in table or "green" in table)
     assert PIL.Image.open(tmp_path / "demo" / "counterfactuals.png").size[0] > 2 * 6 * 32
+
+
+def test_the_web_demo_builds_its_values_from_the_graph_and_keeps_colour(shapes_pipeline):
+    from diffscm.cli.serve import PREDICTOR_READER, CounterfactualDemo
+
+    demo = CounterfactualDemo({"shapes": str(shapes_pipeline[0])}, device="cpu")
+    image, values = demo.example("shapes", 0)
+    assert image.mode == "RGB" and set(values) == {"color", "size"}, "a held-out image of the model's own data"
+    assert demo.is_scm("shapes") and demo.oracle("shapes") is None
+    gallery, grid, table = demo.counterfactuals("shapes", image, {"color": "blue"}, values)
+    assert [caption for _, caption in gallery][2] == "do(color=blue)"
+    assert gallery[0][0].mode == "RGB", "colour stays colour"
+    row = next(line for line in table.splitlines() if line.startswith("| do(color=blue) |"))
+    assert row.split("|")[2].strip().startswith("blue / blue / ") and PREDICTOR_READER in table
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")), reason="needs chromium")
+def test_a_custom_graph_model_in_a_browser_shows_its_own_controls(shapes_pipeline, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_web import page_in_a_browser, press_and_read_the_page
+
+    with page_in_a_browser({"shapes": str(shapes_pipeline[0])}, tmp_path) as browser:
+        wait = WebDriverWait(browser, 120)
+        boxes = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#variables input[type=checkbox]"))
+        labels = [box.find_element(By.XPATH, "..").text for box in boxes]
+        assert labels == ["color", "size"], "a box per variable of the graph"
+        assert browser.find_elements(By.ID, "do-color") and browser.find_elements(By.ID, "do-size")
+        browser.find_element(By.ID, "pick").click()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))
+        shown, table, _ = press_and_read_the_page(browser, 3, "do(color=blue)", "web-demo-own-graph.png")
+    assert len(shown) == 3 and "blue / blue" in table

@@ -69,7 +69,7 @@ def test_a_multi_parent_request_leaves_the_unticked_variables_to_their_mechanism
                factual_values={"thickness": 2.0, "intensity": 120.0, "digit": 3}, output_type="pt")  # fmt: skip
     readings = read_back(out.images, DigitOracle.from_pretrained(shipped_checkpoint("morphomnist-oracle")).eval(),
                          pipe.causal_graph.image_parents)  # fmt: skip
-    table = values_table(out, ["do(thickness=4)"], [{"thickness": 4.0}], readings)
+    table = values_table(out, ["do(thickness=4)"], [{"thickness": 4.0}], readings, pipe.causal_graph, "")
     row = next(line for line in table.splitlines() if line.startswith("| do(thickness=4) |"))
     thickness, intensity = row.split("|")[2:4]
     assert thickness.strip().startswith("4.00 / 4.00 / ") and intensity.strip().startswith("- / ")

@@ -6,6 +6,7 @@ predictor's reading; download the grid.
 """
 
 import argparse
+import json
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -28,7 +29,6 @@ DEFAULT_MODELS = {
     "MNIST: digit -> image": "diffscm-mnist-conditional",
     "Morpho-MNIST: thickness -> intensity -> image <- digit": "diffscm-morphomnist-conditional",
 }
-KEEP = "keep"
 MAX_UPLOAD = "5mb"  # a digit is a few KB
 MAX_PIXELS = 4096 * 4096  # refused from the header, before decoding: a small PNG can hold 13000 x 13000 pixels
 CONCURRENCY = 1  # one request at a time uses every core; the others wait in the queue
@@ -98,53 +98,77 @@ class CounterfactualDemo:
         return pipe
 
     def is_scm(self, name: str) -> bool:
-        return len(self.pipeline(name).causal_graph.image_parents) > 1
+        """Whether the model is intervened on variable by variable (else: do(class) of its one categorical parent)."""
+        graph = self.pipeline(name).causal_graph
+        return len(graph.image_parents) > 1 or graph.nodes[graph.image_parents[0]].type != "categorical"
 
     def example(self, name: str, index: int) -> tuple[PIL.Image.Image, dict]:
-        """Held-out digit number `index` of the model's split, and its factual values."""
+        """Held-out image number `index` of the model's split, and its factual values."""
         pipe = self.pipeline(name)
         folder = pipe.config._name_or_path
-        if self.is_scm(name):
-            rows = heldout_rows(folder, load_image_dataset(train_data_dir=shipped_data("morphomnist")), 1, skip=index)
-        else:
-            rows = heldout_rows(folder, load_bundled_mnist(), 1, skip=index, source=BUNDLED_MNIST)
+        rows = heldout_rows(folder, self._heldout_data(folder), 1, skip=index)
         if not rows:
-            raise ValueError(f"The model holds out fewer than {index + 1} digits.")
+            raise ValueError(f"The model holds out fewer than {index + 1} images.")
         return rows[0]["image"], {k: v.tolist() for k, v in pipe.causal_graph.data_values(rows).items()}
 
+    @staticmethod
+    def _heldout_data(folder: str):
+        """The data set the model's split was drawn from (`training.json`): the bundled digits, the repository's
+        Morpho-MNIST, or the local data set it names."""
+        record = Path(folder) / "training.json"
+        source = json.loads(record.read_text()).get("split", {}).get("source") if record.is_file() else None
+        if source in (None, BUNDLED_MNIST):
+            return load_bundled_mnist()
+        if source == "data/morphomnist":
+            return load_image_dataset(train_data_dir=shipped_data("morphomnist"))
+        local = source if Path(source).exists() else REPOSITORY / source
+        if not Path(local).exists():
+            raise ValueError(f"The model's held-out images are in {source!r}, which is not here.")
+        return load_image_dataset(dataset_name=str(local))
+
     def oracle(self, name: str):
-        """The independent digit oracle of the model's data (never used for guidance)."""
-        scm = self.is_scm(name)
-        return self._oracle(shipped_checkpoint("morphomnist-oracle" if scm else "mnist-oracle"))
+        """The independent digit oracle of a shipped graph's data (never used for guidance), or None for another
+        graph (its anti-causal predictor then reads the values back)."""
+        parents = set(self.pipeline(name).causal_graph.image_parents)
+        if parents == {"thickness", "intensity", "digit"}:
+            return self._oracle(shipped_checkpoint("morphomnist-oracle"))
+        if len(parents) == 1 and self.pipeline(name).unet.config.in_channels == 1:
+            return self._oracle(shipped_checkpoint("mnist-oracle"))
+        return None
 
     @torch.no_grad()
     def counterfactuals(self, name: str, image: PIL.Image.Image, request: dict, factual: dict | None = None):
         """The gallery (factual, null intervention, counterfactuals, each captioned), the same as one grid image, and
         a Markdown table: per variable the value asked, the value after propagation through the mechanisms, and the
-        value read back from the picture by an independent measurement."""
+        value read back from the picture by an independent measurement (or the model's predictor)."""
         pipe = self.pipeline(name)
+        graph = pipe.causal_graph
         if self.is_scm(name):
-            intervention = {k: v for k, v in request.items() if v is not None and v != KEEP}
+            intervention = {k: v for k, v in request.items() if v is not None}
             if not intervention:
                 raise ValueError("Tick at least one variable to intervene on.")
             out = pipe(image, intervention=intervention, factual_values=factual, output_type="pt",
                        return_reconstruction=True)  # fmt: skip
-            headers = ["do(" + ", ".join(f"{k}={_show(v)}" for k, v in intervention.items()) + ")"]
+            headers = ["do(" + ", ".join(f"{k}={_show(graph, k, v)}" for k, v in intervention.items()) + ")"]
             asked = [intervention]
         else:
             parent = pipe.single_categorical_parent()
             target = request.get(parent, "all")
-            out = pipe(image, target="all" if target == "all" else int(target), factual_values=factual,
-                       output_type="pt", return_reconstruction=True)  # fmt: skip
-            headers = [f"do({parent}={t})" for t in out.targets]
+            target = "all" if target == "all" else graph.nodes[parent].class_index(str(target))
+            out = pipe(image, target=target, factual_values=factual, output_type="pt", return_reconstruction=True)
+            headers = [f"do({parent}={graph.nodes[parent].value_name(t)})" for t in out.targets]
             asked = [{parent: int(t)} for t in out.targets]
         factual_image = (pipe.preprocess(image) + 1) / 2
         images = torch.cat([factual_image, out.reconstructions, out.images]).cpu()
         captions = ["factual", "null intervention (reconstruction)", *headers]
         gallery = [(_enlarged(picture), caption) for picture, caption in zip(images, captions, strict=True)]
         grid = image_grid(images[None], ["factual", "null", *headers], scale=4)
-        readings = read_back(images[2:], self.oracle(name), pipe.causal_graph.image_parents)
-        return gallery, grid, values_table(out, headers, asked, readings)
+        oracle = self.oracle(name)
+        if oracle is not None:
+            readings, reader = read_back(images[2:], oracle, graph.image_parents), SHIPPED_READER
+        else:
+            readings, reader = pipe.read_parents(images[2:] * 2 - 1), PREDICTOR_READER
+        return gallery, grid, values_table(out, headers, asked, readings, graph, reader)
 
 
 def read_back(images: torch.Tensor, oracle, parents) -> dict[str, np.ndarray]:
@@ -160,7 +184,13 @@ def read_back(images: torch.Tensor, oracle, parents) -> dict[str, np.ndarray]:
     return readings
 
 
-def values_table(out, headers: list[str], asked: list[dict], readings: dict) -> str:
+SHIPPED_READER = (
+    "Read back: thickness and intensity by Morpho-MNIST's morphometrics, the digit by an independent oracle."
+)
+PREDICTOR_READER = "Read back by the model's anti-causal predictor (which guided: not an independent judge)."
+
+
+def values_table(out, headers: list[str], asked: list[dict], readings: dict, graph, reader: str) -> str:
     """Per counterfactual and variable: asked (or - when left to its mechanism), after propagation, read back."""
     names = list(out.counterfactual_values)
     columns = [f"{n}: asked / after propagation / read back" for n in names]
@@ -169,16 +199,14 @@ def values_table(out, headers: list[str], asked: list[dict], readings: dict) -> 
         cells = []
         for n in names:
             request = asked[min(i, len(asked) - 1)]
-            read = _show(readings[n][i]) if n in readings else "-"
-            cells.append(
-                f"{_show(request[n]) if n in request else '-'} / {_show(out.counterfactual_values[n][i])} / {read}"
-            )
+            read = _show(graph, n, readings[n][i]) if n in readings else "-"
+            wanted = _show(graph, n, request[n]) if n in request else "-"
+            cells.append(f"{wanted} / {_show(graph, n, out.counterfactual_values[n][i])} / {read}")
         rows.append([header, *cells])
-    factual = ", ".join(f"{k} {_show(v[0])}" for k, v in out.factual_values.items())
+    factual = ", ".join(f"{k} {_show(graph, k, v[0])}" for k, v in out.factual_values.items())
     given = "predicted from the image" if out.predicted_factuals else "given"
     table = markdown_table(["counterfactual", *columns], rows, [False] * (len(columns) + 1))
-    note = "Read back: thickness and intensity by Morpho-MNIST's morphometrics, the digit by an independent oracle."
-    return f"Factual values ({given}): {factual}\n\n{table}\n\n{note}"
+    return f"Factual values ({given}): {factual}\n\n{table}\n\n{reader}"
 
 
 def _enlarged(picture: torch.Tensor, size: int = 168) -> PIL.Image.Image:
@@ -205,23 +233,21 @@ def drawn_digit(editor_value) -> PIL.Image.Image | None:
 
 
 def build_app(models: dict[str, str] | None = None, device: str | None = None):
+    """The page: the model, the factual image (upload, drawing or a held-out one), and controls built from the
+    model's causal graph: do(class) of a single categorical parent (or all classes), or per variable a box to
+    intervene on it (unticked, it follows its mechanism), a slider over a continuous one's range and a list of a
+    categorical one's class names."""
     import gradio as gr
 
     limit_image_size()
     demo = CounterfactualDemo(models, device)
     names = list(demo.models)
 
-    def run(name, upload, drawing, example_values, target, variables, thickness, intensity, digit,
-            progress=gr.Progress(True)):  # noqa: B008  # fmt: skip
+    def run(name, upload, drawing, example_values, request):
         image = upload if upload is not None else drawn_digit(drawing)
         if image is None:
-            raise gr.Error("Upload or draw a digit, or pick a held-out one.")
+            raise gr.Error("Upload or draw an image, or pick a held-out one.")
         factual = example_values if upload is not None and example_values else None
-        if demo.is_scm(name):
-            chosen = {"thickness": thickness, "intensity": intensity, "digit": None if digit == KEEP else int(digit)}
-            request = {k: v for k, v in chosen.items() if k in (variables or [])}
-        else:
-            request = {demo.pipeline(name).single_categorical_parent(): target}
         try:
             gallery, grid, table = demo.counterfactuals(name, image, request, factual)
         except (ValueError, TypeError) as error:
@@ -231,17 +257,15 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None):
         return gallery, table, str(path)
 
     def pick(name, index):
-        image, values = demo.example(name, int(index))
-        return image, values
-
-    def controls(name):
-        scm = demo.is_scm(name)
-        return [gr.update(visible=not scm)] + [gr.update(visible=scm)] * 4
+        try:
+            return demo.example(name, int(index))
+        except (ValueError, OSError) as error:
+            raise gr.Error(str(error)) from error
 
     with gr.Blocks(title="diffscm: counterfactual images") as app:
         gr.Markdown(
             "# diffscm: counterfactual images with diffusion models\n"
-            "What would this digit look like had its digit, stroke thickness or intensity been different?"
+            "What would this image look like had one of its causes been different?"
         )
         with gr.Accordion("How it works", open=False):
             gr.Markdown(HOW_IT_WORKS)
@@ -249,21 +273,21 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None):
             with gr.Column(scale=1):
                 model = gr.Dropdown(names, value=names[0], label="model")
                 with gr.Tab("upload"):
-                    upload = gr.Image(type="pil", image_mode="L", label="factual image", elem_id="factual")
+                    upload = gr.Image(
+                        type="pil", image_mode=None, label="factual image", elem_id="factual", interactive=True
+                    )
                 with gr.Tab("draw"):
-                    drawing = gr.Sketchpad(type="pil", label="draw a digit")
+                    drawing = gr.Sketchpad(type="pil", label="draw a digit", interactive=True)
                 with gr.Row():
-                    index = gr.Number(value=0, precision=0, minimum=0, label="held-out digit #")
-                    example = gr.Button("pick a held-out digit", elem_id="pick")
+                    index = gr.Number(value=0, precision=0, minimum=0, label="held-out image #")
+                    example = gr.Button("pick a held-out image", elem_id="pick")
                 example_values = gr.State(None)
-                target = gr.Dropdown(["all"] + [str(k) for k in range(10)], value="all", label="do(digit = ...)")
-                variables = gr.CheckboxGroup(["thickness", "intensity", "digit"], value=["thickness"], visible=False,
-                                             label="intervene on (the others follow their mechanisms)",
-                                             elem_id="variables")  # fmt: skip
-                thickness = gr.Slider(0.5, 6.0, value=4.0, step=0.1, label="do(thickness = ...) px", visible=False)
-                intensity = gr.Slider(64, 255, value=180, step=1, label="do(intensity = ...)", visible=False)
-                digit = gr.Dropdown([KEEP] + [str(k) for k in range(10)], value=KEEP, label="do(digit = ...)",
-                                    visible=False)  # fmt: skip
+
+                @gr.render(inputs=model)
+                def controls(name):
+                    inputs, outputs = [model, upload, drawing, example_values], [gallery, table, download]
+                    graph_controls(gr, demo, name, run, inputs, button, outputs)
+
                 button = gr.Button("Counterfactuals", variant="primary", elem_id="run")
                 if EXAMPLES:
                     gr.Examples(EXAMPLES, inputs=upload, label="examples: click one, then Counterfactuals")
@@ -272,13 +296,45 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None):
                                      object_fit="contain", elem_id="gallery")  # fmt: skip
                 table = gr.Markdown(elem_id="values")
                 download = gr.File(label="download the grid")
-        model.change(controls, model, [target, variables, thickness, intensity, digit])
+
         upload.upload(lambda: None, None, example_values)
         example.click(pick, [model, index], [upload, example_values])
-        button.click(run, [model, upload, drawing, example_values, target, variables, thickness, intensity, digit],
-                     [gallery, table, download])  # fmt: skip
-        app.load(controls, model, [target, variables, thickness, intensity, digit])
     return app
+
+
+def graph_controls(gr, demo, name: str, run, inputs: list, button, outputs: list):
+    """The controls of model `name`, built from its causal graph, wired to `button`: do(class) of a single
+    categorical parent (or all classes), else a box per variable to intervene on it and its value's control."""
+    graph = demo.pipeline(name).causal_graph
+    if not demo.is_scm(name):
+        parent = graph.nodes[graph.image_parents[0]]
+        choices = ["all"] + [parent.value_name(k) for k in range(parent.num_classes)]
+        target = gr.Dropdown(choices, value="all", label=f"do({parent.name} = ...)", elem_id="target")
+        button.click(lambda *chosen: run(*chosen[:4], {parent.name: chosen[4]}), [*inputs, target], outputs)
+        return
+    label = "intervene on (the others follow their mechanisms)"
+    variables = gr.CheckboxGroup(graph.variables, value=graph.variables[:1], label=label, elem_id="variables")
+    values = [_control(gr, graph.nodes[variable]) for variable in graph.variables]
+
+    def request(*chosen):
+        ticked, picked = chosen[4] or [], dict(zip(graph.variables, chosen[5:], strict=True))
+        return run(*chosen[:4], {k: v for k, v in picked.items() if k in ticked})
+
+    button.click(request, [*inputs, variables, *values], outputs)
+
+
+def _control(gr, node):
+    """A variable's control: a slider over a continuous range (starting at 65% of it), or a list of class names
+    (starting at the last)."""
+    label = f"do({node.name} = ...)"
+    if node.type == "categorical":
+        classes = [node.value_name(k) for k in range(node.num_classes)]
+        return gr.Dropdown(classes, value=classes[-1], label=label, elem_id=f"do-{node.name}")
+    low, high = node.range
+    span = high - low
+    value = round(low + 0.65 * span) if span >= 2 else round(low + 0.65 * span, 2)
+    step = float(10 ** (np.floor(np.log10(span)) - 2))
+    return gr.Slider(low, high, value=value, step=step, label=label, elem_id=f"do-{node.name}")
 
 
 def _shipped(models: dict[str, str]) -> dict[str, str]:
@@ -291,5 +347,9 @@ def _shipped(models: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def _show(value) -> str:
+def _show(graph, name: str, value) -> str:
+    """A value as the page writes it: a categorical one by its class name, a continuous one to two decimals."""
+    node = graph.nodes.get(name)
+    if node is not None and node.type == "categorical" and not isinstance(value, str):
+        return node.value_name(value)
     return f"{value:.2f}" if isinstance(value, float | np.floating) else str(value)
