@@ -247,11 +247,15 @@ def _usage_example(graph: CausalGraph, has_classifier: bool) -> str:
     parents = graph.image_parents
     first = graph.nodes[next(name for name in graph.order if name in parents)]
     if len(parents) == 1 and first.type == "categorical":
-        value = min(3, first.num_classes - 1)
+        value = _class_example(first, min(3, first.num_classes - 1))
         call = f"out = pipe(image, target={value}"
-        comment = f"had this image's {first.name} been {value}"
+        comment = f"had this image's {first.name} been {value.strip(chr(34))}"
     else:
-        value = min(3, first.num_classes - 1) if first.type == "categorical" else _g(round(sum(first.range) / 2, 1))
+        value = (
+            _class_example(first, min(3, first.num_classes - 1))
+            if first.type == "categorical"
+            else _g(round(sum(first.range) / 2, 1))
+        )
         call = f'out = pipe(image, intervention={{"{first.name}": {value}}}'
         comment = "descendants follow their mechanisms"
     if not has_classifier:  # the factual values of the parents and of what the intervention changes
@@ -264,7 +268,12 @@ def _usage_example(graph: CausalGraph, has_classifier: bool) -> str:
 
 
 def _example_value(node: Node):
-    return 0 if node.type == "categorical" else _g(node.range[0])
+    return _class_example(node, 0) if node.type == "categorical" else _g(node.range[0])
+
+
+def _class_example(node: Node, index: int) -> str:
+    """A categorical value as a card's example writes it: the class name in quotes where the node has names."""
+    return f'"{node.classes[index]}"' if node.classes else str(index)
 
 
 def _scales(scale, parents: tuple[str, ...], fill: float) -> dict[str, float]:

@@ -93,6 +93,8 @@ def test_the_graph_takes_its_range_and_mechanism_from_the_data(shapes_pipeline):
     assert weights[0] < weights[1] < weights[2], "blue shapes are drawn larger than green, green than red"
     record = json.loads((shapes_pipeline[0].parent / "unet" / "mechanism_fit.json").read_text())
     assert record["size"]["kind"] in ("affine", "logistic") and record["size"]["heldout_mae"] < 2.0
+    card = (shapes_pipeline[0] / "README.md").read_text()
+    assert 'intervention={"color": "blue"}' in card and "3 classes (red, green, blue)" in card
 
 
 def test_an_intervention_by_class_name_in_python_and_on_the_command_line(shapes_pipeline, tmp_path):
