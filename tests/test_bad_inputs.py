@@ -381,3 +381,32 @@ def test_train_unet_refuses_a_count_below_one_before_any_work(tmp_path, flag):
 
     with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
         train_unet.parse_args(["--output_dir", str(tmp_path / "out"), flag, "0"])
+
+
+def test_an_input_that_an_output_would_overwrite_is_refused_before_any_work(model_dir, tmp_path):
+    first, second = digit_file(tmp_path / "o"), digit_file(tmp_path / "o", "x_do3.png")
+    with pytest.raises(SystemExit, match="x_do3.png is an input.*use another --out"):
+        main(["counterfactual", first, second, "--target", "3", "--model", str(model_dir), "--out",
+              str(tmp_path / "o")])  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x.png", "x_do3.png"]
+
+
+def test_an_exif_rotated_photo_is_read_upright_and_an_image_bomb_is_refused(tmp_path):
+    from diffscm.cli.counterfactual import read_image
+
+    upright = np.zeros((28, 20), np.uint8)
+    upright[:4] = 255  # a bar at the top
+    exif = PIL.Image.Exif()
+    exif[0x112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    PIL.Image.fromarray(upright).transpose(PIL.Image.Transpose.ROTATE_90).save(tmp_path / "up.jpg", exif=exif)
+    shown = np.asarray(read_image(str(tmp_path / "up.jpg")), float)
+    assert shown.shape == (28, 20) and shown[:4].mean() > shown[4:].mean() + 100, "the bar is at the top"
+    bomb = tmp_path / "bomb.png"
+    PIL.Image.new("1", (20000, 20000)).save(bomb)
+    with pytest.raises(ValueError, match="too large an image"):
+        read_image(str(bomb))
+
+
+def test_a_meta_tensor_is_refused_by_name(pipe):
+    with pytest.raises(ValueError, match="meta device"):
+        pipe(torch.empty(1, 1, 8, 8, device="meta"), target=1)

@@ -45,6 +45,8 @@ def _to_unit_tensor(image, num_channels: int) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         tensor = _numpy_to_channels_first(image)
     elif isinstance(image, torch.Tensor):
+        if image.is_meta:
+            raise ValueError("The image tensor is on the meta device: it holds no data.")
         tensor = image.detach().cpu()
         if tensor.layout != torch.strided:  # sparse
             tensor = tensor.to_dense()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 from .. import hub
 from ..data import BUNDLED_MNIST, load_image_dataset
@@ -50,6 +51,7 @@ def counterfactual(args: argparse.Namespace):
         raise ValueError("Give image files, or a data set with --data-dir / --dataset.")
     check_output_dir(args.out)
     images = [read_image(path) for path in args.images]
+    check_no_input_in(Path(args.out), args.images)
     pipe = hub.load_pipeline(args.model, *device_and_dtype(args))
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     request = {"factual_values": parse_assignments(args.factual, "--factual")}
@@ -58,8 +60,9 @@ def counterfactual(args: argparse.Namespace):
         request["target"] = parse_target(args.target, parent)
     else:
         request["intervention"] = parse_assignments(args.intervention, "--intervention")
+    names = unique_stems(args.images)
     out = pipe(images, **request, return_reconstruction=args.reconstruction, **pipeline_options(args))
-    names, per_image = unique_stems(args.images), len(out.images) // len(images)
+    per_image = len(out.images) // len(images)
     if out.predicted_factuals:
         print(f"Factual {', '.join(out.predicted_factuals)} predicted from the image(s) (not given).")
     graph = pipe.causal_graph
@@ -112,6 +115,18 @@ def dataset_counterfactuals(args: argparse.Namespace):
           f"datasets.load_dataset('imagefolder', data_dir={args.out!r}).")  # fmt: skip
 
 
+def check_no_input_in(out: Path, paths: list[str]):
+    """Outputs go to `OUT/{stem}_do....png` and `OUT/{stem}_null.png`: an input there with such a name would be
+    overwritten, so it is refused before any work."""
+    stems = unique_stems(paths)
+    for path in paths:
+        source = Path(path).resolve()
+        if source.parent == out.resolve() and any(source.name.startswith(f"{stem}_") for stem in stems):
+            raise ValueError(
+                f"{path} is an input, and an output in --out {out} could take its name: use another --out."
+            )
+
+
 def unique_stems(paths: list[str]) -> list[str]:
     """File stems for the outputs, `x`, `x-2`, `x-3` ... where several inputs share one, so none overwrites another
     (nor an input that is itself called `x-2`)."""
@@ -126,12 +141,16 @@ def unique_stems(paths: list[str]) -> list[str]:
 
 
 def read_image(path: str) -> PIL.Image.Image:
+    """An image file as every viewer shows it (its EXIF orientation applied), refused from its header when it is
+    not an image or has more pixels than PIL's decompression-bomb limit."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such image file: {path}")
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return image.copy()
+            return PIL.ImageOps.exif_transpose(image)
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(f"{path} is too large an image to read ({error}).") from None
     except (PIL.UnidentifiedImageError, OSError) as error:
         raise ValueError(f"Cannot read {path} as an image: {error}") from error
 
