@@ -560,3 +560,12 @@ def test_a_hostile_pickle_in_a_checkpoint_never_runs_and_the_checkpoint_is_named
     result = launch("train_unet.py", *run_args(run, steps=4), "--resume_from_checkpoint", "latest")
     assert not marker.exists(), "the checkpoint's pickle ran"
     assert f"Cannot resume from {run / 'checkpoint-4'}" in result.stderr and "checkpoint-2 at step 2" in result.stderr
+
+
+@pytest.mark.parametrize("flag", [["--prediction_type", "v_prediction"], ["--learning_rate", "0.1"]])
+def test_a_resume_with_another_objective_or_learning_rate_is_refused_by_name(unet_run, tmp_path, flag):
+    run = tmp_path / "unet"
+    subprocess.run(["cp", "-r", str(unet_run), str(run)], check=True)
+    result = launch("train_unet.py", *run_args(run, steps=6), *flag, "--resume_from_checkpoint", "latest", check=False)
+    assert result.returncode != 0 and f"{flag[0]} " in result.stderr and "trained with other flags" in result.stderr
+    assert not (run / "checkpoint-6").exists(), "refused before training"

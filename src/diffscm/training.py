@@ -327,6 +327,7 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, ema: EMAMod
     With `latest`, a checkpoint that cannot be read (truncated, emptied) is named and the one before it is used."""
     if not args.resume_from_checkpoint:
         return 0
+    check_resumed_flags(args)
     if args.resume_from_checkpoint == "latest":
         candidates = list_checkpoints(args.output_dir)[::-1]
         if not candidates:
@@ -349,6 +350,33 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, ema: EMAMod
         logger.info(f"Resumed from {path} at step {step}")
         return step
     raise RuntimeError("No checkpoint could be read:\n" + "\n".join(problems))
+
+
+# Flags a resumed run may change: how long it runs, how often it saves and reports, where its folders are.
+RESUMABLE_FLAGS = {
+    "max_train_steps", "num_epochs", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+    "save_images_steps", "eval_batch_size", "report_to", "logging_dir", "dataloader_num_workers", "mixed_precision",
+    "cache_dir", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "pipeline_output_dir", "export_dir",
+    "guidance_scale", "cfg_scale", "num_inference_steps", "abduction_refinement_steps", "output_dir",
+}  # fmt: skip
+
+
+def check_resumed_flags(args: argparse.Namespace):
+    """A resumed run must train the model, objective, data and optimiser that its checkpoints were made with: a
+    changed --prediction_type would switch objective mid-run and a changed --learning_rate would be overridden by
+    the restored optimiser, so both (and every other flag outside RESUMABLE_FLAGS) are refused, by name."""
+    record = Path(args.output_dir) / "training_args.json"
+    if not record.is_file() or not list_checkpoints(args.output_dir):
+        return
+    before = read_json(record)["args"]
+    now = json.loads(json.dumps(vars(args), default=str))
+    changed = sorted(k for k in before.keys() & now.keys() if k not in RESUMABLE_FLAGS and before[k] != now[k])
+    if changed:
+        shown = ", ".join(f"--{k} {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(
+            f"{args.output_dir} was trained with other flags ({shown}): resume with the same ones, or start a new run "
+            "in another --output_dir (with --pretrained_model_name_or_path to start from its weights)."
+        )
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMAModel | None):
