@@ -248,6 +248,6 @@ def test_the_protocol_intervenes_on_every_parent_with_another_value_and_descenda
     assert set(requests) == {"thickness", "intensity", "digit"}
     assert np.all(requests["digit"]["digit"] != factual["digit"])
     moved = requests["thickness"]["thickness"]
-    assert sorted(moved) == sorted(factual["thickness"]) and np.all(moved != factual["thickness"])
+    assert np.all((moved >= 0.5) & (moved <= 6.0)) and np.all(moved != factual["thickness"]), "within its range"
     assert not np.allclose(requests["thickness"]["intensity"], factual["intensity"]), "intensity follows"
     assert np.array_equal(requests["intensity"]["thickness"], factual["thickness"]), "thickness is no descendant"

@@ -22,6 +22,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=None, help="'mnist-bundled' (the default).")
     parser.add_argument("--dataset_name", default=None, help="A data set with image and integer label columns.")
+    parser.add_argument(
+        "--distribution",
+        default="data",
+        choices=("data", "independent"),
+        help="Hue from the digit's band (the data), or uniform whatever the digit: the unconfounded data to train "
+        "judges on, which could otherwise read the digit from its colour.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
@@ -31,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace):
-    coloured = make_colour_mnist(load_image_dataset(args.dataset, args.dataset_name), seed=args.seed)
+    source = load_image_dataset(args.dataset, args.dataset_name)
+    coloured = make_colour_mnist(source, seed=args.seed, distribution=args.distribution)
     save_imagefolder(coloured, args.output_dir)
     command = "python training_scripts/make_colour_mnist.py " + shlex.join(sys.argv[1:])
     training.write_json(Path(args.output_dir) / "colour_mnist.json", {"command": command, "num_images": len(coloured)})

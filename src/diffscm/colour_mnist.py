@@ -56,12 +56,15 @@ def hue_distance(a, b) -> np.ndarray:
     return np.minimum(difference, 1.0 - difference)
 
 
-def make_colour_mnist(dataset: datasets.Dataset, seed: int = 0) -> datasets.Dataset:
-    """Every digit of an `image` / integer `label` data set coloured by the rule above: `image`, `digit` (class
-    names) and `hue` columns."""
+def make_colour_mnist(dataset: datasets.Dataset, seed: int = 0, distribution: str = "data") -> datasets.Dataset:
+    """Every digit of an `image` / integer `label` data set coloured by the rule above (`distribution="data"`), or
+    with a hue drawn uniformly from [0, 1] whatever the digit (`"independent"`: the unconfounded data on which judges
+    are trained, so that they cannot read the digit from its colour): `image`, `digit` (class names) and `hue`."""
+    if distribution not in ("data", "independent"):
+        raise ValueError(f"Unknown distribution {distribution!r}; use 'data' or 'independent'.")
     rng = np.random.default_rng(seed)
     digits = np.asarray(dataset["label"])
-    hues = sample_hue(digits, rng)
+    hues = sample_hue(digits, rng) if distribution == "data" else rng.uniform(0.0, 1.0, len(digits))
     images = [
         PIL.Image.fromarray(colour(np.asarray(image.convert("L")), hue))
         for image, hue in zip(dataset["image"], hues, strict=True)

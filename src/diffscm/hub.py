@@ -74,23 +74,34 @@ def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_d
     commands.append(classifier_run["command"])
     record = {
         "commands": commands,
-        "unet_seconds_per_step": round(unet_run["seconds_per_step"], 3),
+        "unet_seconds_per_step": _rounded(unet_run["seconds_per_step"]),
         "unet_images_seen": unet_run.get("images_seen"),
-        "classifier_seconds_per_step": round(classifier_run["seconds_per_step"], 3),
+        "classifier_seconds_per_step": _rounded(classifier_run["seconds_per_step"]),
         "split": _read_json(classifier_run_dir, "split.json"),
         "predictor_metrics": _read_json(classifier_run_dir, "heldout_metrics.json"),
     }
     (Path(pipeline_dir) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _rounded(seconds: float | None) -> float | None:
+    """A measured speed to the millisecond; None for an export of a checkpoint whose run measured none here."""
+    return None if seconds is None else round(seconds, 3)
+
+
+DATA_RECORDS = ("colour_mnist.json", "redraw.json")  # written beside the data by make_colour_mnist.py, redraw_...
+
+
 def unet_commands(run_dir: str | os.PathLike) -> list[str]:
-    """The commands that remake a train_unet.py run: the data it added (redraw_morphomnist.py), the run it
-    fine-tuned (a pipeline folder's UNet commands, or another run's, recursively), then its own."""
+    """The commands that remake a train_unet.py run: the data it was made from or added (make_colour_mnist.py,
+    redraw_morphomnist.py), the run it fine-tuned (a pipeline folder's UNet commands, or another run's,
+    recursively), then its own."""
     run = _read_json(run_dir, "training_args.json")
+    split = _read_json(run_dir, "split.json")
     commands = []
-    for source in _read_json(run_dir, "split.json").get("extra_train_sources", []):
-        if (Path(source) / "redraw.json").is_file():
-            commands.append(_read_json(source, "redraw.json")["command"])
+    for source in [split.get("source", ""), *split.get("extra_train_sources", [])]:
+        for name in DATA_RECORDS:
+            if source and (Path(source) / name).is_file():
+                commands.append(_read_json(source, name)["command"])
     base = run["args"].get("pretrained_model_name_or_path")
     if base and (Path(base) / "training.json").is_file():  # a pipeline folder: all but its predictor's command
         commands += _read_json(base, "training.json")["commands"][:-1]

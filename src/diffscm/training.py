@@ -358,6 +358,7 @@ RESUMABLE_FLAGS = {
     "save_images_steps", "eval_batch_size", "report_to", "logging_dir", "dataloader_num_workers", "mixed_precision",
     "cache_dir", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "pipeline_output_dir", "export_dir",
     "guidance_scale", "cfg_scale", "num_inference_steps", "abduction_refinement_steps", "output_dir",
+    "unet_model_name_or_path",
 }  # fmt: skip
 
 

@@ -279,7 +279,7 @@ def evaluate_graph(args: argparse.Namespace):
         "data": args.dataset,
         "judges": args.judges,
         "num_images": len(rows),
-        "settings": {k: v for k, v in options.items() if v is not None},
+        "settings": {k: pipe.config[k] if v is None else v for k, v in options.items()},
         "judges_heldout": json.loads(judges_record.read_text())["heldout"] if judges_record.is_file() else None,
     }
     write_report(args, "evaluate", result, protocol.report(result))

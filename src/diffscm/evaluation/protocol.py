@@ -1,14 +1,15 @@
 """The evaluation protocol for any causal graph: one do() per parent of the image, scored by independent judges.
 
 Each parent v of the image is intervened on once per held-out image: a categorical one to another class drawn at
-random, a continuous one to the value of another held-out image (so values stay where the data has them); the
-descendants follow the graph's mechanisms. Every counterfactual is read by the judges and scored against the
-counterfactual values of all the image's parents: the intervened one gives effectiveness, its descendants whether
-they followed, the others the side effects. Beside each score stands the unchanged image's, against the same values
-(what doing nothing scores), and the judges' own error on real held-out images is reported once. Composition (the
-null intervention applied 1 and N times), reversibility (do(v*) then do(v = factual) from the counterfactual's own
-abduction) and realism (Frechet distance and KID in the judges' features) complete it. A data set whose do() has an
-exact ground truth passes `ground_truth` (Colour-MNIST: the same digit recoloured).
+random, a continuous one to a value drawn uniformly from its range (independent of the order of the held-out images,
+which a data set may sort by class); the descendants follow the graph's mechanisms. Every counterfactual is read by
+the judges and scored against the counterfactual values of all the image's parents: the intervened one gives
+effectiveness, its descendants whether they followed, the others the side effects. Beside each score stands the
+unchanged image's, against the same values (what doing nothing scores), and the judges' own error on real held-out
+images is reported once. Composition (the null intervention applied 1 and N times), reversibility (do(v*) then
+do(v = factual) from the counterfactual's own abduction) and realism (Frechet distance and KID in the judges'
+features) complete it. A data set whose do() has an exact ground truth passes `ground_truth` (Colour-MNIST: the same
+digit recoloured).
 """
 
 from collections.abc import Callable
@@ -30,14 +31,9 @@ def intervention_values(graph, factual: dict, seed: int = 0) -> dict[str, dict]:
         if node.type == "categorical":
             target = (values + rng.integers(1, node.num_classes, len(values))) % node.num_classes
         else:
-            target = values[_derangement(len(values), rng)]
+            target = rng.uniform(*node.range, len(values))
         requests[variable] = graph.counterfactual(factual, {variable: target})
     return requests
-
-
-def _derangement(size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random order in which no image keeps its own index (another image's value)."""
-    return (np.arange(size) + rng.integers(1, size)) % size if size > 1 else np.zeros(size, int)
 
 
 @torch.no_grad()
