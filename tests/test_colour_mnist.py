@@ -57,3 +57,28 @@ def test_the_shipped_imagefolder_reads_as_a_standard_one_with_class_names():
     assert hue_distance(measure_hue(np.asarray(image)), float(first["hue"])) < 0.02
     bundled = make_colour_mnist(load_bundled_mnist().select(range(3)), seed=0)
     assert np.array_equal(np.asarray(bundled[0]["image"]), np.asarray(image)), "made by the documented command"
+
+
+def test_extra_training_colourings_leave_out_the_held_out_digits(tmp_path):
+    import subprocess
+    import sys
+
+    from diffscm.data import split_dataset
+
+    source = tmp_path / "digits"
+    for index, row in enumerate(load_bundled_mnist().select(range(0, 5000, 250))):
+        (source / str(row["label"])).mkdir(parents=True, exist_ok=True)
+        row["image"].save(source / str(row["label"]) / f"{index:03d}.png")
+    out = tmp_path / "coloured"
+    command = [sys.executable, str(ROOT / "training_scripts" / "make_colour_mnist.py"), "--dataset_name", str(source),
+               "--distribution", "independent", "--variants", "2", "--exclude_heldout", "--holdout_size", "4",
+               "--output_dir", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    rows = list(csv.DictReader(open(out / "metadata.csv")))
+    assert len(rows) == 2 * 16
+    digits = load_image_dataset(dataset_name=str(source))
+    heldout = {np.asarray(digits[i]["image"]).tobytes() for i in split_dataset(digits, 4)["heldout"]["source_index"]}
+    drawn = {np.asarray(PIL.Image.open(out / row["file_name"])).max(-1).tobytes() for row in rows}
+    assert len(drawn) == 16 and not drawn & heldout, "no held-out digit in the extra training data"
+    hues = np.array([float(row["hue"]) for row in rows])
+    assert hues.std() > 0.2, "independent of the digit: spread over the wheel"
