@@ -410,3 +410,44 @@ def test_an_exif_rotated_photo_is_read_upright_and_an_image_bomb_is_refused(tmp_
 def test_a_meta_tensor_is_refused_by_name(pipe):
     with pytest.raises(ValueError, match="meta device"):
         pipe(torch.empty(1, 1, 8, 8, device="meta"), target=1)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["counterfactual", "{image}", "--target", "²"], "class in 0..9"),
+        (["counterfactual", "--dataset", "mnist-bundled", "--target", "random", "--seed", "-1", "--out", "{tmp}/o"],
+         "--seed must be >= 0"),
+    ],
+)  # fmt: skip
+def test_command_line_round_4(model_dir, tmp_path, argv, message):
+    argv = [a.format(image=digit_file(tmp_path), tmp=tmp_path) for a in argv] + ["--model", str(model_dir)]
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
+
+
+def test_one_class_folder_is_named_as_the_reason(tmp_path):
+    from diffscm.data import load_image_dataset
+
+    digit_file(tmp_path / "t" / "3")
+    with pytest.raises(ValueError, match="one class sub-folder \\(3/\\)"):
+        load_image_dataset(train_data_dir=str(tmp_path / "t"))
+
+
+def test_a_full_disk_at_a_checkpoint_is_named(monkeypatch, tmp_path):
+    import argparse
+
+    from diffscm import training
+
+    class Accelerator:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 326976 vs 326868")
+
+    args = argparse.Namespace(output_dir=str(tmp_path), checkpoints_total_limit=None)
+    with pytest.raises(RuntimeError, match="MiB are free on its disk.*--resume_from_checkpoint latest"):
+        training.save_checkpoint(Accelerator(), args, 4)

@@ -225,6 +225,13 @@ def test_fit_takes_the_range_from_the_data_and_chooses_the_mechanism_by_held_out
         ({"name": "a", "type": "categorical", "classes": "rgb"}, "Node 'a': \"classes\" is a list"),
         ({"name": "a", "type": "categorical", "classes": ["r", "r"]}, "lists a name twice"),
         ({"name": "a", "type": "categorical", "num_classes": "3"}, "Node 'a': \"num_classes\" is an integer"),
+        ({"name": "a", "type": "categorical", "num_classes": 2.5}, "Node 'a': \"num_classes\" is an integer"),
+        ({"name": "a", "type": "categorical", "num_classes": 10**9}, "Node 'a': \"num_classes\" .* more than"),
+        ({"name": "a", "type": "continuous", "range": [0, 1, 2]}, "Node 'a': \"range\" is \\[low, high\\]"),
+        (
+            {"name": "a", "type": "continuous", "range": [0, 1], "mechanism": {"kind": "affine", "slope": 2}},
+            "Node 'a': \"mechanism\"",
+        ),
         ({"name": "a", "type": "categorical", "num_classes": 2, "parents": "b"}, "Node 'a': 'parents' must be"),
         ({"name": "a", "type": "continuous", "range": [0, 1], "mechanism": "affine"}, "Node 'a': 'mechanism'"),
         ({"name": "a", "type": "continuous", "range": [0, 1], "mechanism": {"kind": "spline"}}, "Node 'a'.*spline"),

@@ -154,6 +154,12 @@ def _load_local_folder(data_dir: str, split: str | None = None) -> datasets.Data
         )
     ds = datasets.load_dataset("imagefolder", data_dir=data_dir, split="train")
     if "label" not in ds.column_names and not has_metadata(data_dir):
+        folders = [path for path in Path(data_dir).iterdir() if path.is_dir()]
+        if len(folders) == 1:
+            raise ValueError(
+                f"{data_dir} has one class sub-folder ({folders[0].name}/), and datasets gives one class no label: "
+                "add a metadata.csv (file_name and the values' columns) or the other classes' folders."
+            )
         raise ValueError(
             f"{data_dir}: an imagefolder gives its images' values by one sub-folder per class, or by a metadata.csv "
             "/ metadata.jsonl beside them (a file_name column and one column per variable of the causal graph)."

@@ -14,6 +14,7 @@ import numpy as np
 
 NODE_TYPES = ("categorical", "continuous", "image")
 MECHANISMS = ("identity", "affine", "logistic", "auto")
+MAX_CLASSES = 10_000  # a categorical node's embedding and predictor head grow with it
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,8 @@ class Node:
             isinstance(spec["num_classes"], bool) or not isinstance(spec["num_classes"], int)
         ):
             raise ValueError(f'Node {name!r}: "num_classes" is an integer, got {spec["num_classes"]!r}.')
+        if (spec.get("num_classes") or 0) > MAX_CLASSES:
+            raise ValueError(f'Node {name!r}: "num_classes" {spec["num_classes"]} is more than {MAX_CLASSES}.')
         try:
             mechanism = Mechanism(**mechanism)
         except TypeError as error:

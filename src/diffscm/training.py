@@ -88,7 +88,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     train.add_argument("--checkpoints_total_limit", type=int, default=None)
     train.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
     train.add_argument(
-        "--report_to", default="tensorboard" if importlib.util.find_spec("tensorboard") else None, help="or none"
+        "--report_to",
+        default="tensorboard" if importlib.util.find_spec("tensorboard") else None,
+        help="A tracker (tensorboard, wandb, ...) or none (default: tensorboard where installed).",
     )
     train.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir.")
     train.add_argument("--adam_beta1", type=float, default=0.9)
@@ -300,7 +302,14 @@ def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: in
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as "unexpected pos ..."
+        free = shutil.disk_usage(args.output_dir).free / 2**20
+        raise RuntimeError(
+            f"Could not write {partial} ({error}); {free:.0f} MiB are free on its disk. Free space (or lower "
+            "--checkpoints_total_limit), then resume with --resume_from_checkpoint latest."
+        ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:

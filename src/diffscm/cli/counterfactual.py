@@ -86,6 +86,8 @@ def dataset_counterfactuals(args: argparse.Namespace):
         raise ValueError("Give image files or a data set (--data-dir / --dataset), not both.")
     if args.shard_size < 1 or (args.num_images is not None and args.num_images < 1):
         raise ValueError("--shard-size and --num-images must be >= 1.")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}.")
     check_output_dir(args.out)
     dataset = load_image_dataset(
         dataset=args.dataset if args.dataset == BUNDLED_MNIST else None,
@@ -162,7 +164,7 @@ def parse_target(text: str, node):
     if node.classes and text in node.classes:
         return node.classes.index(text)
     names = f" or one of {list(node.classes)}" if node.classes else ""
-    if not text.isdigit() or int(text) >= node.num_classes:
+    if not text.isdecimal() or int(text) >= node.num_classes:
         raise ValueError(f"--target must be a class in 0..{node.num_classes - 1}{names} or 'all', got {text!r}.")
     return int(text)
 
