@@ -19,6 +19,8 @@ from conftest import tiny_pipeline
 from diffscm import DiffSCMPipeline
 from diffscm.cli import main
 from diffscm.cli.serve import (
+    CACHE_LIFETIME,
+    GRIDS_KEPT,
     MAX_PIXELS,
     MAX_UPLOAD,
     PAGE_CSS,
@@ -26,6 +28,7 @@ from diffscm.cli.serve import (
     build_app,
     drawn_digit,
     launch,
+    model_names,
     read_back,
     values_table,
 )
@@ -89,7 +92,9 @@ def test_serve_takes_models_and_validates_the_device_before_loading(tiny_model, 
     launched = {}
     monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kwargs: launched.update(kwargs))
     main(["serve", "--model", *tiny_model.values(), "--port", "7999"])
-    assert launched == {"server_name": "127.0.0.1", "server_port": 7999, "max_file_size": MAX_UPLOAD, "css": PAGE_CSS}
+    assert launched == {"server_name": "127.0.0.1", "server_port": 7999, "max_file_size": MAX_UPLOAD, "css": PAGE_CSS,
+                        "show_error": True}  # fmt: skip
+    assert build_app(tiny_model, device="cpu").delete_cache == CACHE_LIFETIME, "uploads and results do not pile up"
     with pytest.raises(SystemExit, match="--device 'cuda:7': this machine has no such device"):
         main(["serve", "--model", *tiny_model.values(), "--device", "cuda:7"])
 
@@ -203,3 +208,31 @@ def test_do_thickness_alone_in_a_browser_shows_intensity_following(tmp_path):
     thickness, intensity = re.findall(r"([-\d.]+) / ([\d.]+) / ([\d.]+)", row)[:2]
     assert thickness[:2] == ("4", "4.00") and intensity[0] == "-", "intensity follows thickness, not asked"
     assert all(float(value) > 0 for value in (thickness[2], intensity[1], intensity[2])), "propagated and read back"
+
+
+def test_two_models_in_folders_of_one_name_are_both_served_and_grids_are_bounded(tiny_model):
+    assert model_names(["runs/a/pipeline", "runs/b/pipeline", "other"]) == {
+        "a/pipeline": "runs/a/pipeline", "b/pipeline": "runs/b/pipeline", "other": "other"}  # fmt: skip
+    with pytest.raises(ValueError, match="twice"):
+        model_names(["runs/a", "runs/a"])
+    demo = CounterfactualDemo(tiny_model, device="cpu")
+    paths = [demo.keep_grid(PIL.Image.new("RGB", (4, 4))) for _ in range(GRIDS_KEPT + 3)]
+    assert len(set(paths)) == GRIDS_KEPT + 3 and sum(Path(p).exists() for p in paths) == GRIDS_KEPT
+    folder = Path(demo.grids.name)
+    demo.grids.cleanup()
+    assert not folder.exists()
+
+
+@pytest.mark.slow
+@BROWSER
+def test_an_example_clicked_after_a_picked_digit_is_abducted_with_its_own_values(tiny_model, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with page_in_a_browser(tiny_model, tmp_path) as browser:
+        wait = WebDriverWait(browser, 120)
+        wait.until(lambda b: b.find_element(By.ID, "pick")).click()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))
+        browser.find_elements(By.CSS_SELECTOR, ".gallery-item, button.gallery")[0].click()  # the first example
+        _, table, _ = press_and_read_the_page(browser, 12, "do(label=9)", "web-demo-example-after-pick.png")
+    assert "Factual values (predicted from the image)" in table

@@ -8,6 +8,7 @@ predictor's reading; download the grid.
 import argparse
 import json
 import tempfile
+import uuid
 from functools import cache
 from pathlib import Path
 
@@ -33,6 +34,8 @@ MAX_UPLOAD = "5mb"  # a digit is a few KB
 MAX_PIXELS = 4096 * 4096  # refused from the header, before decoding: a small PNG can hold 13000 x 13000 pixels
 CONCURRENCY = 1  # one request at a time uses every core; the others wait in the queue
 QUEUE_SIZE = 32
+CACHE_LIFETIME = (3600, 3600)  # Gradio's delete_cache: every hour, files older than an hour
+GRIDS_KEPT = 32  # the downloadable grids of the last requests; older ones are removed
 EXAMPLES = [str(path) for path in sorted((REPOSITORY / "docs" / "examples").glob("*.png"))]  # in a checkout
 # A 28 px digit is drawn at 224 px, its pixels kept square: the factual must be as easy to see as the counterfactuals.
 PAGE_CSS = (
@@ -63,16 +66,29 @@ def add_commands(commands):
 
 
 def serve(args: argparse.Namespace):
-    models = {Path(model).name or model: model for model in args.model} if args.model else None
+    models = model_names(args.model) if args.model else None
     device, _ = device_and_dtype(argparse.Namespace(device=args.device, dtype="float32"))
     app = build_app(models, device)
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     launch(app, server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
 
 
+def model_names(models: list[str]) -> dict[str, str]:
+    """{name shown in the page: folder or Hub id}: the folder's name, or its last two parts where two share one
+    (`runs/a/pipeline`, `runs/b/pipeline`); a model given twice is refused."""
+    if len(set(models)) != len(models):
+        raise ValueError(f"--model names a model twice: {models}.")
+    short = [Path(model).name or model for model in models]
+    names = [str(Path(*Path(m).parts[-2:])) if short.count(n) > 1 else n for m, n in zip(models, short, strict=True)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model: {models} would show under the same names {names}; give distinct folders.")
+    return dict(zip(names, models, strict=True))
+
+
 def launch(app, **options):
-    """Serve the page of [`build_app`] with its style (Gradio takes the page's CSS at launch)."""
-    return app.launch(css=PAGE_CSS, **options)
+    """Serve the page of [`build_app`] with its style (Gradio takes the page's CSS at launch); errors are shown on
+    the page with their reason (an upload that is no image, or too large one)."""
+    return app.launch(css=PAGE_CSS, show_error=True, **options)
 
 
 def limit_image_size():
@@ -90,7 +106,17 @@ class CounterfactualDemo:
             raise FileNotFoundError("No pipeline to serve: none of the shipped checkpoints was found.")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipeline = cache(self._load)
+        self.grids = tempfile.TemporaryDirectory(prefix="diffscm-serve-")  # removed with the demo
         self._oracle = cache(lambda folder: DigitOracle.from_pretrained(folder).eval().to(self.device))
+
+    def keep_grid(self, grid: PIL.Image.Image) -> str:
+        """Save a request's grid for download in the demo's own folder, which holds the last GRIDS_KEPT."""
+        folder = Path(self.grids.name)
+        path = folder / f"counterfactuals-{uuid.uuid4().hex[:12]}.png"
+        grid.save(path)
+        for old in sorted(folder.glob("*.png"), key=lambda p: p.stat().st_mtime)[:-GRIDS_KEPT]:
+            old.unlink(missing_ok=True)
+        return str(path)
 
     def _load(self, name: str):
         pipe = hub.load_pipeline(self.models[name]).to(self.device)
@@ -252,9 +278,7 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None):
             gallery, grid, table = demo.counterfactuals(name, image, request, factual)
         except (ValueError, TypeError) as error:
             raise gr.Error(str(error)) from error
-        path = Path(tempfile.mkdtemp()) / "counterfactuals.png"
-        grid.save(path)
-        return gallery, table, str(path)
+        return gallery, table, demo.keep_grid(grid)
 
     def pick(name, index):
         try:
@@ -262,7 +286,8 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None):
         except (ValueError, OSError) as error:
             raise gr.Error(str(error)) from error
 
-    with gr.Blocks(title="diffscm: counterfactual images") as app:
+    # Gradio's cache of uploads and results is emptied hourly and when the app closes.
+    with gr.Blocks(title="diffscm: counterfactual images", delete_cache=CACHE_LIFETIME) as app:
         gr.Markdown(
             "# diffscm: counterfactual images with diffusion models\n"
             "What would this image look like had one of its causes been different?"
@@ -290,7 +315,8 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None):
 
                 button = gr.Button("Counterfactuals", variant="primary", elem_id="run")
                 if EXAMPLES:
-                    gr.Examples(EXAMPLES, inputs=upload, label="examples: click one, then Counterfactuals")
+                    examples = gr.Examples(EXAMPLES, inputs=upload, label="examples: click one, then Counterfactuals")
+                    examples.dataset.click(lambda: None, None, example_values)  # its own values, not a picked one's
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="factual | null intervention | counterfactuals", columns=4, height="auto",
                                      object_fit="contain", elem_id="gallery")  # fmt: skip
