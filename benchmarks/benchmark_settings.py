@@ -26,7 +26,9 @@ from diffscm.paths import shipped_checkpoint
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
+    parser.add_argument(
+        "--model", default=None, help="Default: the paper's classifier-guided checkpoints/diffscm-mnist."
+    )
     parser.add_argument("--oracle", default=None)
     parser.add_argument("--num-samples", type=int, default=100)
     parser.add_argument("--reuse-samples", type=int, default=10, help="Digits for the one-vs-ten abduction timing.")
@@ -37,8 +39,9 @@ def parse_args():
 
 def settings(pipe) -> dict:
     config = pipe.config
+    scale = pipe.guidance_scales()[pipe.single_categorical_parent()]  # a number, or the digit's of a per-parent dict
     return {
-        "(a) paper: 1000 + 1000 steps": dict(steps=1000, strength=1.0, refinement=0, scale=config.guidance_scale),
+        "(a) paper: 1000 + 1000 steps": dict(steps=1000, strength=1.0, refinement=0, scale=scale),
         "(b) official code: 100 steps, strength 0.75, scale 1": dict(
             steps=100, strength=0.75, refinement=0, scale=1.0
         ),
@@ -46,7 +49,7 @@ def settings(pipe) -> dict:
             steps=config.num_inference_steps,
             strength=1.0,
             refinement=config.abduction_refinement_steps,
-            scale=config.guidance_scale,
+            scale=scale,
         ),
     }
 
@@ -106,7 +109,10 @@ def markdown(results: dict, reuse: dict, args, device: str) -> str:
 
 def main():
     args = parse_args()
-    pipe = hub.load_pipeline(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = hub.load_pipeline(
+        args.model or shipped_checkpoint("diffscm-mnist"),
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    )
     pipe.set_progress_bar_config(disable=True)
     oracle = DigitOracle.from_pretrained(args.oracle or shipped_checkpoint("mnist-oracle")).eval().to(pipe.device)
     digits = heldout_rows(pipe.config._name_or_path, load_bundled_mnist(), args.num_samples, source=BUNDLED_MNIST)

@@ -91,6 +91,13 @@ def check_callback(tensor_inputs, allowed: list[str]):
 
 
 def check_generator(generator, size: int):
+    """None, a `torch.Generator`, or a list of one per sample (`torch.Generator().manual_seed(0)`, not a seed)."""
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        raise TypeError(
+            f"`generator` takes a torch.Generator or a list of them, got {generator!r}; for a seed use "
+            "torch.Generator().manual_seed(seed)."
+        )
     if isinstance(generator, list) and len(generator) != size:
         raise ValueError(f"Got {len(generator)} generators for {size} samples; pass one per sample.")
 

@@ -39,8 +39,8 @@ _IMPORT = re.compile(r"^from\s+(diffscm(?:\.\w+)*|\.+\w*(?:\.\w+)*)\s+import", r
 def resolve(name_or_path: str, **download) -> str:
     """A pipeline folder as is, or a Hub id's local snapshot (downloaded, or from the cache offline); diffusers' own
     download step refuses non-diffusers component libraries, so the id is resolved here."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
+    if os.path.isdir(os.path.expanduser(name_or_path)):
+        return os.path.expanduser(name_or_path)
     first = name_or_path.split("/")[0]
     if (
         os.path.exists(name_or_path)
@@ -105,6 +105,17 @@ def loading_options(kwargs: dict) -> tuple[dict, dict, object]:
     if kwargs.pop("device_map", None) is not None:
         raise ValueError("`device_map` is not supported: load the pipeline, then move it with `.to(device)`.")
     model_options = {key: kwargs.pop(key) for key in ("variant", "low_cpu_mem_usage") if key in kwargs}
+    kwargs.pop("trust_remote_code", None)  # DiffSCMPipeline is the folder's code: nothing remote to trust
+    if kwargs.pop("safety_checker", None) is not None or kwargs.pop("requires_safety_checker", False):
+        raise ValueError("A DiffSCMPipeline has no safety checker; load it without one.")
+    unknown = sorted(set(kwargs) - set(COMPONENTS) - set(SETTINGS))
+    if unknown:
+        accepted = [*DOWNLOAD_KEYWORDS, "torch_dtype", "dtype", "variant", "low_cpu_mem_usage", *COMPONENTS, *SETTINGS]
+        raise TypeError(
+            f"DiffSCMPipeline.from_pretrained does not take {unknown} (custom_pipeline: plain diffusers' "
+            f"DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads the folder's code); it takes "
+            f"{accepted}."
+        )
     return download, {key: value for key, value in model_options.items() if value is not None}, dtype
 
 

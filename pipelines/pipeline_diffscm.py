@@ -295,7 +295,12 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             sample = ddim_step(sample, eps, alpha_t, alpha_next, eta, generator)
             if callback_on_step_end is not None:
                 callback_kwargs = {name: {"sample": sample}[name] for name in callback_on_step_end_tensor_inputs}
-                sample = callback_on_step_end(self, i, t, callback_kwargs).pop("sample", sample)
+                returned = callback_on_step_end(self, i, t, callback_kwargs)
+                if not isinstance(returned, dict):
+                    raise TypeError(
+                        f"`callback_on_step_end` must return a dict of tensors (callback_kwargs), got {returned!r}."
+                    )
+                sample = returned.pop("sample", sample)
 
         check_finite(sample, "The counterfactual", guidance.anticausal | {"cfg": guidance.cfg_scale})
         return self.postprocess(sample, output_type)

@@ -3,6 +3,7 @@ bad one gets a clear error that names the problem, every valid one the right res
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -451,3 +452,49 @@ def test_a_full_disk_at_a_checkpoint_is_named(monkeypatch, tmp_path):
     args = argparse.Namespace(output_dir=str(tmp_path), checkpoints_total_limit=None)
     with pytest.raises(RuntimeError, match="MiB are free on its disk.*--resume_from_checkpoint latest"):
         training.save_checkpoint(Accelerator(), args, 4)
+
+
+def test_the_fingerprint_follows_symlinked_weights_and_covers_the_scheduler_config(model_dir, tmp_path):
+    from diffscm.dataset_counterfactuals import model_fingerprint
+
+    elsewhere, linked = tmp_path / "elsewhere", tmp_path / "linked"
+    shutil.copytree(model_dir / "unet", elsewhere / "unet")
+    linked.mkdir()
+    for item in model_dir.iterdir():
+        (linked / item.name).symlink_to(elsewhere / "unet" if item.name == "unet" else item, item.is_dir())
+    before = model_fingerprint(DiffSCMPipeline.from_pretrained(linked))
+    weights = next((elsewhere / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    changed = model_fingerprint(DiffSCMPipeline.from_pretrained(linked))
+    assert changed["model_sha256"] != before["model_sha256"], "new weights behind a symlinked unet/"
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    config = copy / "scheduler" / "scheduler_config.json"
+    settings = json.loads(config.read_text())
+    settings["timestep_spacing"] = "trailing" if settings.get("timestep_spacing") != "trailing" else "leading"
+    config.write_text(json.dumps(settings))
+    original = model_fingerprint(DiffSCMPipeline.from_pretrained(model_dir))["model_sha256"]
+    assert model_fingerprint(DiffSCMPipeline.from_pretrained(copy))["model_sha256"] != original
+
+
+@pytest.mark.parametrize(
+    "keywords, error, message",
+    [
+        ({"eta": 0.5, "generator": 0}, TypeError, "torch.Generator().manual_seed"),
+        ({"eta": 0.5, "generator": [0]}, TypeError, "torch.Generator().manual_seed"),
+        ({"callback_on_step_end": lambda p, i, t, k: None}, TypeError, "must return a dict"),
+    ],
+)
+def test_a_seed_for_a_generator_and_a_callback_without_a_dict_are_named(pipe, keywords, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        pipe(torch.rand(1, 1, 8, 8), target=1, **keywords)
+
+
+def test_from_pretrained_says_which_keywords_it_takes(model_dir, monkeypatch, tmp_path):
+    assert DiffSCMPipeline.from_pretrained(model_dir, trust_remote_code=True).unet is not None
+    with pytest.raises(TypeError, match="does not take \\['custom_pipeline'\\].*trust_remote_code=True"):
+        DiffSCMPipeline.from_pretrained(model_dir, custom_pipeline="x")
+    with pytest.raises(ValueError, match="no safety checker"):
+        DiffSCMPipeline.from_pretrained(model_dir, safety_checker=object())
+    monkeypatch.setenv("HOME", str(model_dir.parent))
+    assert DiffSCMPipeline.from_pretrained(f"~/{model_dir.name}").unet is not None

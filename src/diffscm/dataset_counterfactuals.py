@@ -47,10 +47,17 @@ def check_request(out_dir: Path, request: dict):
 
 
 def model_fingerprint(pipe) -> dict:
-    """The model behind a run: its folder or Hub id and a SHA-256 of its config and weights."""
+    """The model behind a run: its folder or Hub id and a SHA-256 of every weights and config file it loads from,
+    through symlinked sub-folders too (a changed `scheduler_config.json` changes the chain as new weights would)."""
     folder = Path(str(pipe.config._name_or_path))
+    files = [
+        Path(root) / name
+        for root, _, names in os.walk(folder, followlinks=True)
+        for name in names
+        if name.endswith((".safetensors", ".json")) and name != REQUEST_FILE
+    ]
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.safetensors")) + sorted(folder.glob("model_index.json")):
+    for path in sorted(files):
         digest.update(path.relative_to(folder).as_posix().encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
