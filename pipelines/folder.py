@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -293,3 +294,28 @@ def write_model_card(folder: str | os.PathLike):
         )
         return
     model_cards.write_model_card(folder)
+
+
+RECORDS = ("training.json", "evaluation.md")  # a folder's own records of how its pipeline was made and measured
+
+
+def staged_save(save_directory: str | os.PathLike, source: str, write):
+    """Save a pipeline atomically: `write(staging)` fills a sibling folder, the records of the folder it was loaded
+    from are kept when it is saved back there (another pipeline's are never carried over), and the staging folder
+    then takes the place of `save_directory`. A folder that holds files but no pipeline is refused, not replaced."""
+    target = Path(save_directory)
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not (target / "model_index.json").is_file()):
+        raise ValueError(f"{target} holds files but no pipeline: save into a new or empty folder, or a pipeline's.")
+    staging, old = target.with_name(f".{target.name}.partial"), target.with_name(f".{target.name}.old")
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    write(staging)
+    if source and target.is_dir() and Path(source).resolve() == target.resolve():
+        for name in RECORDS:
+            if (target / name).is_file():
+                shutil.copy2(target / name, staging / name)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    write_model_card(target)  # rendered from the files in place, under the name a user loads it by

@@ -41,7 +41,7 @@ from .folder import (
     loading_options,
     read_index,
     resolve,
-    write_model_card,
+    staged_save,
     write_remote_code,
 )
 from .parent_values import ParentValuesMixin, TargetInput, ValuesInput
@@ -160,11 +160,16 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         """diffusers' `save_pretrained`, plus the code plain diffusers needs (`trust_remote_code=True`) and the
-        project's model card, rendered from the folder's files; `push_to_hub=True` uploads it (`repo_id`, `token`)."""
+        project's model card, rendered from the folder's files; `push_to_hub=True` uploads it (`repo_id`, `token`).
+        The save is atomic and replaces a pipeline folder whole ([`staged_save`]): a folder re-saved in place keeps
+        its `training.json` and `evaluation.md`, another pipeline's are not carried over."""
         hub_options = {key: kwargs.pop(key) for key in ("repo_id", "token", "private") if key in kwargs}
-        super().save_pretrained(save_directory, **kwargs)
-        write_remote_code(self, save_directory)
-        write_model_card(save_directory)
+
+        def write(staging):
+            super(DiffSCMPipeline, self).save_pretrained(staging, **kwargs)
+            write_remote_code(self, staging)
+
+        staged_save(save_directory, self.config.get("_name_or_path", ""), write)
         if push_to_hub:
             repo_id = hub_options.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
             importlib.import_module("diffscm.hub").push_to_hub(save_directory, repo_id, **hub_options)

@@ -498,3 +498,31 @@ def test_from_pretrained_says_which_keywords_it_takes(model_dir, monkeypatch, tm
         DiffSCMPipeline.from_pretrained(model_dir, safety_checker=object())
     monkeypatch.setenv("HOME", str(model_dir.parent))
     assert DiffSCMPipeline.from_pretrained(f"~/{model_dir.name}").unet is not None
+
+
+def test_a_save_over_another_pipeline_replaces_it_whole_and_a_failed_save_changes_nothing(model_dir, tmp_path):
+    folder = tmp_path / "x"
+    shutil.copytree(model_dir, folder)
+    (folder / "evaluation.md").write_text("the other pipeline's evaluation")
+    other = tiny_pipeline(size=16, num_classes=3, num_inference_steps=2)
+    other.save_pretrained(folder)
+    assert not (folder / "training.json").exists() and not (folder / "evaluation.md").exists(), "no stale records"
+    assert DiffSCMPipeline.from_pretrained(folder).unet.config.sample_size == 16
+    shutil.rmtree(folder)
+    shutil.copytree(model_dir, folder)
+    reloaded = DiffSCMPipeline.from_pretrained(folder)
+    reloaded.save_pretrained(folder)  # in place: its own records stay
+    assert (folder / "training.json").is_file()
+    before = sorted(p.name for p in folder.rglob("*"))
+    with pytest.MonkeyPatch.context() as patch:
+        module = sys.modules[DiffSCMPipeline.__module__]
+        patch.setattr(module, "write_remote_code", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError, match="killed"):
+            other.save_pretrained(folder)
+    assert sorted(p.name for p in folder.rglob("*")) == before, "the folder is as it was"
+    assert DiffSCMPipeline.from_pretrained(folder).unet.config.sample_size == 28
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("a user's file")
+    with pytest.raises(ValueError, match="holds files but no pipeline"):
+        other.save_pretrained(tmp_path / "notes")
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "a user's file"
