@@ -495,7 +495,22 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         if classifier is None or isinstance(classifier, ExplainedClassifier):
             return classifier, gradient
         self.single_categorical_parent()  # explanations name a class of the image's one categorical parent
+        if processor is None:
+            processor = own_image_processor(classifier)
         return ExplainedClassifier(classifier, processor).to(self._execution_device), gradient
+
+
+def own_image_processor(classifier):
+    """The image processor saved beside a transformers classifier (`preprocessor_config.json` in the folder it was
+    loaded from), so that it is fed at the size and normalisation it was trained on; None where there is none."""
+    folder = getattr(classifier, "name_or_path", None) or getattr(
+        getattr(classifier, "config", None), "_name_or_path", ""
+    )
+    if not folder or not os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+        return None
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder)
 
 
 def pipeline_causal_graph(config: dict | None, classifier, parent_embedding) -> CausalGraph:

@@ -147,3 +147,17 @@ def test_the_training_script_ships_a_classifier_that_evaluate_explains(tmp_path)
     with pytest.raises(SystemExit, match="not a transformers image classifier"):
         main(["demo", "--model", str(pipeline), "--oracle", str(oracle), "--classifier", str(oracle),
               "--out", str(tmp_path / "demo2"), "--quiet"])  # fmt: skip
+
+
+def test_a_saved_classifier_without_its_processor_is_fed_as_its_own_processor_says():
+    from diffscm import DiffSCMPipeline
+    from diffscm.paths import shipped_checkpoint
+
+    folder = shipped_checkpoint("mnist-vit-classifier")
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    pipe = DiffSCMPipeline.from_pretrained(shipped_checkpoint("diffscm-mnist"))
+    guessed, _ = pipe.explained_from({}, model, None, "cheap")
+    given, _ = pipe.explained_from({}, model, AutoImageProcessor.from_pretrained(folder), "cheap")
+    assert guessed.size == given.size and torch.equal(guessed.mean, given.mean) and torch.equal(guessed.std, given.std)
+    raw, _ = pipe.explained_from({}, ViTForImageClassification(ViTConfig(image_size=28, num_labels=10)), None, "cheap")
+    assert raw.size != given.size, "a classifier without a saved processor takes the images as they are"
