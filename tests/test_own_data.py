@@ -48,6 +48,13 @@ def write_shapes(folder: Path, count: int = 300, seed: int = 0):
             writer.writerow([f"{i:04d}.png", color, round(size, 3), shape])
 
 
+def diffscm(*args, model=None) -> subprocess.CompletedProcess:
+    """A `diffscm` command as a user types it; with `model`, at the tiny chain's cheap settings."""
+    cheap = ["--model", model, "--steps", "2", "--refinement", "0"] if model else []
+    command = [sys.executable, "-m", "diffscm.cli", *map(str, [*args, *cheap])]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+
+
 @pytest.fixture(scope="module")
 def shapes_pipeline(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("own-data")
@@ -107,27 +114,8 @@ def test_an_intervention_by_class_name_in_python_and_on_the_command_line(shapes_
     assert out.images.shape == (2, 32, 32, 3)
     assert out.counterfactual_values["color"].tolist() == [2, 2]
     assert np.all(out.counterfactual_values["size"] > 9), "size follows color through the fitted mechanism"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffscm.cli",
-            "counterfactual",
-            str(shapes / "0000.png"),
-            "--model",
-            str(folder),
-            "--intervention",
-            "color=blue",
-            "--out",
-            str(tmp_path / "cf"),
-            "--steps",
-            "2",
-            "--refinement",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    result = diffscm(
+        "counterfactual", shapes / "0000.png", "--intervention", "color=blue", "--out", tmp_path / "cf", model=folder
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "cf" / "0000_do_colorblue.png").is_file() and "color=blue" in result.stdout
@@ -135,30 +123,17 @@ def test_an_intervention_by_class_name_in_python_and_on_the_command_line(shapes_
 
 def test_a_data_set_of_your_own_gets_counterfactuals_with_class_names(shapes_pipeline, tmp_path):
     folder, shapes = shapes_pipeline
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffscm.cli",
-            "counterfactual",
-            "--dataset",
-            str(shapes),
-            "--model",
-            str(folder),
-            "--intervention",
-            "color=green",
-            "--num-images",
-            "4",
-            "--out",
-            str(tmp_path / "cf"),
-            "--steps",
-            "2",
-            "--refinement",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    result = diffscm(
+        "counterfactual",
+        "--dataset",
+        shapes,
+        "--intervention",
+        "color=green",
+        "--num-images",
+        "4",
+        "--out",
+        tmp_path / "cf",
+        model=folder,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in open(tmp_path / "cf" / "shard-00000" / "metadata.jsonl")]
@@ -223,34 +198,21 @@ def test_judges_and_the_evaluation_of_any_graph_write_a_report_with_every_do(sha
     record = json.loads((tmp_path / "judges-run" / "judges" / "judges.json").read_text())
     assert set(record["heldout"]) == {"color_accuracy", "size_mae"} and record["split"]["num_heldout"] == 30
     out = tmp_path / "evaluation"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffscm.cli",
-            "evaluate",
-            "--model",
-            str(folder),
-            "--dataset",
-            str(shapes),
-            "--judges",
-            str(tmp_path / "judges-run" / "judges"),
-            "--num-samples",
-            "6",
-            "--composition-samples",
-            "2",
-            "--composition-cycles",
-            "2",
-            "--steps",
-            "2",
-            "--refinement",
-            "0",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    result = diffscm(
+        "evaluate",
+        "--dataset",
+        shapes,
+        "--judges",
+        tmp_path / "judges-run" / "judges",
+        "--num-samples",
+        "6",
+        "--composition-samples",
+        "2",
+        "--composition-cycles",
+        "2",
+        "--out",
+        out,
+        model=folder,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -262,51 +224,13 @@ def test_judges_and_the_evaluation_of_any_graph_write_a_report_with_every_do(sha
 
 def test_evaluating_your_own_data_set_needs_judges(shapes_pipeline, tmp_path):
     folder, shapes = shapes_pipeline
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffscm.cli",
-            "evaluate",
-            "--model",
-            str(folder),
-            "--dataset",
-            str(shapes),
-            "--out",
-            str(tmp_path / "e"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = diffscm("evaluate", "--model", str(folder), "--dataset", str(shapes), "--out", str(tmp_path / "e"))
     assert result.returncode != 0 and "--judges" in result.stderr and "train_judges.py" in result.stderr
 
 
 def test_the_demo_shows_every_do_of_your_own_graph_with_class_names(shapes_pipeline, tmp_path):
     folder, shapes = shapes_pipeline
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffscm.cli",
-            "demo",
-            "--model",
-            str(folder),
-            "--dataset",
-            str(shapes),
-            "--num-digits",
-            "2",
-            "--steps",
-            "2",
-            "--refinement",
-            "0",
-            "--out",
-            str(tmp_path / "demo"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = diffscm("demo", "--dataset", shapes, "--num-digits", "2", "--out", tmp_path / "demo", model=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "demo" / "interventions.md").read_text()
     assert "do(color=next)" in table and "do(size=" in table and ("red" in table or "green" in table)

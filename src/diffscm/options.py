@@ -38,6 +38,17 @@ def parse_scale(values: list[str] | None, flag: str = "--guidance-scale") -> flo
     return parse_assignments(values, flag, numbers_only=True)
 
 
+def add_dataset_options(parser, use: str):
+    """--dataset (anything `datasets` reads, whose columns the causal graph's nodes name) and --image-column."""
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="A data set as `datasets` reads it (a Hub id; a local imagefolder with metadata.csv, parquet or arrow "
+        f"files), its columns named by the causal graph's nodes: {use}",
+    )
+    parser.add_argument("--image-column", default="image", help="The --dataset's image column.")
+
+
 def add_pipeline_options(parser: argparse.ArgumentParser, model_help: str = "the shipped MNIST one"):
     """--model and the settings of the pipeline's call, each defaulting to the checkpoint's own."""
     parser.add_argument("--model", default=None, help=f"Pipeline folder or Hub id (default: {model_help}).")

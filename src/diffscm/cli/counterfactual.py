@@ -12,7 +12,14 @@ import PIL.ImageOps
 from .. import hub
 from ..data import BUNDLED_MNIST, load_image_dataset
 from ..dataset_counterfactuals import write_counterfactuals
-from ..options import add_pipeline_options, check_output_dir, device_and_dtype, parse_assignments, pipeline_options
+from ..options import (
+    add_dataset_options,
+    add_pipeline_options,
+    check_output_dir,
+    device_and_dtype,
+    parse_assignments,
+    pipeline_options,
+)
 
 
 def add_commands(commands):
@@ -20,13 +27,7 @@ def add_commands(commands):
     parser.add_argument("images", nargs="*", help="PNG/JPEG files (RGB is converted, other sizes resized).")
     data = parser.add_argument_group("a whole data set instead of files (written as an imagefolder, resumable)")
     data.add_argument("--data-dir", default=None, help="An imagefolder tree or a Morpho-MNIST folder.")
-    data.add_argument(
-        "--dataset",
-        default=None,
-        help="A data set that `datasets` reads (a Hub id; a local imagefolder with metadata.csv, parquet or arrow "
-        "files), whose columns are named by the causal graph's nodes; or mnist-bundled.",
-    )
-    data.add_argument("--image-column", default="image", help="The data set's image column.")
+    add_dataset_options(data, "every row's counterfactual (or mnist-bundled).")
     data.add_argument("--split", default=None, help="Its split (Hub: default train; Morpho-MNIST: train / test).")
     data.add_argument("--num-images", type=int, default=None, help="Only the first N rows.")
     data.add_argument("--shard-size", type=int, default=256, help="Rows per shard (the unit of work and of resume).")

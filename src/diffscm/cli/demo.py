@@ -14,7 +14,7 @@ from .. import hub, morphometrics
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
 from ..evaluation import DigitOracle
 from ..evaluation.metrics import oracle_predictions
-from ..options import add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
+from ..options import add_dataset_options, add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
 from .evaluate import load_explained_classifier
 
@@ -32,13 +32,7 @@ def add_commands(commands):
         "--data-dir", default=None, help="For a multi-parent model: the data it held out from (default: the "
         "repository's Morpho-MNIST).",
     )  # fmt: skip
-    parser.add_argument(
-        "--dataset",
-        default=None,
-        help="Your own data set (a Hub id, a local imagefolder with metadata.csv, parquet) that the model held out "
-        "images of: do() on every variable of its graph.",
-    )
-    parser.add_argument("--image-column", default="image", help="The --dataset's image column.")
+    add_dataset_options(parser, "do() on every variable of the graph, on the model's held-out images of it.")
     parser.add_argument(
         "--classifier", default=None, help="Explain this transformers image classifier folder: each column is what "
         "would make it say that digit (e.g. checkpoints/mnist-vit-classifier).",

@@ -17,7 +17,7 @@ from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_d
 from ..evaluation import DigitOracle, DigitVAE, GraphJudges, metrics, mnist, morphomnist, protocol
 from ..evaluation.benchmark_judges import BenchmarkJudges
 from ..evaluation.plots import plot_abduction_curve, plot_guidance_sweep
-from ..options import add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
+from ..options import add_dataset_options, add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
 
 DEFAULT_SCM_MODEL = "diffscm-morphomnist-conditional"
@@ -40,13 +40,7 @@ def add_commands(commands):
         help="Evaluate on a random sample of another labelled folder (imagefolder or Morpho-MNIST) instead of the "
         "pipeline's held-out split of the bundled digits.",
     )
-    parser.add_argument(
-        "--dataset",
-        default=None,
-        help="Your own data set (as `datasets` reads it: a Hub id, a local imagefolder with metadata.csv, parquet): "
-        "the model's held-out images of it, scored for any causal graph by --judges (train_judges.py).",
-    )
-    parser.add_argument("--image-column", default="image", help="The --dataset's image column.")
+    add_dataset_options(parser, "the model's held-out images of it, scored for any graph by --judges.")
     parser.add_argument("--judges", default=None, help="With --dataset: the judges' folder from train_judges.py.")
     parser.add_argument("--guidance-scales", type=float, nargs="*", default=[], help="Scales of the sweep.")
     parser.add_argument(
