@@ -303,10 +303,11 @@ def _g(value: float) -> str:
 
 
 def _hub_datasets(split: dict | None) -> list[str] | None:
-    """The Hub data set behind a recorded split: its own id, or MNIST for the repository's bundled digits and
-    Morpho-MNIST (the morphometrically transformed MNIST digits); None for any other local folder."""
+    """The Hub data set behind a recorded split: its own id, or MNIST for the repository's bundled digits,
+    Morpho-MNIST (the morphometrically transformed MNIST digits) and Colour-MNIST (the bundled digits coloured);
+    None for any other local folder."""
     source = (split or {}).get("source")
-    if source == "mnist-bundled" or (source and Path(source).name == "morphomnist"):
+    if source == "mnist-bundled" or (source and Path(source).name in ("morphomnist", "colour-mnist")):
         return ["ylecun/mnist"]
     return [source] if source and _is_hub_id(source) else None
 

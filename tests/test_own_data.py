@@ -267,3 +267,16 @@ def test_a_custom_graph_model_in_a_browser_shows_its_own_controls(shapes_pipelin
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))
         shown, table, _ = press_and_read_the_page(browser, 3, "do(color=blue)", "web-demo-own-graph.png")
     assert len(shown) == 3 and "blue / blue" in table
+
+
+def test_train_judges_refuses_a_bad_graph_before_loading_data(tmp_path):
+    (tmp_path / "graph.json").write_text(json.dumps({"nodes": [{"name": "a", "type": "continuous", "range": "0-1"}]}))
+    result = launch(
+        "train_judges.py",
+        "--causal_graph",
+        str(tmp_path / "graph.json"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        check=False,
+    )
+    assert result.returncode != 0 and "Node 'a'" in result.stderr and not (tmp_path / "run").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffscm import model_cards, training
+from diffscm import CausalGraph, model_cards, training
 from diffscm.evaluation import GraphJudges
 from diffscm.evaluation.judges import judge_errors
 from diffscm.image_processing import random_affine
@@ -37,7 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Random rotations, scalings and shifts of this range (0: none; leave it 0 where they change a parent).",
     )
     parser.set_defaults(seed=7)  # never the seed of the pipeline's predictor
-    return training.parse_judge_args(parser, argv, "judges")
+    args = training.parse_judge_args(parser, argv, "judges")
+    try:
+        CausalGraph.load(args.causal_graph)
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(f"--causal_graph {args.causal_graph!r}: {error}")
+    return args
 
 
 def parent_values(graph, dataset) -> dict[str, np.ndarray]:
