@@ -33,6 +33,7 @@ setup(
         "mlxtend",
         "scipy",
         "scikit-image>=0.22",
+        "zuko>=1.1",
         "opencv-python-headless>=4.5",
         "matplotlib",
     ],

@@ -225,6 +225,8 @@ def _mechanism_formula(node: Node) -> str:
     m = node.mechanism
     if m.kind == "identity":
         return "root: its value is its own noise" if not node.parents else "identity"
+    if m.kind == "flow":
+        return f"a conditional neural spline flow of u given {', '.join(node.parents)} (fitted, zuko NSF)"
     terms = [_g(m.bias)] if m.bias else []
     terms += [_mechanism_term(weight, parent) for parent, weight in m.weights.items()]
     terms += [f"{_g(m.scale)} u".removeprefix("1 ")]

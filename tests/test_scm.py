@@ -258,3 +258,26 @@ def test_the_protocol_intervenes_on_every_parent_with_another_value_and_descenda
     assert np.all((moved >= 0.5) & (moved <= 6.0)) and np.all(moved != factual["thickness"]), "within its range"
     assert not np.allclose(requests["thickness"]["intensity"], factual["intensity"]), "intensity follows"
     assert np.array_equal(requests["intensity"]["thickness"], factual["thickness"]), "thickness is no descendant"
+
+
+def test_a_flow_is_fitted_where_affine_and_logistic_do_not_fit_and_inverts_exactly():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 3, 2000)
+    b = np.where(rng.random(2000) < 0.5, -3.0, 3.0) + 0.3 * rng.standard_normal(2000) + 2 * a  # bimodal given a
+    graph = CausalGraph.from_config({"nodes": [
+        {"name": "a", "type": "categorical", "num_classes": 3},
+        {"name": "b", "type": "continuous", "parents": ["a"]},
+        {"name": "image", "type": "image", "parents": ["a", "b"]},
+    ]}, fitted=False)  # fmt: skip
+    fitted, report = graph.fit({"a": a[:1500], "b": b[:1500]}, {"a": a[1500:], "b": b[1500:]})
+    assert report["b"]["kind"] == "flow"
+    mechanism = fitted.nodes["b"].mechanism
+    noise = mechanism.abduct({"a": a[1500:]}, b[1500:])
+    assert np.abs(mechanism({"a": a[1500:]}, noise) - b[1500:]).max() < 1e-4, "abduction inverts the flow"
+    assert abs(noise.std() - 1) < 0.2, "the abducted noise is standard normal on held-out data"
+    loaded = CausalGraph.from_config(json.loads(json.dumps(fitted.to_config())))
+    factual = {"a": a[1500:][a[1500:] == 0], "b": b[1500:][a[1500:] == 0]}
+    moved = loaded.counterfactual(factual, {"a": 2})["b"]
+    assert np.allclose(moved, fitted.counterfactual(factual, {"a": 2})["b"]), "saved and loaded, the same flow"
+    assert np.median(moved - factual["b"]) == pytest.approx(4.0, abs=0.5), "do(a = 2) moves b by 2 x 2"
+    assert np.mean(np.sign(moved - 4) == np.sign(factual["b"])) > 0.95, "each value keeps its mode"

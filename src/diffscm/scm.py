@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from . import flows
+
 NODE_TYPES = ("categorical", "continuous", "image")
-MECHANISMS = ("identity", "affine", "logistic", "auto")
+MECHANISMS = ("identity", "affine", "logistic", "flow", "auto")
+FLOW_MARGIN = 0.01  # nats per held-out value a flow must gain over an affine or logistic mechanism to be chosen
 MAX_CLASSES = 10_000  # a categorical node's embedding and predictor head grow with it
 
 
@@ -27,8 +30,12 @@ class Mechanism:
     - `logistic`: v = low + (high - low) * sigmoid(bias + sum_p weights[p] * p + scale * u); Morpho-MNIST's intensity
       is `logistic` with low 64, high 255, weights {thickness: 2}, bias -5, scale 0.5.
 
+    - `flow`: v = T^-1(u; pa), a conditional neural spline flow (`diffscm.flows`, zuko's NSF) fitted to the data
+      where neither fits; `flow` holds it (its parents' encoding and weights).
+
     A categorical parent enters one-hot, never as its class index: its weight is a list with one entry per class
-    (`weights={"digit": [0.05, 0.15, ...]}`), so no order of the classes is implied.
+    (`weights={"digit": [0.05, 0.15, ...]}`), so no order of the classes is implied. `auto` (in a graph file) is
+    fitted from the data as whichever of the three has the highest held-out likelihood.
     """
 
     kind: str = "identity"
@@ -37,6 +44,7 @@ class Mechanism:
     scale: float = 1.0
     low: float | None = None
     high: float | None = None
+    flow: dict | None = field(default=None, hash=False, repr=False)
 
     def __post_init__(self):
         if self.kind not in MECHANISMS:
@@ -49,6 +57,11 @@ class Mechanism:
             name: tuple(map(float, w)) if isinstance(w, list | tuple) else w for name, w in self.weights.items()
         }
         object.__setattr__(self, "weights", weights)
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the mechanism can run: identity always, a flow with its spec, the others with their weights."""
+        return self.kind == "identity" or (self.flow is not None if self.kind == "flow" else bool(self.weights))
 
     def _linear(self, parents: dict[str, np.ndarray]) -> np.ndarray:
         terms = [
@@ -64,6 +77,8 @@ class Mechanism:
         noise = np.asarray(noise, float)
         if self.kind == "identity":
             return noise
+        if self.kind == "flow":
+            return flows.forward(self.flow, parents, noise)
         pre = self._linear(parents) + self.scale * noise
         if self.kind == "affine":
             return pre
@@ -74,6 +89,8 @@ class Mechanism:
         value = np.asarray(value, float)
         if self.kind == "identity":
             return value
+        if self.kind == "flow":
+            return flows.abduct(self.flow, parents, value)
         if self.kind == "logistic":
             if np.any(value < self.low) or np.any(value > self.high):
                 raise ValueError(f"A logistic mechanism's values lie in [{self.low}, {self.high}].")
@@ -91,12 +108,15 @@ class Mechanism:
         high: float | None = None,
         num_classes: dict[str, int] | None = None,
     ) -> "Mechanism":
-        """Least-squares fit of an `affine` or `logistic` (given `low`, `high`) mechanism to observed data; the noise
-        scale is the residuals' standard deviation, so abducted noise is standard normal on the fitted data. The
-        parents named in `num_classes` ({parent: K}) are categorical and enter one-hot."""
-        if kind not in ("affine", "logistic"):
-            raise ValueError(f"Only affine and logistic mechanisms are fitted, not {kind!r}.")
+        """Least-squares fit of an `affine` or `logistic` (given `low`, `high`) mechanism to observed data (the noise
+        scale is the residuals' standard deviation, so abducted noise is standard normal on the fitted data), or the
+        maximum-likelihood fit of a `flow`. The parents named in `num_classes` ({parent: K}) are categorical and
+        enter one-hot."""
+        if kind not in ("affine", "logistic", "flow"):
+            raise ValueError(f"Only affine, logistic and flow mechanisms are fitted, not {kind!r}.")
         num_classes = num_classes or {}
+        if kind == "flow":
+            return cls("flow", flow=flows.fit(value, parents, num_classes))
         target = cls._link(kind, np.asarray(value, float), low, high)
         names = sorted(parents)
         blocks = [
@@ -127,6 +147,8 @@ class Mechanism:
         """Mean log density of observed values under the mechanism (standard normal noise, change of variables):
         how the training scripts choose between mechanisms on held-out data."""
         value = np.asarray(value, float)
+        if self.kind == "flow":
+            return flows.log_likelihood(self.flow, parents, value)
         if self.kind == "logistic":
             value = np.clip(value, self.low + 1e-4 * (self.high - self.low), self.high - 1e-4 * (self.high - self.low))
         noise = self.abduct(parents, value)
@@ -337,7 +359,7 @@ class CausalGraph:
     def fitted(self) -> bool:
         """Every continuous node has a range and every node with parents a mechanism with weights."""
         return all(node.range is not None for node in self.nodes.values() if node.type == "continuous") and all(
-            node.mechanism.weights for node in self.nodes.values() if node.parents and node.type != "image"
+            node.mechanism.fitted for node in self.nodes.values() if node.parents and node.type != "image"
         )
 
     @property
@@ -366,8 +388,9 @@ class CausalGraph:
     def fit(self, train: dict[str, np.ndarray], heldout: dict[str, np.ndarray] | None = None):
         """
         The graph with what its file left out taken from encoded data ({node: values}): each continuous node's
-        missing range (the training values' min and max), and each mechanism of a node with parents: `affine` or
-        `logistic` as given, or with `"kind": "auto"` (the default) the one of higher held-out log-likelihood.
+        missing range (the training values' min and max), and each mechanism of a node with parents: `affine`,
+        `logistic` or `flow` as given, or with `"kind": "auto"` (the default) the one of highest held-out
+        log-likelihood (a flow only where it gains FLOW_MARGIN over the other two).
 
         Returns the fitted graph and a report {node: {"kind", "heldout_log_likelihood", "heldout_mae"}}.
         """
@@ -377,14 +400,14 @@ class CausalGraph:
             node = nodes[name]
             if node.type == "continuous" and node.range is None:
                 node = replace(node, range=(float(np.min(train[name])), float(np.max(train[name]))))
-            if node.parents and not node.mechanism.weights:
+            if node.parents and not node.mechanism.fitted:
                 node, report[name] = self._fit_mechanism(node, nodes, train, heldout)
             nodes[name] = node
         return CausalGraph(list(nodes.values())), report
 
     def _fit_mechanism(self, node: Node, nodes: dict, train: dict, heldout: dict):
         categorical = {p: nodes[p].num_classes for p in node.parents if nodes[p].type == "categorical"}
-        kinds = ("affine", "logistic") if node.mechanism.kind == "auto" else (node.mechanism.kind,)
+        kinds = ("affine", "logistic", "flow") if node.mechanism.kind == "auto" else (node.mechanism.kind,)
         low, high = node.range
         scored = []
         for kind in kinds:
@@ -399,7 +422,8 @@ class CausalGraph:
                 "heldout_mae": float(np.mean(np.abs(predicted - heldout[node.name]))),
             }
             scored.append((record["heldout_log_likelihood"], mechanism, record))
-        _, mechanism, record = max(scored, key=lambda item: item[0])
+        # A flow is taken only where it fits clearly better than the best closed form, which is kept where they tie.
+        _, mechanism, record = max(scored, key=lambda item: item[0] - FLOW_MARGIN * (item[1].kind == "flow"))
         return replace(node, mechanism=mechanism), record
 
     def to_config(self) -> dict:
@@ -540,15 +564,19 @@ class CausalGraph:
             return
         if node.type == "categorical":
             raise ValueError(f"Categorical node {node.name!r} with parents has no invertible mechanism here.")
-        if not fitted and not mechanism.weights:
+        if not fitted and (mechanism.kind == "identity" or not mechanism.fitted):
             if mechanism.kind == "identity":
                 object.__setattr__(node, "mechanism", Mechanism("auto"))  # fitted from the data
             return
-        if mechanism.kind in ("identity", "auto"):
+        if mechanism.kind in ("identity", "auto") or not mechanism.fitted:
             raise ValueError(
                 f"Node {node.name!r} has parents {list(node.parents)}: give it an affine or logistic "
                 "mechanism (or fit one with Mechanism.fit, or leave it to the training scripts in a graph file)."
             )
+        if mechanism.kind == "flow":
+            if set(mechanism.flow.get("context", {})) != set(node.parents):
+                raise ValueError(f"The flow of {node.name!r} is conditioned on other parents than {node.parents}.")
+            return
         if set(mechanism.weights) != set(node.parents):
             raise ValueError(
                 f"The mechanism of {node.name!r} weighs {sorted(mechanism.weights)}, but its parents are "
