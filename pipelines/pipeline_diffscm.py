@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffscm.flows import fit as _flows  # noqa: F401  (scm's flow mechanism: remote code copies direct imports only)
 from diffscm.image_processing import PipelineImageInput, preprocess_images
 from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor
 from diffscm.models.explained_classifier import ExplainedClassifier

@@ -12,7 +12,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from . import flows
+from .flows import abduct as flow_abduct
+from .flows import fit as fit_flow
+from .flows import forward as flow_forward
+from .flows import log_likelihood as flow_log_likelihood
 
 NODE_TYPES = ("categorical", "continuous", "image")
 MECHANISMS = ("identity", "affine", "logistic", "flow", "auto")
@@ -78,7 +81,7 @@ class Mechanism:
         if self.kind == "identity":
             return noise
         if self.kind == "flow":
-            return flows.forward(self.flow, parents, noise)
+            return flow_forward(self.flow, parents, noise)
         pre = self._linear(parents) + self.scale * noise
         if self.kind == "affine":
             return pre
@@ -90,7 +93,7 @@ class Mechanism:
         if self.kind == "identity":
             return value
         if self.kind == "flow":
-            return flows.abduct(self.flow, parents, value)
+            return flow_abduct(self.flow, parents, value)
         if self.kind == "logistic":
             if np.any(value < self.low) or np.any(value > self.high):
                 raise ValueError(f"A logistic mechanism's values lie in [{self.low}, {self.high}].")
@@ -116,7 +119,7 @@ class Mechanism:
             raise ValueError(f"Only affine, logistic and flow mechanisms are fitted, not {kind!r}.")
         num_classes = num_classes or {}
         if kind == "flow":
-            return cls("flow", flow=flows.fit(value, parents, num_classes))
+            return cls("flow", flow=fit_flow(value, parents, num_classes))
         target = cls._link(kind, np.asarray(value, float), low, high)
         names = sorted(parents)
         blocks = [
@@ -148,7 +151,7 @@ class Mechanism:
         how the training scripts choose between mechanisms on held-out data."""
         value = np.asarray(value, float)
         if self.kind == "flow":
-            return flows.log_likelihood(self.flow, parents, value)
+            return flow_log_likelihood(self.flow, parents, value)
         if self.kind == "logistic":
             value = np.clip(value, self.low + 1e-4 * (self.high - self.low), self.high - 1e-4 * (self.high - self.low))
         noise = self.abduct(parents, value)
