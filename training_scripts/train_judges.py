@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffscm import CausalGraph, model_cards, training
+from diffscm import CausalGraph, hub, model_cards, training
 from diffscm.evaluation import GraphJudges
 from diffscm.evaluation.judges import judge_errors
 from diffscm.image_processing import random_affine
@@ -73,7 +73,11 @@ def main(args: argparse.Namespace):
         errors = judge_errors(final.predict(images), parent_values(graph, heldout), graph.parent_specs())
         training.record_run(args, SCRIPT, *run)
         final.save_pretrained(args.export_dir)
-        command = training.read_json(Path(args.output_dir) / "training_args.json")["command"]
+        commands = [
+            *hub.data_commands(split_record),
+            training.read_json(Path(args.output_dir) / "training_args.json")["command"],
+        ]
+        command = "\n".join(commands)  # the data it was trained on, where a command made it, then the training
         record = {"heldout": errors, "split": split_record, "command": command, "causal_graph": graph.to_config()}
         training.write_json(Path(args.export_dir) / "judges.json", record)
         model_cards.write_judges_card(args.export_dir)

@@ -91,17 +91,23 @@ def _rounded(seconds: float | None) -> float | None:
 DATA_RECORDS = ("colour_mnist.json", "redraw.json")  # written beside the data by make_colour_mnist.py, redraw_...
 
 
+def data_commands(split: dict) -> list[str]:
+    """The commands that wrote a run's data folders (its source and extra training data), where they recorded one."""
+    sources = [split.get("source", ""), *split.get("extra_train_sources", [])]
+    return [
+        _read_json(source, name)["command"]
+        for source in sources
+        for name in DATA_RECORDS
+        if source and (Path(source) / name).is_file()
+    ]
+
+
 def unet_commands(run_dir: str | os.PathLike) -> list[str]:
     """The commands that remake a train_unet.py run: the data it was made from or added (make_colour_mnist.py,
     redraw_morphomnist.py), the run it fine-tuned (a pipeline folder's UNet commands, or another run's,
     recursively), then its own."""
     run = _read_json(run_dir, "training_args.json")
-    split = _read_json(run_dir, "split.json")
-    commands = []
-    for source in [split.get("source", ""), *split.get("extra_train_sources", [])]:
-        for name in DATA_RECORDS:
-            if source and (Path(source) / name).is_file():
-                commands.append(_read_json(source, name)["command"])
+    commands = data_commands(_read_json(run_dir, "split.json"))
     base = run["args"].get("pretrained_model_name_or_path")
     if base and (Path(base) / "training.json").is_file():  # a pipeline folder: all but its predictor's command
         commands += _read_json(base, "training.json")["commands"][:-1]
