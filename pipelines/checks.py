@@ -74,7 +74,8 @@ def check_scale(name: str, value) -> float:
 
 def check_finite(sample: torch.Tensor, what: str, scales: dict):
     if not torch.isfinite(sample).all():
-        raise ValueError(f"{what} became NaN or infinite: the guidance is too strong ({scales}); lower it.")
+        cause = "the callback returned them, or " if "callback" in what else ""
+        raise ValueError(f"{what} became NaN or infinite: {cause}the guidance is too strong ({scales}); lower it.")
 
 
 def check_noise(noise, channels: int, size: int):

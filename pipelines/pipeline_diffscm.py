@@ -308,7 +308,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                     )
                 sample = returned.pop("sample", sample)
 
-        check_finite(sample, "The counterfactual", guidance.anticausal | {"cfg": guidance.cfg_scale})
+        what = "The counterfactual" if callback_on_step_end is None else "The counterfactual (after your callback)"
+        check_finite(sample, what, guidance.anticausal | {"cfg": guidance.cfg_scale})
         return self.postprocess(sample, output_type)
 
     @torch.no_grad()

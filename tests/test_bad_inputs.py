@@ -526,3 +526,22 @@ def test_a_save_over_another_pipeline_replaces_it_whole_and_a_failed_save_change
     with pytest.raises(ValueError, match="holds files but no pipeline"):
         other.save_pretrained(tmp_path / "notes")
     assert (tmp_path / "notes" / "mine.txt").read_text() == "a user's file"
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        ([[torch.zeros(1, 8, 8)]], "nested list"),
+        (torch.zeros(8, 8, 3), "looks channels-last"),
+        (torch.zeros(8, 8, 1), "looks channels-last"),
+    ],
+)
+def test_a_nested_list_or_a_channels_last_tensor_gets_a_hint(pipe, image, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        pipe(image, target=1)
+
+
+def test_a_callback_that_returns_nan_is_named(pipe):
+    with pytest.raises(ValueError, match="after your callback.*the callback returned them"):
+        pipe(torch.rand(1, 1, 8, 8), target=1,
+             callback_on_step_end=lambda p, i, t, k: {"sample": k["sample"] * float("nan")})  # fmt: skip

@@ -56,9 +56,16 @@ def _to_unit_tensor(image, num_channels: int) -> torch.Tensor:
             tensor = tensor[None]
         if tensor.ndim != 4:
             raise ValueError(f"A torch image must be (C, H, W) or (B, C, H, W); got shape {tuple(image.shape)}.")
+        if tensor.shape[1] not in (1, 3, 4) and tensor.shape[-1] in (1, 3, 4):
+            raise ValueError(
+                f"A torch image is channels-first (C, H, W); shape {tuple(image.shape)} looks channels-last: pass "
+                "image.permute(2, 0, 1) (or (0, 3, 1, 2) for a batch), or a numpy array, which is channels-last."
+            )
     else:
+        nested = " (a nested list: pass a flat list of images)" if isinstance(image, list | tuple) else ""
         raise TypeError(
-            f"`image` must be a PIL image, numpy array, torch tensor or a list of them; got {type(image).__name__}."
+            "`image` must be a PIL image, numpy array, torch tensor or a list of them; got "
+            f"{type(image).__name__}{nested}."
         )
     return _match_channels(_to_unit_range(tensor, kind), num_channels)
 
