@@ -110,7 +110,7 @@ def test_targets_outside_the_classifiers_labels_and_bad_gradients_are_refused(vi
 
 
 @pytest.mark.slow
-def test_the_training_script_ships_a_classifier_that_evaluate_explains(tmp_path):
+def test_the_training_script_ships_a_classifier_that_evaluate_explains(tmp_path, monkeypatch):
     root = Path(__file__).resolve().parents[1]
     export = tmp_path / "vit"
     command = [sys.executable, str(root / "training_scripts" / "train_image_classifier.py"), "--output_dir",
@@ -140,9 +140,10 @@ def test_the_training_script_ships_a_classifier_that_evaluate_explains(tmp_path)
         main(["evaluate", "--model", str(pipeline), "--oracle", str(oracle), "--classifier", str(oracle),
               "--num-samples", "2", "--out", str(tmp_path / "eval2"), "--quiet"])  # fmt: skip
 
+    monkeypatch.chdir(tmp_path)  # the default --out: a folder per model and setting, beside the model's own demo
     main(["demo", "--model", str(pipeline), "--oracle", str(oracle), "--classifier", str(export), "--num-digits", "2",
-          "--out", str(tmp_path / "demo"), "--quiet"])  # fmt: skip
-    tables = (tmp_path / "demo" / "oracle.md").read_text()
+          "--quiet"])  # fmt: skip
+    tables = (tmp_path / "diffscm-demo" / f"{pipeline.name}-explains-{export.name}" / "oracle.md").read_text()
     assert "Predictions of the explained classifier" in tables and tables.count("\n| ") == 2 * (1 + 2)  # 2 rows each
     with pytest.raises(SystemExit, match="not a transformers image classifier"):
         main(["demo", "--model", str(pipeline), "--oracle", str(oracle), "--classifier", str(oracle),

@@ -48,7 +48,9 @@ def demo(args: argparse.Namespace):
     """Counterfactuals of held-out bundled digits under do(digit = 0..9), as a PNG grid and an oracle table."""
     if args.num_digits is not None and args.num_digits < 1:
         raise ValueError(f"--num-digits must be >= 1, got {args.num_digits}.")
-    args.out = args.out or str(Path("diffscm-demo") / Path(args.model or hub.DEFAULT_MODEL).name)
+    # A folder per model and setting: the explanations of a classifier do not overwrite the model's own demo.
+    setting = f"-explains-{Path(args.classifier).name}" if args.classifier else ""
+    args.out = args.out or str(Path("diffscm-demo") / (Path(args.model or hub.DEFAULT_MODEL).name + setting))
     check_output_dir(args.out)
     device, dtype = device_and_dtype(args)
     pipe = hub.load_pipeline(args.model, device, dtype)

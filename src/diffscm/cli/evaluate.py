@@ -285,7 +285,7 @@ def write_report(args: argparse.Namespace, command: str, result: dict, report: s
     (Path(args.out) / "metrics.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
     (Path(args.out) / "report.md").write_text(report)
     print(report)
-    print(f"Wrote {args.out}/metrics.json and {args.out}/report.md")
+    print(f"Wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
     if args.write_model_card:
         line = "diffscm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == [command] else f"diffscm {command}"
         model = result.get("model") or result["settings"]["model"]

@@ -40,7 +40,7 @@ EXAMPLES = [str(path) for path in sorted((REPOSITORY / "docs" / "examples").glob
 # A 28 px digit is drawn at 224 px, its pixels kept square: the factual must be as easy to see as the counterfactuals.
 PAGE_CSS = (
     "#factual img { height: 224px !important; width: auto !important; object-fit: contain !important; "
-    "image-rendering: pixelated; }"
+    "image-rendering: pixelated; } #values th, #values td { word-break: normal; overflow-wrap: normal; }"
 )
 HOW_IT_WORKS = """
 1. **Abduction**: the picture is inverted by deterministic DDIM to its exogenous noise u, the part of the image that
