@@ -171,19 +171,31 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             write_remote_code(self, staging)
 
         staged_save(save_directory, self.config.get("_name_or_path", ""), write)
-        if push_to_hub:
+        if push_to_hub:  # the same upload as `push_to_hub`, records of the folder it was loaded from included
             repo_id = hub_options.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
-            importlib.import_module("diffscm.hub").push_to_hub(save_directory, repo_id, **hub_options)
+            self.push_to_hub(repo_id, **hub_options)
 
-    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+    ) -> str:
         """Upload the pipeline to the Hub repo `repo_id` with its code and the project's model card (diffusers' own
         upload would write its generic card), keeping the `training.json` and `evaluation.md` of the folder it was
-        loaded from; returns the repo URL."""
+        loaded from; returns the repo URL. diffusers' keywords, but weights go as safetensors without a variant."""
+        if not safe_serialization or variant is not None:
+            raise ValueError("A DiffSCMPipeline is uploaded as plain safetensors weights (no pickles, no variant).")
         hub = importlib.import_module("diffscm.hub")  # by name: plain diffusers loads this file without diffscm
         with tempfile.TemporaryDirectory(prefix="diffscm-push-") as staging:
             self.save_pretrained(staging)
             hub.copy_records(self.config.get("_name_or_path", ""), staging)
-            return hub.push_to_hub(staging, repo_id, token=token, private=bool(private))
+            return hub.push_to_hub(staging, repo_id, token=token, private=bool(private),
+                                   commit_message=commit_message, create_pr=create_pr)  # fmt: skip
 
     @torch.no_grad()
     def abduct(

@@ -217,6 +217,7 @@ def test_the_pipelines_own_push_to_hub_uploads_the_project_card_and_code(tmp_pat
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         uploaded[repo_id] = {path.relative_to(folder_path).as_posix(): path.read_bytes()
                              for path in Path(folder_path).rglob("*") if path.is_file()}  # fmt: skip
+        uploaded[repo_id, "options"] = kwargs
 
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: f"https://huggingface.co/{repo_id}")
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
@@ -227,6 +228,13 @@ def test_the_pipelines_own_push_to_hub_uploads_the_project_card_and_code(tmp_pat
     assert "Mechanism: **classifier-guided**" in card and "## Evaluation" in card, "the project's card, with records"
     assert files["training.json"] == (MNIST / "training.json").read_bytes()
     assert {"pipeline_diffscm.py", "folder.py", "checks.py", "classifier/anticausal.py"} <= set(files)
+    pipe.push_to_hub("someone/pr", commit_message="New weights", create_pr=True)  # diffusers' keywords
+    assert uploaded["someone/pr", "options"]["commit_message"] == "New weights"
+    assert uploaded["someone/pr", "options"]["create_pr"] is True
+    pipe.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="someone/saved")
+    assert uploaded["someone/saved"]["training.json"] == files["training.json"], "the same upload as push_to_hub"
+    with pytest.raises(ValueError, match="plain safetensors"):
+        pipe.push_to_hub("someone/x", safe_serialization=False)
 
 
 def test_torch_dtype_reaches_every_component_and_abduction_stays_float32(tmp_path, saved):

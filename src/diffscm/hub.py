@@ -117,7 +117,12 @@ def unet_commands(run_dir: str | os.PathLike) -> list[str]:
 
 
 def push_to_hub(
-    pipeline_dir: str | os.PathLike, repo_id: str | None, token: str | None = None, private: bool = False
+    pipeline_dir: str | os.PathLike,
+    repo_id: str | None,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+    create_pr: bool = False,
 ) -> str:
     """
     Upload any DiffSCMPipeline folder to the Hub model repo `repo_id` (created if needed) with its model card and
@@ -150,7 +155,8 @@ def push_to_hub(
             repo_id=repo_id,
             folder_path=str(folder),
             repo_type="model",
-            commit_message="Upload DiffSCMPipeline",
+            commit_message=commit_message or "Upload DiffSCMPipeline",
+            create_pr=create_pr,
             ignore_patterns=["**/__pycache__/**", "*.pyc"],
         )
     return str(url)
