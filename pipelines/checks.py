@@ -125,8 +125,17 @@ def class_targets(target, batch_size: int, num_classes: int) -> torch.Tensor:
     return targets.reshape(batch_size, -1)
 
 
+MAX_SAMPLE_SIZE = 4096  # larger: an input resized to it would take gigabytes before the first UNet pass
+
+
 def check_components(unet, scheduler, classifier, parent_embedding, graph):
     """The components fit each other and the causal graph."""
+    size = unet.config.sample_size
+    if not isinstance(size, int) or not 1 <= size <= MAX_SAMPLE_SIZE:
+        raise ValueError(
+            f"The UNet's sample_size is {size!r}: a square image side of 1 to {MAX_SAMPLE_SIZE} pixels is expected "
+            "(every input would be resized to it); check unet/config.json."
+        )
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(
             f"Only epsilon- and v-prediction UNets are supported, got {scheduler.config.prediction_type!r}."

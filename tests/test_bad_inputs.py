@@ -545,3 +545,14 @@ def test_a_callback_that_returns_nan_is_named(pipe):
     with pytest.raises(ValueError, match="after your callback.*the callback returned them"):
         pipe(torch.rand(1, 1, 8, 8), target=1,
              callback_on_step_end=lambda p, i, t, k: {"sample": k["sample"] * float("nan")})  # fmt: skip
+
+
+def test_an_implausible_sample_size_is_refused_at_load(model_dir, tmp_path):
+    folder = tmp_path / "huge"
+    shutil.copytree(model_dir, folder)
+    (folder / "training.json").unlink()
+    for config in (folder / "unet" / "config.json", folder / "classifier" / "config.json"):
+        if config.is_file():
+            config.write_text(json.dumps(json.loads(config.read_text()) | {"sample_size": 30000}))
+    with pytest.raises(ValueError, match="sample_size is 30000"):
+        DiffSCMPipeline.from_pretrained(folder)
