@@ -279,3 +279,18 @@ def test_train_judges_refuses_a_bad_graph_before_loading_data(tmp_path):
         check=False,
     )
     assert result.returncode != 0 and "Node 'a'" in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_the_issues_trial_as_written_trains_from_train_data_dir_with_string_colours(tmp_path):
+    write_shapes(tmp_path / "shapes", count=40)
+    graph = {"nodes": [{"name": "color", "type": "categorical", "classes": ["red", "green", "blue"]},
+                       {"name": "size", "type": "continuous"},
+                       {"name": "image", "type": "image", "parents": ["color", "size"]}]}  # fmt: skip
+    (tmp_path / "graph.json").write_text(json.dumps(graph))
+    data = ["--train_data_dir", str(tmp_path / "shapes"), "--causal_graph", str(tmp_path / "graph.json")]
+    launch("train_unet.py", *data, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
+           "--save_images_steps", "1", "--eval_batch_size", "4", *TINY)  # fmt: skip
+    saved = json.loads((tmp_path / "run" / "causal_graph.json").read_text())
+    size = next(node for node in saved["nodes"] if node["name"] == "size")
+    assert 3 <= size["range"][0] < size["range"][1] <= 15, "the range the data span, recorded"
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["num_heldout"] == 4, "10% of a small data set"
