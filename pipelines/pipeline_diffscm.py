@@ -194,8 +194,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         with tempfile.TemporaryDirectory(prefix="diffscm-push-") as staging:
             self.save_pretrained(staging)
             hub.copy_records(self.config.get("_name_or_path", ""), staging)
-            return hub.push_to_hub(staging, repo_id, token=token, private=bool(private),
-                                   commit_message=commit_message, create_pr=create_pr)  # fmt: skip
+            options = {"token": token, "private": bool(private), "commit_message": commit_message}
+            return hub.push_to_hub(staging, repo_id, create_pr=create_pr, **options)
 
     @torch.no_grad()
     def abduct(

@@ -250,8 +250,10 @@ class Node:
         array = np.asarray(values)
         if self.type == "continuous":
             if not np.issubdtype(array.dtype, np.number):
-                raise ValueError(f"Node {self.name!r} is continuous, but its column {self.data_column!r} holds "
-                                 f"{array[:3].tolist()}...")  # fmt: skip
+                shown = array[:3].tolist()
+                raise ValueError(
+                    f"Node {self.name!r} is continuous, but its column {self.data_column!r} holds {shown}..."
+                )
             return array.astype(np.float64)
         if array.dtype.kind in "US" or array.dtype == object:
             return np.array([self.class_index(value) for value in array.tolist()], dtype=np.int64)
