@@ -309,7 +309,7 @@ def _hub_datasets(split: dict | None) -> list[str] | None:
     Morpho-MNIST (the morphometrically transformed MNIST digits) and Colour-MNIST (the bundled digits coloured);
     None for any other local folder."""
     source = (split or {}).get("source")
-    if source == "mnist-bundled" or (source and Path(source).name in ("morphomnist", "colour-mnist")):
+    if source == "mnist-bundled" or (source and Path(source).name.startswith(("morphomnist", "colour-mnist"))):
         return ["ylecun/mnist"]
     return [source] if source and _is_hub_id(source) else None
 
