@@ -72,10 +72,13 @@ def check_scale(name: str, value) -> float:
     return float(value)
 
 
-def check_finite(sample: torch.Tensor, what: str, scales: dict):
+def check_finite(sample: torch.Tensor, what: str, scales: dict, after_callback: bool = False):
     if not torch.isfinite(sample).all():
-        cause = "the callback returned them, or " if "callback" in what else ""
-        raise ValueError(f"{what} became NaN or infinite: {cause}the guidance is too strong ({scales}); lower it.")
+        cause = " (after your callback)" if after_callback else ""
+        blamed = "the callback returned them, or " if after_callback else ""
+        raise ValueError(
+            f"{what}{cause} became NaN or infinite: {blamed}the guidance is too strong ({scales}); lower it."
+        )
 
 
 def check_noise(noise, channels: int, size: int):

@@ -320,8 +320,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                     )
                 sample = returned.pop("sample", sample)
 
-        what = "The counterfactual" if callback_on_step_end is None else "The counterfactual (after your callback)"
-        check_finite(sample, what, guidance.anticausal | {"cfg": guidance.cfg_scale})
+        scales = guidance.anticausal | {"cfg": guidance.cfg_scale}
+        check_finite(sample, "The counterfactual", scales, after_callback=callback_on_step_end is not None)
         return self.postprocess(sample, output_type)
 
     @torch.no_grad()

@@ -161,10 +161,7 @@ def predictor_heads(graph: CausalGraph) -> dict[str, dict]:
 
 def parent_values(graph: CausalGraph | None, dataset) -> dict:
     """{variable: values} of the image's parents (the `label` column without a graph)."""
-    if graph is None:
-        return {"label": dataset["label"]}
-    values = training.node_values(graph, dataset)
-    return {name: values[name] for name in graph.image_parents}
+    return {"label": dataset["label"]} if graph is None else training.parent_values(graph, dataset)
 
 
 def load_schedule(args: argparse.Namespace) -> DDIMScheduler:

@@ -13,10 +13,10 @@ real held-out images in `judges.json`: the floor below which no counterfactual's
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from diffscm import CausalGraph, hub, model_cards, training
+from diffscm.data import images_to_tensor
 from diffscm.evaluation import GraphJudges
 from diffscm.evaluation.judges import judge_errors
 from diffscm.image_processing import random_affine
@@ -45,16 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def parent_values(graph, dataset) -> dict[str, np.ndarray]:
-    values = training.node_values(graph, dataset)
-    return {name: values[name] for name in graph.image_parents}
-
-
 def main(args: argparse.Namespace):
     accelerator = training.make_accelerator(args)
     split, split_record = training.load_split(args)
     graph, _ = training.load_graph(args, split)
-    dataloader = training.make_dataloader(split["train"], args, values=parent_values(graph, split["train"]))
+    dataloader = training.make_dataloader(split["train"], args, values=training.parent_values(graph, split["train"]))
     judges = GraphJudges(graph.parent_specs(), args.resolution, args.num_channels, tuple(args.channels), args.dropout)
     judges, optimizer, dataloader, lr_scheduler, ema = training.prepare_model(accelerator, judges, dataloader, args)
     training.start_run(accelerator, args, "train_judges", split_record)
@@ -69,8 +64,8 @@ def main(args: argparse.Namespace):
     if accelerator.is_main_process:
         final = training.trained_model(accelerator, judges, ema)
         heldout = split["heldout"] if len(split["heldout"]) else split["train"]
-        images = (training.make_dataloader(heldout, args, shuffle=False).dataset.columns["pixel_values"] + 1) / 2
-        errors = judge_errors(final.predict(images), parent_values(graph, heldout), graph.parent_specs())
+        images = (images_to_tensor(heldout["image"], args.num_channels, args.resolution) + 1) / 2
+        errors = judge_errors(final.predict(images), training.parent_values(graph, heldout), graph.parent_specs())
         training.record_run(args, SCRIPT, *run)
         final.save_pretrained(args.export_dir)
         commands = [

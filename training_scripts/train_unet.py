@@ -199,8 +199,7 @@ def main(args: argparse.Namespace):
     accelerator = training.make_accelerator(args)
     split, split_record = training.load_split(args)
     graph, mechanism_fit = training.load_graph(args, split)
-    values = training.node_values(graph, split["train"]) if graph is not None else {}
-    values = {name: values[name] for name in graph.image_parents} if graph is not None else None
+    values = training.parent_values(graph, split["train"]) if graph is not None else None
     dataloader = training.make_dataloader(split["train"], args, values=values)
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,

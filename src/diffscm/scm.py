@@ -234,7 +234,6 @@ class Node:
         spec = asdict(self) | {"parents": list(self.parents)}
         spec["range"] = list(self.range) if self.range is not None else None
         spec["classes"] = list(self.classes) if self.classes is not None else None
-        spec["mechanism"] = {k: list(v) if isinstance(v, tuple) else v for k, v in spec["mechanism"].items()}
         spec["mechanism"]["weights"] = {
             k: list(v) if isinstance(v, tuple) else v for k, v in self.mechanism.weights.items()
         }
@@ -387,8 +386,21 @@ class CausalGraph:
 
     def data_values(self, rows: list[dict]) -> dict[str, np.ndarray]:
         """The values of the image's parents in data set rows, read from each node's column, class names encoded."""
-        columns = {name: self.nodes[name].data_column for name in self.image_parents}
-        return {name: self.nodes[name].encode([row[column] for row in rows]) for name, column in columns.items()}
+        return {
+            name: self.nodes[name].encode([row[column] for row in rows]) for name, column in self.data_columns.items()
+        }
+
+    def show(self, name: str, value) -> str:
+        """A value as reports and the web page write it: a categorical one by its class name, a number to two
+        decimals."""
+        node = self.nodes.get(name)
+        if node is not None and node.type == "categorical" and not isinstance(value, str):
+            return node.value_name(value)
+        return f"{value:.2f}" if isinstance(value, float | np.floating) else str(value)
+
+    def row_values(self, rows: list[dict]) -> dict[str, np.ndarray]:
+        """Every variable's values in data set rows (through `encode`, which names a missing column)."""
+        return self.encode({column: [row[column] for row in rows] for column in rows[0]} if rows else {})
 
     def fit(self, train: dict[str, np.ndarray], heldout: dict[str, np.ndarray] | None = None):
         """

@@ -262,6 +262,12 @@ def node_values(graph: CausalGraph, dataset) -> dict[str, np.ndarray]:
     return graph.encode({column: dataset[column] if column in needed else None for column in dataset.column_names})
 
 
+def parent_values(graph: CausalGraph, dataset) -> dict[str, np.ndarray]:
+    """The image's parents' values in a data set (what the noise model and the predictors are conditioned on)."""
+    values = node_values(graph, dataset)
+    return {name: values[name] for name in graph.image_parents}
+
+
 def load_graph(args: argparse.Namespace, split) -> tuple[CausalGraph | None, dict]:
     """--causal_graph with what its file left out (ranges, mechanisms) fitted on the training split; the report
     holds each fitted mechanism's held-out fit."""

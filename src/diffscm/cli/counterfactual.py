@@ -5,7 +5,6 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
@@ -52,7 +51,8 @@ def counterfactual(args: argparse.Namespace):
         raise ValueError("Give image files, or a data set with --data-dir / --dataset.")
     check_output_dir(args.out)
     images = [read_image(path) for path in args.images]
-    check_no_input_in(Path(args.out), args.images)
+    names = unique_stems(args.images)
+    check_no_input_in(Path(args.out), args.images, names)
     pipe = hub.load_pipeline(args.model, *device_and_dtype(args))
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     request = {"factual_values": parse_assignments(args.factual, "--factual")}
@@ -61,7 +61,6 @@ def counterfactual(args: argparse.Namespace):
         request["target"] = parse_target(args.target, parent)
     else:
         request["intervention"] = parse_assignments(args.intervention, "--intervention")
-    names = unique_stems(args.images)
     out = pipe(images, **request, return_reconstruction=args.reconstruction, **pipeline_options(args))
     per_image = len(out.images) // len(images)
     if out.predicted_factuals:
@@ -70,12 +69,12 @@ def counterfactual(args: argparse.Namespace):
     intervention = {k: graph.check_value(k, v) for k, v in request.get("intervention", {}).items()}
     suffix = "_".join(f"{k}{graph.nodes[k].value_name(v)}" for k, v in sorted(intervention.items()))
     for i, image in enumerate(out.images):
-        target = out.targets is not None and _show(graph, pipe.single_categorical_parent(), out.targets[i])
+        target = out.targets is not None and graph.show(pipe.single_categorical_parent(), out.targets[i])
         name = f"do{target}" if target else f"do_{suffix}"
         path = Path(args.out) / f"{names[i // per_image]}_{name}.png"
         image.save(path)
-        values = ", ".join(f"{k}={_show(graph, k, v[i])}" for k, v in out.counterfactual_values.items())
-        estimates = ", ".join(f"{k}={_show(graph, k, v[i])}" for k, v in out.predicted_values.items())
+        values = ", ".join(f"{k}={graph.show(k, v[i])}" for k, v in out.counterfactual_values.items())
+        estimates = ", ".join(f"{k}={graph.show(k, v[i])}" for k, v in out.predicted_values.items())
         print(f"{path}  counterfactual {values}; predictor reads {estimates}")
     for stem, image in zip(names, out.reconstructions or [], strict=False):
         image.save(Path(args.out) / f"{stem}_null.png")
@@ -118,10 +117,9 @@ def dataset_counterfactuals(args: argparse.Namespace):
           f"datasets.load_dataset('imagefolder', data_dir={args.out!r}).")  # fmt: skip
 
 
-def check_no_input_in(out: Path, paths: list[str]):
+def check_no_input_in(out: Path, paths: list[str], stems: list[str]):
     """Outputs go to `OUT/{stem}_do....png` and `OUT/{stem}_null.png`: an input there with such a name would be
     overwritten, so it is refused before any work."""
-    stems = unique_stems(paths)
     for path in paths:
         source = Path(path).resolve()
         if source.parent == out.resolve() and any(source.name.startswith(f"{stem}_") for stem in stems):
@@ -168,10 +166,3 @@ def parse_target(text: str, node):
     if not text.isdecimal() or int(text) >= node.num_classes:
         raise ValueError(f"--target must be a class in 0..{node.num_classes - 1}{names} or 'all', got {text!r}.")
     return int(text)
-
-
-def _show(graph, name: str, value) -> str:
-    """A value as the reports write it: a class name, or a number to two decimals."""
-    if name in graph.nodes and graph.nodes[name].type == "categorical":
-        return graph.nodes[name].value_name(value)
-    return f"{value:.2f}" if isinstance(value, float | np.floating) else str(value)

@@ -108,7 +108,7 @@ def scm_demo(pipe, args: argparse.Namespace):
     else:
         dataset = load_image_dataset(train_data_dir=args.data_dir or shipped_data("morphomnist"))
     rows = heldout_rows(pipe.config._name_or_path, dataset, args.num_digits or 8)
-    factual = graph.encode({column: [row[column] for row in rows] for column in graph.node_columns.values()})
+    factual = graph.row_values(rows)
     options = pipeline_options(args)
     scale = options.pop("guidance_scale")
     abduction = pipe.abduct([row["image"] for row in rows], {p: factual[p] for p in graph.image_parents}, **options)

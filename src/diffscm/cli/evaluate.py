@@ -259,7 +259,7 @@ def evaluate_graph(args: argparse.Namespace):
     dataset = load_image_dataset(dataset_name=args.dataset, image_column=args.image_column)
     rows = heldout_rows(pipe.config._name_or_path, dataset, args.num_samples)
     graph = pipe.causal_graph
-    factual = graph.encode({column: [row[column] for row in rows] for column in graph.node_columns.values()})
+    factual = graph.row_values(rows)
     images = (pipe.preprocess([row["image"] for row in rows]) + 1) / 2
     options = pipeline_options(args)
     colour = (Path(args.dataset) / "colour_mnist.json").is_file()  # written by make_colour_mnist.py

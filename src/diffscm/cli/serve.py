@@ -22,7 +22,7 @@ from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_d
 from ..evaluation import DigitOracle
 from ..evaluation.metrics import oracle_predictions
 from ..options import device_and_dtype
-from ..paths import REPOSITORY, shipped_checkpoint, shipped_data
+from ..paths import REPOSITORY, shipped_checkpoint
 from ..tables import markdown_table
 from .demo import image_grid
 
@@ -139,14 +139,12 @@ class CounterfactualDemo:
 
     @staticmethod
     def _heldout_data(folder: str):
-        """The data set the model's split was drawn from (`training.json`): the bundled digits, the repository's
-        Morpho-MNIST, or the local data set it names."""
+        """The data set the model's split was drawn from (`training.json`): the bundled digits, or the local data set
+        it names (a path like `data/morphomnist` also from the repository's root)."""
         record = Path(folder) / "training.json"
         source = json.loads(record.read_text()).get("split", {}).get("source") if record.is_file() else None
         if source in (None, BUNDLED_MNIST):
             return load_bundled_mnist()
-        if source == "data/morphomnist":
-            return load_image_dataset(train_data_dir=shipped_data("morphomnist"))
         local = source if Path(source).exists() else REPOSITORY / source
         if not Path(local).exists():
             raise ValueError(f"The model's held-out images are in {source!r}, which is not here.")
@@ -175,7 +173,7 @@ class CounterfactualDemo:
                 raise ValueError("Tick at least one variable to intervene on.")
             out = pipe(image, intervention=intervention, factual_values=factual, output_type="pt",
                        return_reconstruction=True)  # fmt: skip
-            headers = ["do(" + ", ".join(f"{k}={_show(graph, k, v)}" for k, v in intervention.items()) + ")"]
+            headers = ["do(" + ", ".join(f"{k}={graph.show(k, v)}" for k, v in intervention.items()) + ")"]
             asked = [intervention]
         else:
             parent = pipe.single_categorical_parent()
@@ -225,11 +223,11 @@ def values_table(out, headers: list[str], asked: list[dict], readings: dict, gra
         cells = []
         for n in names:
             request = asked[min(i, len(asked) - 1)]
-            read = _show(graph, n, readings[n][i]) if n in readings else "-"
-            wanted = _show(graph, n, request[n]) if n in request else "-"
-            cells.append(f"{wanted} / {_show(graph, n, out.counterfactual_values[n][i])} / {read}")
+            read = graph.show(n, readings[n][i]) if n in readings else "-"
+            wanted = graph.show(n, request[n]) if n in request else "-"
+            cells.append(f"{wanted} / {graph.show(n, out.counterfactual_values[n][i])} / {read}")
         rows.append([header, *cells])
-    factual = ", ".join(f"{k} {_show(graph, k, v[0])}" for k, v in out.factual_values.items())
+    factual = ", ".join(f"{k} {graph.show(k, v[0])}" for k, v in out.factual_values.items())
     given = "predicted from the image" if out.predicted_factuals else "given"
     table = markdown_table(["counterfactual", *columns], rows, [False] * (len(columns) + 1))
     return f"Factual values ({given}): {factual}\n\n{table}\n\n{reader}"
@@ -371,11 +369,3 @@ def _shipped(models: dict[str, str]) -> dict[str, str]:
         except FileNotFoundError:
             continue
     return found
-
-
-def _show(graph, name: str, value) -> str:
-    """A value as the page writes it: a categorical one by its class name, a continuous one to two decimals."""
-    node = graph.nodes.get(name)
-    if node is not None and node.type == "categorical" and not isinstance(value, str):
-        return node.value_name(value)
-    return f"{value:.2f}" if isinstance(value, float | np.floating) else str(value)

@@ -63,14 +63,15 @@ def evaluate(
     specs = judges.config.parents
     parents = {name: factual[name] for name in graph.image_parents}
     abduction = pipe.abduct(images, parents, **options)
-    result = {"judges on the factual images": judge_errors(judges.predict(images), factual, specs)}
+    factual_reading = judges.predict(images)
+    result = {"judges on the factual images": judge_errors(factual_reading, factual, specs)}
     for variable, expected in intervention_values(graph, factual, seed).items():
         values = {name: expected[name] for name in graph.image_parents}
         counterfactuals = pipe.intervene(abduction, values, guidance_scale=guidance)
         entry = {
             "descendants": sorted(graph.descendants(variable) & set(graph.image_parents)),
-            "counterfactual": _scores(judges, measures, counterfactuals, expected),
-            "unchanged image": _scores(judges, measures, images, expected),
+            "counterfactual": _scores(judges.predict(counterfactuals), specs, measures, counterfactuals, expected),
+            "unchanged image": _scores(factual_reading, specs, measures, images, expected),
             "realism": realism(judges, counterfactuals, images),
         }
         back = pipe.intervene(pipe.abduct(counterfactuals, values, **options), parents, guidance_scale=guidance)
@@ -85,8 +86,9 @@ def evaluate(
     return result
 
 
-def _scores(judges, measures: dict | None, images: torch.Tensor, expected: dict) -> dict[str, float]:
-    scores = judge_errors(judges.predict(images), expected, judges.config.parents)
+def _scores(reading: dict, specs: dict, measures: dict | None, images: torch.Tensor, expected: dict) -> dict:
+    """The judges' `reading` of `images` and each judge-free measure, scored against the expected values."""
+    scores = judge_errors(reading, expected, specs)
     return scores | {name: measure(images, expected) for name, measure in (measures or {}).items()}
 
 
