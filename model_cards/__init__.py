@@ -4,18 +4,18 @@
 
 A pipeline card renders for any `DiffSCMPipeline` folder, whichever way it was built: by hand and saved, exported by
 a training script, or loaded, changed and saved again; what the folder does not record, the card says is not recorded.
-This module only reads files: it imports no model or pipeline code (floor 1; the causal graph from `diffscm.scm`).
+This module only reads files: it imports no model or pipeline code (floor 1; the folder format from
+`diffscm.folder_format`).
 """
 
-import json
 import math
 import os
 from pathlib import Path
 
-from diffscm.pipelines.folder import missing_remote_code
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
+from diffscm.folder_format import causal_graph, missing_remote_code, read_json, recorded, settings
 from diffscm.scm import CausalGraph, Node
 
 PIPELINE_TEMPLATE = "diffscm_pipeline.md"
@@ -49,20 +49,18 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
         raise FileNotFoundError(f"No such pipeline folder: {str(pipeline_dir)!r}.")
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"{folder} is not a DiffSCMPipeline folder: it has no model_index.json.")
-    index = _read_json(folder, "model_index.json")
-    unet = _read_json(folder / "unet", "config.json")
-    scheduler = _read_json(folder / "scheduler", "scheduler_config.json")
-    present = {
-        name: _recorded(index, name) and (folder / name).is_dir() for name in ("classifier", "parent_embedding")
-    }
+    index = read_json(folder, "model_index.json")
+    unet = read_json(folder / "unet", "config.json")
+    scheduler = read_json(folder / "scheduler", "scheduler_config.json")
+    present = {name: recorded(index, name) and (folder / name).is_dir() for name in ("classifier", "parent_embedding")}
     conditional, has_classifier = present["parent_embedding"], present["classifier"]
-    graph = _causal_graph(index, folder, has_classifier, conditional)
+    graph = causal_graph(index.get("causal_graph"), _parent_specs(folder, has_classifier, conditional))
     parents = graph.image_parents
-    guidance = index.get("guidance_scale", 1.0 if has_classifier else 0.0)
-    cfg = index.get("cfg_scale", 1.0)
-    steps, refinements = index.get("num_inference_steps", 50), index.get("abduction_refinement_steps", 0)
+    defaults = settings(index)
+    guidance, cfg = defaults["guidance_scale"], defaults["cfg_scale"]
+    steps, refinements = defaults["num_inference_steps"], defaults["abduction_refinement_steps"]
     cfg_passes = sum(scale != 1 for scale in _scales(cfg, parents, 1.0).values()) if conditional else 0
-    record = _read_json(folder, "training.json") if (folder / "training.json").is_file() else None
+    record = read_json(folder, "training.json") if (folder / "training.json").is_file() else None
     split = (record or {}).get("split")
     card_data = ModelCardData(
         library_name="diffusers",
@@ -110,7 +108,7 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
 def write_oracle_card(oracle_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
     """Render `README.md` of an oracle folder from its `oracle.json` (command, split, held-out accuracy)."""
     folder = Path(oracle_dir)
-    record = _read_json(folder, "oracle.json")
+    record = read_json(folder, "oracle.json")
     return _write_judge_card(
         folder, ORACLE_TEMPLATE, "oracle", record, "diffscm", repo_id=repo_id or _display_path(folder),
         heldout_accuracy=record["heldout_accuracy"],
@@ -120,7 +118,7 @@ def write_oracle_card(oracle_dir: str | os.PathLike, repo_id: str | None = None)
 def write_judges_card(judges_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
     """Render `README.md` of a judges folder from its `judges.json` (command, split, own held-out errors)."""
     folder = Path(judges_dir)
-    record = _read_json(folder, "judges.json")
+    record = read_json(folder, "judges.json")
     errors = "\n".join(f"- {name.replace('_', ' ')}: **{value:.4g}**" for name, value in record["heldout"].items())
     return _write_judge_card(
         folder,
@@ -137,9 +135,9 @@ def write_judges_card(judges_dir: str | os.PathLike, repo_id: str | None = None)
 def write_vae_card(vae_dir: str | os.PathLike) -> ModelCard:
     """Render `README.md` of a VAE folder from its `vae.json` and config."""
     folder = Path(vae_dir)
-    record = _read_json(folder, "vae.json")
+    record = read_json(folder, "vae.json")
     return _write_judge_card(
-        folder, VAE_TEMPLATE, "vae", record, "diffscm", latent_dim=_read_json(folder, "config.json")["latent_dim"],
+        folder, VAE_TEMPLATE, "vae", record, "diffscm", latent_dim=read_json(folder, "config.json")["latent_dim"],
         heldout_negative_elbo=record["heldout_negative_elbo"],
     )  # fmt: skip
 
@@ -147,11 +145,11 @@ def write_vae_card(vae_dir: str | os.PathLike) -> ModelCard:
 def write_image_classifier_card(folder: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
     """Render `README.md` of a transformers classifier folder from its `image_classifier.json` and config."""
     folder = Path(folder)
-    record = _read_json(folder, "image_classifier.json")
+    record = read_json(folder, "image_classifier.json")
     return _write_judge_card(
         folder, IMAGE_CLASSIFIER_TEMPLATE, "image-classification", record, "transformers", "image-classification",
         repo_id=repo_id or _display_path(folder), heldout_accuracy=record["heldout_accuracy"],
-        architecture=_read_json(folder, "config.json")["architectures"][0],
+        architecture=read_json(folder, "config.json")["architectures"][0],
     )  # fmt: skip
 
 
@@ -177,27 +175,14 @@ def _write_judge_card(
     return card
 
 
-def _recorded(index: dict, name: str) -> bool:
-    """Whether `model_index.json` records component `name` (`[library, class]`, not `[null, null]`)."""
-    spec = index.get(name)
-    return isinstance(spec, list) and len(spec) == 2 and spec[-1] is not None
-
-
-def _causal_graph(index: dict, folder: Path, has_classifier: bool, conditional: bool) -> CausalGraph:
-    """The pipeline's graph; folders saved before graphs were recorded have the predictor's (or the embedding's)
-    single categorical parent -> image, as the pipeline itself assumes."""
-    if index.get("causal_graph"):
-        return CausalGraph.from_config(index["causal_graph"])
-    specs = {}
+def _parent_specs(folder: Path, has_classifier: bool, conditional: bool) -> dict[str, dict]:
+    """The parents that the predictor (or the embedding) of a folder without a recorded graph was built for."""
     if has_classifier:
-        config = _read_json(folder / "classifier", "config.json")
-        specs = config.get("parents") or {
-            config.get("parent", "label"): {"num_classes": config.get("num_classes", 10)}
-        }
-    elif conditional:
-        specs = _read_json(folder / "parent_embedding", "config.json")["parents"]
-    (name, spec), *_ = specs.items() or [("label", {"num_classes": 10})]
-    return CausalGraph.single_parent(name, spec.get("num_classes", 10))
+        config = read_json(folder / "classifier", "config.json")
+        return config.get("parents") or {config.get("parent", "label"): {"num_classes": config.get("num_classes", 10)}}
+    if conditional:
+        return read_json(folder / "parent_embedding", "config.json")["parents"]
+    return {"label": {"num_classes": 10}}
 
 
 def _variable_row(node: Node, unet: dict, conditional: bool) -> dict:
@@ -348,13 +333,3 @@ def _count_params(model_dir: Path) -> int | None:
 
 def _format_count(count: int | None) -> str:
     return f"{count:,}" if count is not None else "an unknown number of"
-
-
-def _read_json(folder, name: str) -> dict:
-    path = Path(folder) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is corrupt: {error}") from error

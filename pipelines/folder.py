@@ -17,23 +17,14 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from huggingface_hub import snapshot_download
 
+from diffscm.folder_format import COMPONENTS, RECORDS, SETTINGS, recorded
 from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor
 from diffscm.models.parent_embedding import ParentEmbedding
 
 PREDICTORS = {cls.__name__: cls for cls in (AntiCausalClassifier, AntiCausalPredictor)}
 MODELS = {"unet": UNet2DModel, "parent_embedding": ParentEmbedding}  # the classifier's class is recorded
-COMPONENTS = ("unet", "scheduler", "classifier", "parent_embedding")
 SCHEDULER = "scheduler"
 DOWNLOAD_KEYWORDS = ("revision", "cache_dir", "token", "local_files_only")
-SETTINGS = (
-    "causal_graph",
-    "guidance_scale",
-    "cfg_scale",
-    "num_inference_steps",
-    "abduction_refinement_steps",
-    "explained_classifier_scale",
-)
-CODE_LIBRARIES = ("diffusers", "transformers")  # components whose code plain diffusers already has
 _IMPORT = re.compile(r"^from\s+(diffscm(?:\.\w+)*|\.+\w*(?:\.\w+)*)\s+import", re.MULTILINE)
 
 
@@ -56,40 +47,6 @@ def resolve(name_or_path: str, **download) -> str:
         raise OSError(
             f"{name_or_path!r} is not a local folder, and as a Hub id it could not be fetched: {error}"
         ) from error
-
-
-def read_index(folder: str | os.PathLike) -> dict:
-    """`model_index.json` of a DiffSCMPipeline folder, checked: its class, its components and their folders, and no
-    key that the pipeline does not know."""
-    path = Path(folder) / "model_index.json"
-    if not path.is_file():
-        raise ValueError(f"{folder} is not a DiffSCMPipeline folder: it has no model_index.json.")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is corrupt: {error}") from error
-    if not isinstance(index, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(index).__name__}.")
-    class_name = index.get("_class_name")
-    class_name = class_name[-1] if isinstance(class_name, list) else class_name
-    if class_name != "DiffSCMPipeline" or {"unet", "scheduler"} - set(index):
-        raise ValueError(f"{folder} holds a {class_name} pipeline, not a DiffSCMPipeline (with unet and scheduler).")
-    unknown = {key for key in index if not key.startswith("_")} - set(COMPONENTS) - set(SETTINGS)
-    if unknown:
-        known = [*COMPONENTS, *SETTINGS]
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; a DiffSCMPipeline knows {known}.")
-    for name in COMPONENTS:
-        spec = index.get(name)
-        if spec is not None and not (isinstance(spec, list) and len(spec) == 2):
-            raise ValueError(f"{path}: {name!r} must be [library, class] or null, got {spec!r}.")
-    predictor = (index.get("classifier") or [None, None])[-1]
-    if predictor is not None and predictor not in PREDICTORS:
-        raise ValueError(f"{path}: unknown anti-causal predictor {predictor!r}; expected one of {sorted(PREDICTORS)}.")
-    for name in COMPONENTS:
-        recorded = (index.get(name) or [None, None])[-1]
-        if recorded is not None and not (Path(folder) / name).is_dir():
-            raise ValueError(f"{folder} records a {name} ({recorded}) but has no {name}/ folder.")
-    return index
 
 
 def loading_options(kwargs: dict) -> tuple[dict, dict, object]:
@@ -124,7 +81,7 @@ def load_components(folder: str, index: dict, dtype, skip=(), **options) -> dict
     """Every component that `index` records and `skip` does not name, from its sub-folder of `folder`."""
     components = {}
     for name in COMPONENTS:
-        if name in skip or (index.get(name) or [None, None])[-1] is None:
+        if name in skip or not recorded(index, name):
             continue
         if name == "scheduler":
             components[name] = _load(folder, name, lambda: DDIMScheduler.from_pretrained(folder, subfolder=SCHEDULER))
@@ -252,36 +209,7 @@ def _flat_source(module) -> str:
     return _IMPORT.sub(lambda m: f"from .{m.group(1).rsplit('.', 1)[-1]} import", inspect.getsource(module))
 
 
-def missing_remote_code(pipeline_dir: str | os.PathLike) -> list[str]:
-    """The code files that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` needs and the folder
-    lacks (the pipeline's module, its custom components' modules in their sub-folders and what they import
-    relatively); `["model_index.json"]` when it does not name the pipeline's module. Empty: plain diffusers loads
-    the folder."""
-    folder = Path(pipeline_dir)
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    class_name = index.get("_class_name")
-    if not (isinstance(class_name, list) and len(class_name) == 2 and class_name[0]):
-        return ["model_index.json"]
-    needed = [Path(f"{class_name[0]}.py")] + [
-        Path(name, f"{spec[0]}.py")
-        for name, spec in index.items()
-        if name in COMPONENTS and isinstance(spec, list) and spec[-1] is not None and spec[0] not in CODE_LIBRARIES
-    ]
-    missing, seen = [], set()
-    while needed:
-        path = needed.pop(0)
-        if path in seen:
-            continue
-        seen.add(path)
-        if not (folder / path).is_file():
-            missing.append(path.as_posix())
-            continue
-        source = (folder / path).read_text(encoding="utf-8")
-        needed += [path.parent / f"{module}.py" for module in re.findall(r"^\s*from\s+\.(\w+)\s+import", source, re.M)]
-    return missing
-
-
-def write_model_card(folder: str | os.PathLike):
+def write_model_card(folder: str | os.PathLike, repo_id: str | None = None):
     """The project's card for a saved folder; skipped with a warning where diffscm (which renders it) is missing, as
     in a folder's shipped code run by plain diffusers."""
     try:  # by name: loading the shipped code must not need diffscm (diffusers checks the imports it sees)
@@ -293,10 +221,7 @@ def write_model_card(folder: str | os.PathLike):
             f"Saved {folder} without its model card (README.md): diffscm, which renders it, is not installed."
         )
         return
-    model_cards.write_model_card(folder)
-
-
-RECORDS = ("training.json", "evaluation.md")  # a folder's own records of how its pipeline was made and measured
+    model_cards.write_model_card(folder, repo_id=repo_id)
 
 
 def staged_save(save_directory: str | os.PathLike, source: str, write):

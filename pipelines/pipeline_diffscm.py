@@ -1,6 +1,5 @@
 """Diff-SCM (Sanchez & Tsaftaris, CLeaR 2022): counterfactual images by DDIM abduction and intervention."""
 
-import importlib
 import math
 import os
 import tempfile
@@ -14,6 +13,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffscm.flows import fit as _flows  # noqa: F401  (scm's flow mechanism: remote code copies direct imports only)
+from diffscm.folder_format import DEFAULTS, SETTINGS, copy_records, default_guidance_scale, read_index, upload
+from diffscm.folder_format import causal_graph as folder_causal_graph
 from diffscm.image_processing import PipelineImageInput, preprocess_images
 from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor
 from diffscm.models.explained_classifier import ExplainedClassifier
@@ -36,19 +37,9 @@ from .checks import (
     renamed_keyword,
 )
 from .fixed_point import anderson_mix
-from .folder import (
-    SETTINGS,
-    load_components,
-    loading_options,
-    read_index,
-    resolve,
-    staged_save,
-    write_remote_code,
-)
+from .folder import load_components, loading_options, resolve, staged_save, write_model_card, write_remote_code
 from .parent_values import ParentValuesMixin, TargetInput, ValuesInput
 from .pipeline_output import Abduction, DiffSCMPipelineOutput, Guidance
-
-EXPLAINED_CLASSIFIER_SCALE = 8.0  # measured: docs/evaluation-mnist-vit-conditional (the ViT flips 0.995 at 8)
 
 
 def ddim_step(sample: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float, eta=0.0, generator=None):
@@ -102,14 +93,14 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         parent_embedding: ParentEmbedding | None = None,
         causal_graph: dict | None = None,
         guidance_scale: ScaleInput | None = None,
-        cfg_scale: ScaleInput = 1.0,
-        num_inference_steps: int = 50,
-        abduction_refinement_steps: int = 0,
-        explained_classifier_scale: float = EXPLAINED_CLASSIFIER_SCALE,
+        cfg_scale: ScaleInput = DEFAULTS["cfg_scale"],
+        num_inference_steps: int = DEFAULTS["num_inference_steps"],
+        abduction_refinement_steps: int = DEFAULTS["abduction_refinement_steps"],
+        explained_classifier_scale: float = DEFAULTS["explained_classifier_scale"],
     ):
         super().__init__()
         if guidance_scale is None:
-            guidance_scale = 1.0 if classifier is not None else 0.0
+            guidance_scale = default_guidance_scale(classifier is not None)
         if not isinstance(scheduler, DDIMScheduler) or scheduler.config.clip_sample or scheduler.config.thresholding:
             # DDIM (abduction inverts it), never clipped: a clipped step cannot be inverted.
             scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
@@ -190,12 +181,12 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         loaded from; returns the repo URL. diffusers' keywords, but weights go as safetensors without a variant."""
         if not safe_serialization or variant is not None:
             raise ValueError("A DiffSCMPipeline is uploaded as plain safetensors weights (no pickles, no variant).")
-        hub = importlib.import_module("diffscm.hub")  # by name: plain diffusers loads this file without diffscm
         with tempfile.TemporaryDirectory(prefix="diffscm-push-") as staging:
             self.save_pretrained(staging)
-            hub.copy_records(self.config.get("_name_or_path", ""), staging)
+            copy_records(self.config.get("_name_or_path", ""), staging)
+            write_model_card(staging, repo_id=repo_id)
             options = {"token": token, "private": bool(private), "commit_message": commit_message}
-            return hub.push_to_hub(staging, repo_id, create_pr=create_pr, **options)
+            return upload(staging, repo_id, create_pr=create_pr, **options)
 
     @torch.no_grad()
     def abduct(
@@ -529,10 +520,5 @@ def own_image_processor(classifier):
 
 def pipeline_causal_graph(config: dict | None, classifier, parent_embedding) -> CausalGraph:
     """The pipeline's graph: as configured, or the single categorical parent of its predictor or embedding."""
-    if config is not None:
-        return CausalGraph.from_config(config)
-    for component in (classifier, parent_embedding):
-        if component is not None:
-            (parent, spec), *_ = component.parents.items()
-            return CausalGraph.single_parent(parent, spec["num_classes"])
-    raise ValueError("A DiffSCMPipeline needs an anti-causal `classifier`, a `parent_embedding`, or both.")
+    specs = next((c.parents for c in (classifier, parent_embedding) if c is not None), {})
+    return folder_causal_graph(config, specs)

@@ -4,19 +4,15 @@ any DiffSCMPipeline folder (with the code plain diffusers needs). The cards them
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi
-
 from . import model_cards
+from .folder_format import missing_remote_code, read_index, read_json, upload
 from .paths import shipped_checkpoint
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "diffscm-mnist-conditional"
-RECORDS = ("training.json", "evaluation.md")  # what a staged upload carries over besides the pipeline itself
 SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
 
 
@@ -40,7 +36,7 @@ def write_evaluation(pipeline_dir: str, command: str, report: str, generation_fi
         raise ValueError(f"Writing the model card needs a local pipeline folder, not {pipeline_dir!r}.")
     (folder / "evaluation.md").write_text(f"Measured with `{command}`:\n\n{report}")
     if generation_fidelity and (folder / "training.json").is_file():
-        record = _read_json(folder, "training.json")
+        record = read_json(folder, "training.json")
         record["generation_fidelity"] = {"command": command, "results": generation_fidelity}
         (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     model_cards.write_model_card(folder)
@@ -52,12 +48,12 @@ def write_defaults(pipeline_dir: str, command: str, guidance_scale: dict, cfg_sc
     folder = Path(pipeline_dir)
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"Saving defaults needs a local pipeline folder, not {pipeline_dir!r}.")
-    index = _read_json(folder, "model_index.json") | {"guidance_scale": guidance_scale}
+    index = read_json(folder, "model_index.json") | {"guidance_scale": guidance_scale}
     if cfg_scale is not None:
         index["cfg_scale"] = cfg_scale
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if (folder / "training.json").is_file():
-        record = _read_json(folder, "training.json") | {"defaults_command": command}
+        record = read_json(folder, "training.json") | {"defaults_command": command}
         (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     model_cards.write_model_card(folder)
 
@@ -65,20 +61,20 @@ def write_defaults(pipeline_dir: str, command: str, guidance_scale: dict, cfg_sc
 def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_dir: str):
     """`training.json` in the pipeline folder: all commands, the split, the speeds and the predictor's held-out
     accuracy or error by noise level."""
-    classifier_run = _read_json(classifier_run_dir, "training_args.json")
+    classifier_run = read_json(classifier_run_dir, "training_args.json")
     commands = unet_commands(unet_run_dir)
-    unet_run = _read_json(unet_run_dir, "training_args.json")
+    unet_run = read_json(unet_run_dir, "training_args.json")
     base = classifier_run["args"].get("pretrained_model_name_or_path")
     if base and (Path(base) / "training.json").is_file():  # a fine-tuned predictor: the runs that made it
-        commands += [c for c in _read_json(base, "training.json")["commands"] if c not in commands]
+        commands += [c for c in read_json(base, "training.json")["commands"] if c not in commands]
     commands.append(classifier_run["command"])
     record = {
         "commands": commands,
         "unet_seconds_per_step": _rounded(unet_run["seconds_per_step"]),
         "unet_images_seen": unet_run.get("images_seen"),
         "classifier_seconds_per_step": _rounded(classifier_run["seconds_per_step"]),
-        "split": _read_json(classifier_run_dir, "split.json"),
-        "predictor_metrics": _read_json(classifier_run_dir, "heldout_metrics.json"),
+        "split": read_json(classifier_run_dir, "split.json"),
+        "predictor_metrics": read_json(classifier_run_dir, "heldout_metrics.json"),
     }
     (Path(pipeline_dir) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -95,7 +91,7 @@ def data_commands(split: dict) -> list[str]:
     """The commands that wrote a run's data folders (its source and extra training data), where they recorded one."""
     sources = [split.get("source", ""), *split.get("extra_train_sources", [])]
     return [
-        _read_json(source, name)["command"]
+        read_json(source, name)["command"]
         for source in sources
         for name in DATA_RECORDS
         if source and (Path(source) / name).is_file()
@@ -106,11 +102,11 @@ def unet_commands(run_dir: str | os.PathLike) -> list[str]:
     """The commands that remake a train_unet.py run: the data it was made from or added (make_colour_mnist.py,
     redraw_morphomnist.py), the run it fine-tuned (a pipeline folder's UNet commands, or another run's,
     recursively), then its own."""
-    run = _read_json(run_dir, "training_args.json")
-    commands = data_commands(_read_json(run_dir, "split.json"))
+    run = read_json(run_dir, "training_args.json")
+    commands = data_commands(read_json(run_dir, "split.json"))
     base = run["args"].get("pretrained_model_name_or_path")
     if base and (Path(base) / "training.json").is_file():  # a pipeline folder: all but its predictor's command
-        commands += _read_json(base, "training.json")["commands"][:-1]
+        commands += read_json(base, "training.json")["commands"][:-1]
     elif base and (Path(base) / "training_args.json").is_file():  # another train_unet.py run
         commands += [c for c in unet_commands(base) if c not in commands]
     return commands + [run["command"]]
@@ -137,52 +133,21 @@ def push_to_hub(
             "Pushing a pipeline needs a Hub repo id such as 'your-name/diffscm-mnist' (--hub_model_id in the "
             "training scripts)."
         )
-    from .pipelines.folder import missing_remote_code, read_index
-
     folder = Path(pipeline_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"No such pipeline folder: {str(pipeline_dir)!r}.")
     read_index(folder)  # a ValueError that names what is wrong when it is not a pipeline folder
-    with tempfile.TemporaryDirectory(prefix="diffscm-push-") as staging:
-        missing = missing_remote_code(folder)
-        if missing:
-            logger.info(f"{folder} lacks the pipeline's code ({', '.join(missing)}): staging it for the upload.")
-            folder = _stage(folder, Path(staging) / folder.resolve().name)
-        model_cards.write_model_card(folder, repo_id=repo_id)
-        api = HfApi(token=token)
-        url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            repo_type="model",
-            commit_message=commit_message or "Upload DiffSCMPipeline",
-            create_pr=create_pr,
-            ignore_patterns=["**/__pycache__/**", "*.pyc"],
+    options = {"token": token, "private": private, "commit_message": commit_message, "create_pr": create_pr}
+    missing = missing_remote_code(folder)
+    if missing:  # loaded with each component in the dtype its weights were saved in, and pushed with its code
+        logger.info(f"{folder} lacks the pipeline's code ({', '.join(missing)}): staging it for the upload.")
+        from .pipelines import DiffSCMPipeline
+
+        return DiffSCMPipeline.from_pretrained(str(folder), torch_dtype=_saved_dtypes(folder)).push_to_hub(
+            repo_id, **options
         )
-    return str(url)
-
-
-def _stage(pipeline_dir: str | os.PathLike, staging_dir: str | os.PathLike) -> Path:
-    """A complete copy of a pipeline folder in `staging_dir`: the pipeline loaded (each component in the dtype its
-    weights were saved in) and saved with its code and card, plus the folder's `training.json` and `evaluation.md`."""
-    from .pipelines import DiffSCMPipeline
-
-    source, staging = Path(pipeline_dir), Path(staging_dir)
-    pipe = DiffSCMPipeline.from_pretrained(str(source), torch_dtype=_saved_dtypes(source))
-    pipe.save_pretrained(staging)
-    copy_records(source, staging)
-    return staging
-
-
-def copy_records(source: str | os.PathLike, pipeline_dir: str | os.PathLike):
-    """The `training.json` and `evaluation.md` of a local pipeline folder `source` (if any) into `pipeline_dir`, its
-    card re-rendered with them."""
-    if not os.path.isdir(source):
-        return
-    for name in RECORDS:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(pipeline_dir) / name)
-    model_cards.write_model_card(pipeline_dir)
+    model_cards.write_model_card(folder, repo_id=repo_id)
+    return upload(folder, repo_id, **options)
 
 
 def _saved_dtypes(folder: Path) -> dict:
@@ -199,10 +164,3 @@ def _saved_dtypes(folder: Path) -> dict:
             if len(saved) == 1 and saved <= set(SAFETENSORS_DTYPES):
                 dtypes[component] = getattr(torch, SAFETENSORS_DTYPES[saved.pop()])
     return dtypes
-
-
-def _read_json(folder, name: str) -> dict:
-    path = Path(folder) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing.")
-    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,14 +1,14 @@
 """Checked conversion of user images (PIL, numpy, torch; diffusers' conventions) to model tensors in [-1, 1]."""
 
+import logging
 import math
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers.utils import logging
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 PipelineImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
 

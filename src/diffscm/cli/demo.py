@@ -5,18 +5,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
-import PIL.ImageDraw
 import torch
-from diffusers.utils import make_image_grid
 
 from .. import hub, morphometrics
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
-from ..evaluation import DigitOracle
-from ..evaluation.metrics import oracle_predictions
 from ..options import add_dataset_options, add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
-from .evaluate import load_explained_classifier
 
 DEFAULT_ORACLE = "mnist-oracle"
 
@@ -46,6 +40,11 @@ def add_commands(commands):
 
 def demo(args: argparse.Namespace):
     """Counterfactuals of held-out bundled digits under do(digit = 0..9), as a PNG grid and an oracle table."""
+    from ..evaluation import DigitOracle
+    from ..evaluation.loaders import load_explained_classifier
+    from ..evaluation.metrics import oracle_predictions
+    from ..evaluation.plots import image_grid
+
     if args.num_digits is not None and args.num_digits < 1:
         raise ValueError(f"--num-digits must be >= 1, got {args.num_digits}.")
     # A folder per model and setting: the explanations of a classifier do not overwrite the model's own demo.
@@ -102,6 +101,8 @@ def scm_demo(pipe, args: argparse.Namespace):
     """Held-out digits of the model's own data under do() on each variable of its causal graph (low and high values
     of continuous ones, the next class of categorical ones), one abduction per digit; a PNG grid and a table of what
     was asked and, for Morpho-MNIST variables, what the morphometrics measure."""
+    from ..evaluation.plots import image_grid
+
     graph = pipe.causal_graph
     if args.dataset:
         dataset = load_image_dataset(dataset_name=args.dataset, image_column=args.image_column)
@@ -157,23 +158,6 @@ def one_per_class(rows: list[dict], count: int) -> list[dict]:
     chosen = [first[label] for label in sorted(first)]
     rest = [index for index in range(len(rows)) if index not in set(chosen)]
     return [rows[index] for index in (chosen + rest)[:count]]
-
-
-def image_grid(columns: torch.Tensor, headers: list[str], scale: int = 3) -> PIL.Image.Image:
-    """Rows of images in [0, 1] `(rows, cols, C, H, W)`, each upscaled `scale` times, under a header row."""
-    rows, cols, channels, height, width = columns.shape
-    pixels = (columns.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).numpy()
-    cells = [
-        PIL.Image.fromarray(cell.squeeze(-1) if channels == 1 else cell).resize((width * scale, height * scale), 0)
-        for cell in pixels.reshape(rows * cols, height, width, channels)
-    ]
-    body = make_image_grid(cells, rows=rows, cols=cols)
-    grid = PIL.Image.new("RGB", (body.width, body.height + 14), "white")
-    draw = PIL.ImageDraw.Draw(grid)
-    for c, text in enumerate(headers):
-        draw.text((c * width * scale + 2, 1), text, fill="black")
-    grid.paste(body.convert("RGB"), (0, 14))
-    return grid
 
 
 def oracle_table(headers: list[str], labels: list[int], predictions: torch.Tensor) -> str:

@@ -14,9 +14,6 @@ import torch
 from .. import hub
 from ..colour_mnist import measured_hue_error, true_recolouring
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
-from ..evaluation import DigitOracle, DigitVAE, GraphJudges, metrics, mnist, morphomnist, protocol
-from ..evaluation.benchmark_judges import BenchmarkJudges
-from ..evaluation.plots import plot_abduction_curve, plot_guidance_sweep
 from ..options import add_dataset_options, add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
 
@@ -109,6 +106,10 @@ def add_commands(commands):
 
 def evaluate_scm(args: argparse.Namespace):
     """The benchmark's protocol on the model's held-out Morpho-MNIST images; writes metrics.json and report.md."""
+    from ..evaluation import DigitOracle, morphomnist
+    from ..evaluation.benchmark_judges import BenchmarkJudges
+    from ..evaluation.loaders import load_vae
+
     if args.num_samples < 2 or args.skip < 0 or args.composition_samples < 1 or args.composition_cycles < 1:
         raise ValueError("--num-samples >= 2, --skip >= 0, --composition-samples/-cycles >= 1 are required.")
     check_output_dir(args.out)
@@ -165,6 +166,8 @@ def evaluate_scm(args: argparse.Namespace):
 
 def unet_evaluations(pipe, images: torch.Tensor, factual: dict, chain: dict) -> float:
     """UNet evaluations (image passes) of one abduction and one intervention, per image."""
+    from ..evaluation import metrics
+
     with metrics.count_calls(pipe.unet) as calls:
         pipe.intervene(pipe.abduct(images, factual, **chain))
     return calls["samples"] / len(images)
@@ -185,6 +188,10 @@ def scaled_to_the_request(args: argparse.Namespace):
 def evaluate(args: argparse.Namespace):
     if args.dataset or args.judges:
         return evaluate_graph(args)
+    from ..evaluation import DigitOracle, metrics, mnist
+    from ..evaluation.loaders import load_explained_classifier, load_vae
+    from ..evaluation.plots import plot_abduction_curve, plot_guidance_sweep
+
     scaled_to_the_request(args)
     for name in ("num_samples", "sweep_samples", "composition_samples"):
         if getattr(args, name) < 2:
@@ -235,6 +242,8 @@ def evaluate(args: argparse.Namespace):
 
 def evaluate_graph(args: argparse.Namespace):
     """Any causal graph on the model's held-out images of --dataset, judged by --judges (`evaluation.protocol`)."""
+    from ..evaluation import GraphJudges, protocol
+
     if not (args.dataset and args.judges):
         raise ValueError(
             "Evaluating your own data set needs both --dataset and --judges (train them with "
@@ -308,34 +317,3 @@ def evaluation_digits(pipe, args: argparse.Namespace) -> list[dict]:
     dataset = load_image_dataset(train_data_dir=args.data_dir)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
     return [dataset[i] for i in order[: args.num_samples].tolist()]
-
-
-def load_explained_classifier(folder: str):
-    """A transformers image classifier folder (model and image processor) as an `ExplainedClassifier`."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    from ..models import ExplainedClassifier
-
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--classifier {folder!r} is not a folder.")
-    try:
-        model = AutoModelForImageClassification.from_pretrained(folder)
-        processor = AutoImageProcessor.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"--classifier {folder!r} is not a transformers image classifier: {error}") from error
-    return ExplainedClassifier(model, processor)
-
-
-def load_vae(path: str | None, pipe):
-    """The VAE for CLD: `--vae`, else the shipped MNIST one when it fits the model's images, else none (no CLD)."""
-    explicit = path is not None
-    if not explicit:
-        try:
-            path = shipped_checkpoint("mnist-vae")
-        except FileNotFoundError:
-            return None
-    vae = DigitVAE.from_pretrained(path).eval().to(pipe.device)
-    fits = all(vae.config[key] == pipe.unet.config[key] for key in ("sample_size", "in_channels"))
-    if not fits and explicit:
-        raise ValueError(f"The VAE {path} takes other images than the model ({vae.config.sample_size} px).")
-    return vae if fits else None

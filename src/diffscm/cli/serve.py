@@ -19,12 +19,9 @@ import torch
 
 from .. import hub, morphometrics
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
-from ..evaluation import DigitOracle
-from ..evaluation.metrics import oracle_predictions
 from ..options import device_and_dtype
 from ..paths import REPOSITORY, shipped_checkpoint
 from ..tables import markdown_table
-from .demo import image_grid
 
 DEFAULT_MODELS = {
     "MNIST: digit -> image": "diffscm-mnist-conditional",
@@ -107,7 +104,12 @@ class CounterfactualDemo:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipeline = cache(self._load)
         self.grids = tempfile.TemporaryDirectory(prefix="diffscm-serve-")  # removed with the demo
-        self._oracle = cache(lambda folder: DigitOracle.from_pretrained(folder).eval().to(self.device))
+        self._oracle = cache(self._load_oracle)
+
+    def _load_oracle(self, folder: str):
+        from ..evaluation import DigitOracle
+
+        return DigitOracle.from_pretrained(folder).eval().to(self.device)
 
     def keep_grid(self, grid: PIL.Image.Image) -> str:
         """Save a request's grid for download in the demo's own folder, which holds the last GRIDS_KEPT."""
@@ -165,6 +167,8 @@ class CounterfactualDemo:
         """The gallery (factual, null intervention, counterfactuals, each captioned), the same as one grid image, and
         a Markdown table: per variable the value asked, the value after propagation through the mechanisms, and the
         value read back from the picture by an independent measurement (or the model's predictor)."""
+        from ..evaluation.plots import image_grid
+
         pipe = self.pipeline(name)
         graph = pipe.causal_graph
         if self.is_scm(name):
@@ -204,6 +208,8 @@ def read_back(images: torch.Tensor, oracle, parents) -> dict[str, np.ndarray]:
         readings |= {k: measured[k] for k in ("thickness", "intensity") if k in parents}
     categorical = [p for p in parents if p not in readings]
     if categorical:
+        from ..evaluation.metrics import oracle_predictions
+
         readings[categorical[0]] = oracle_predictions(oracle, images).numpy()
     return readings
 

@@ -1,8 +1,13 @@
-"""PNG plots of `diffscm evaluate`: the guidance-scale sweep and the abduction cost curve."""
+"""The figures of the commands: grids of counterfactuals, and the PNG plots of `diffscm evaluate` (the guidance-scale
+sweep and the abduction cost curve)."""
 
 from pathlib import Path
 
 import matplotlib
+import PIL.Image
+import PIL.ImageDraw
+import torch
+from diffusers.utils import make_image_grid
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,3 +46,20 @@ def plot_abduction_curve(curve: list[dict], path: Path):
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def image_grid(columns: torch.Tensor, headers: list[str], scale: int = 3) -> PIL.Image.Image:
+    """Rows of images in [0, 1] `(rows, cols, C, H, W)`, each upscaled `scale` times, under a header row."""
+    rows, cols, channels, height, width = columns.shape
+    pixels = (columns.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).numpy()
+    cells = [
+        PIL.Image.fromarray(cell.squeeze(-1) if channels == 1 else cell).resize((width * scale, height * scale), 0)
+        for cell in pixels.reshape(rows * cols, height, width, channels)
+    ]
+    body = make_image_grid(cells, rows=rows, cols=cols)
+    grid = PIL.Image.new("RGB", (body.width, body.height + 14), "white")
+    draw = PIL.ImageDraw.Draw(grid)
+    for c, text in enumerate(headers):
+        draw.text((c * width * scale + 2, 1), text, fill="black")
+    grid.paste(body.convert("RGB"), (0, 14))
+    return grid
