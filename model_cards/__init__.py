@@ -110,9 +110,14 @@ def write_oracle_card(oracle_dir: str | os.PathLike, repo_id: str | None = None)
     folder = Path(oracle_dir)
     record = read_json(folder, "oracle.json")
     return _write_judge_card(
-        folder, ORACLE_TEMPLATE, "oracle", record, "diffscm", repo_id=repo_id or _display_path(folder),
+        folder,
+        ORACLE_TEMPLATE,
+        "oracle",
+        record,
+        "diffscm",
+        repo_id=repo_id or _display_path(folder),
         heldout_accuracy=record["heldout_accuracy"],
-    )  # fmt: skip
+    )
 
 
 def write_judges_card(judges_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
@@ -137,9 +142,14 @@ def write_vae_card(vae_dir: str | os.PathLike) -> ModelCard:
     folder = Path(vae_dir)
     record = read_json(folder, "vae.json")
     return _write_judge_card(
-        folder, VAE_TEMPLATE, "vae", record, "diffscm", latent_dim=read_json(folder, "config.json")["latent_dim"],
+        folder,
+        VAE_TEMPLATE,
+        "vae",
+        record,
+        "diffscm",
+        latent_dim=read_json(folder, "config.json")["latent_dim"],
         heldout_negative_elbo=record["heldout_negative_elbo"],
-    )  # fmt: skip
+    )
 
 
 def write_image_classifier_card(folder: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
@@ -147,10 +157,16 @@ def write_image_classifier_card(folder: str | os.PathLike, repo_id: str | None =
     folder = Path(folder)
     record = read_json(folder, "image_classifier.json")
     return _write_judge_card(
-        folder, IMAGE_CLASSIFIER_TEMPLATE, "image-classification", record, "transformers", "image-classification",
-        repo_id=repo_id or _display_path(folder), heldout_accuracy=record["heldout_accuracy"],
+        folder,
+        IMAGE_CLASSIFIER_TEMPLATE,
+        "image-classification",
+        record,
+        "transformers",
+        "image-classification",
+        repo_id=repo_id or _display_path(folder),
+        heldout_accuracy=record["heldout_accuracy"],
         architecture=read_json(folder, "config.json")["architectures"][0],
-    )  # fmt: skip
+    )
 
 
 def _write_judge_card(
@@ -159,9 +175,12 @@ def _write_judge_card(
     """A judge's card: its command, parameter count and split, plus the template's own `fields`. `library`: what
     loads the folder (diffscm for its own `ModelMixin` classes, which diffusers alone cannot build)."""
     card_data = ModelCardData(
-        library_name=library, license="apache-2.0", tags=["diffscm", "evaluation", tag],
-        datasets=_hub_datasets(record["split"]), pipeline_tag=pipeline_tag,
-    )  # fmt: skip
+        library_name=library,
+        license="apache-2.0",
+        tags=["diffscm", "evaluation", tag],
+        datasets=_hub_datasets(record["split"]),
+        pipeline_tag=pipeline_tag,
+    )
     card = ModelCard.from_template(
         card_data,
         template_str=_template(template),
@@ -201,8 +220,13 @@ def _variable_row(node: Node, unet: dict, conditional: bool) -> dict:
             else f"[{_g(node.range[0])}, {_g(node.range[1])}]"
         )
         mechanism = _mechanism_formula(node)
-    return {"name": node.name, "type": node.type, "domain": values, "parents": ", ".join(node.parents),
-            "mechanism": mechanism}  # fmt: skip
+    return {
+        "name": node.name,
+        "type": node.type,
+        "domain": values,
+        "parents": ", ".join(node.parents),
+        "mechanism": mechanism,
+    }
 
 
 def _mechanism_formula(node: Node) -> str:

@@ -106,8 +106,11 @@ def check_recorded_training(folder: str, components: dict):
     recorded = {"--resolution": 28, "--num_train_timesteps": 1000, "--prediction_type": "epsilon"}
     recorded |= {flag: type(value)(args[args.index(flag) + 1]) for flag, value in recorded.items() if flag in args}
     unet, scheduler = components["unet"].config, components["scheduler"].config
-    found = {"--resolution": unet.sample_size, "--num_train_timesteps": scheduler.num_train_timesteps,
-             "--prediction_type": scheduler.prediction_type}  # fmt: skip
+    found = {
+        "--resolution": unet.sample_size,
+        "--num_train_timesteps": scheduler.num_train_timesteps,
+        "--prediction_type": scheduler.prediction_type,
+    }
     for flag, value in found.items():
         if value != recorded[flag]:
             raise ValueError(

@@ -1,19 +1,10 @@
 """The causal graph's side of DiffSCMPipeline: the values of the image's parents (given, read from the image by the
-anti-causal predictor, or class targets), the guidance scales of each parent, and a request checked before any
-work."""
+anti-causal predictor, or class targets) and the guidance scales of each parent."""
 
 import numpy as np
 import torch
 
-from .checks import (
-    ScaleInput,
-    check_callback,
-    check_eta,
-    check_generator,
-    check_output_type,
-    class_targets,
-    per_parent,
-)
+from .checks import ScaleInput, class_targets, per_parent
 
 TargetInput = int | str | list | np.ndarray | torch.Tensor
 ValuesInput = dict[str, float | int | list | np.ndarray | torch.Tensor]
@@ -141,33 +132,6 @@ class ParentValuesMixin:
             name: torch.as_tensor(self._per_image(name, value, batch_size), device=self._execution_device)
             for name, value in values.items()
         }
-
-    def check_inputs(self, sample, target, intervention, guidance_scale, cfg_scale, eta, generator, output_type,
-                     callback_tensor_inputs, explained_classifier, explained_processor, explained_gradient,
-                     kwargs) -> tuple[dict, torch.Tensor | None, object, str]:  # fmt: skip
-        """Every setting of a `__call__` checked before the costly abduction; returns the intervention as
-        `{variable: one value per counterfactual}`, with `target=` the `(B, K)` targets (else None), and the explained
-        classifier ([`explained_from`]) with its gradient's kind."""
-        explained, explained_gradient = self.explained_from(kwargs, explained_classifier, explained_processor,
-                                                            explained_gradient)  # fmt: skip
-        check_output_type(output_type)
-        check_eta(eta)
-        check_callback(callback_tensor_inputs, self._callback_tensor_inputs)
-        if (target is None) == (intervention is None):
-            raise ValueError("Give either `target` or `intervention` (a dict of variable values).")
-        self.guidance_scales(guidance_scale, explained=explained is not None)
-        self.cfg_scales(cfg_scale)
-        batch_size = sample.shape[0]
-        if target is not None:
-            targets = self.prepare_targets(target, batch_size)
-            check_generator(generator, targets.numel())
-            intervention = {self.single_categorical_parent(): targets.flatten().numpy()}
-            return intervention, targets, explained, explained_gradient
-        if not isinstance(intervention, dict) or not intervention:
-            raise ValueError(f"`intervention` must be a non-empty dict {{variable: value}}, got {intervention!r}.")
-        check_generator(generator, batch_size)
-        intervention = {k: self._per_image(k, v, batch_size) for k, v in intervention.items()}
-        return intervention, None, explained, explained_gradient
 
 
 def _class_indices(node, target):

@@ -38,8 +38,9 @@ from .checks import (
 )
 from .fixed_point import anderson_mix
 from .folder import load_components, loading_options, resolve, staged_save, write_model_card, write_remote_code
+from .guides import AntiCausalGuide, ExplainedClassifierGuide, Guide, check_guides
 from .parent_values import ParentValuesMixin, TargetInput, ValuesInput
-from .pipeline_output import Abduction, DiffSCMPipelineOutput, Guidance
+from .pipeline_output import Abduction, Chain, DiffSCMPipelineOutput, Guidance
 
 
 def ddim_step(sample: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float, eta=0.0, generator=None):
@@ -202,44 +203,45 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         """
         Abduction: the exogenous noise u of each factual image by deterministic DDIM inversion (fp32, no clipping).
 
-        `factual_values`: the parents' values, those not given read by the anti-causal predictor at t = 0.
-        `strength`: the fraction of the chain inverted (the official Diff-SCM code used 0.75).
-        `abduction_refinement_steps`: K extra UNet passes per step, solving x_t = step^-1(x_next, eps(x_t, t)) by
-        Anderson-accelerated fixed-point iteration, so that the generation step from x_t lands back on x_next.
-        `cfg_scale`: per parent, kept for the prediction. Returns the [`Abduction`] that [`intervene`] follows.
+        Args:
+            image: the factual image(s), as for `__call__`.
+            factual_values: the parents' values, those not given read by the anti-causal predictor at t = 0.
+            num_inference_steps: DDIM steps of the whole chain (default: the config's).
+            strength: the fraction of the chain inverted (the official Diff-SCM code used 0.75).
+            abduction_refinement_steps: K extra UNet passes per step, solving x_t = step^-1(x_next, eps(x_t, t)) by
+                Anderson-accelerated fixed-point iteration, so that the generation step from x_t lands back on x_next.
+            cfg_scale: classifier-free guidance per parent, kept for the prediction.
+
+        Returns:
+            The [`Abduction`] that [`intervene`] follows.
         """
         sample = self.preprocess(image)
+        chain = self.get_chain(num_inference_steps, strength)
+        refinements = self.refinement_steps(abduction_refinement_steps)
+        cfg_scales = self.cfg_scales(cfg_scale)
         factual, _ = self.infer_factual_values(sample, factual_values)
-        parents = {name: factual[name] for name in self.causal_graph.image_parents}
-        return self.invert(sample, parents, num_inference_steps, strength, abduction_refinement_steps, cfg_scale)
+        return self._invert(sample, factual, chain, refinements, cfg_scales)
 
     def preprocess(self, image: PipelineImageInput) -> torch.Tensor:
         """Factual image(s) as a float32 `(B, C, H, W)` tensor in [-1, 1] of the model's size, on its device."""
         sample = preprocess_images(image, self.unet.config.in_channels, self.unet.config.sample_size)
         return sample.to(self._execution_device)
 
-    @torch.no_grad()
-    def invert(
-        self,
-        sample: torch.Tensor,
-        factual_values: dict[str, np.ndarray],
-        num_inference_steps: int | None = None,
-        strength: float = 1.0,
-        abduction_refinement_steps: int | None = None,
-        cfg_scale: ScaleInput | None = None,
-    ) -> Abduction:
-        """The DDIM inversion of [`abduct`] for a preprocessed `sample` in [-1, 1] and the factual values of all the
-        image's parents, one per sample: the chain of the prediction, walked backwards."""
-        steps = check_count("num_inference_steps", num_inference_steps, self.config.num_inference_steps)
-        refinements = check_count(
-            "abduction_refinement_steps", abduction_refinement_steps, self.config.abduction_refinement_steps, 0
-        )
-        cfg_scales = self.cfg_scales(cfg_scale)
-        chain = self.get_chain(steps, strength)
-        parents = self.prepare_parent_values(factual_values, sample.shape[0])
+    def refinement_steps(self, abduction_refinement_steps: int | None) -> int:
+        """The checked number of fixed-point refinements per abduction step (default: the config's)."""
+        default = self.config.abduction_refinement_steps
+        return check_count("abduction_refinement_steps", abduction_refinement_steps, default, 0)
 
+    def _invert(
+        self, sample: torch.Tensor, factual: dict, chain: Chain, refinements: int, cfg_scales: dict[str, float]
+    ) -> Abduction:
+        """The DDIM inversion of [`abduct`] from checked values: a preprocessed `sample` in [-1, 1], the factual
+        values (of every parent of the image, one per sample), and the prediction's chain, walked backwards."""
+        parents = self.prepare_parent_values(
+            {name: factual[name] for name in self.causal_graph.image_parents}, sample.shape[0]
+        )
         eps = torch.zeros_like(sample)  # each step starts from the previous step's noise estimate
-        for t, alpha_t, alpha_next in self.progress_bar(chain[::-1]):
+        for t, alpha_t, alpha_next in self.progress_bar(chain.steps[::-1]):
             guess, tried, mapped = ddim_step(sample, eps, alpha_next, alpha_t), [], []
             for _ in range(1 + refinements):  # fixed point of x_t = step^-1(x_next, eps(x_t, t))
                 eps = self.predict_noise(guess, t, parents, cfg_scales)
@@ -247,8 +249,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                 guess = anderson_mix(tried, mapped)
             sample = guess
         check_finite(sample, "The abducted noise", cfg_scales)
-        factual = {name: value.cpu().numpy() for name, value in parents.items()}
-        return Abduction(sample, factual, steps, float(strength), refinements, cfg_scales)
+        values = {name: value.cpu().numpy() for name, value in parents.items()}
+        return Abduction(sample, values, chain.num_inference_steps, chain.strength, refinements, cfg_scales, chain)
 
     @torch.no_grad()
     def intervene(
@@ -264,21 +266,32 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         explained_classifier: torch.nn.Module | None = None,
         explained_processor=None,
         explained_gradient: str = "cheap",
+        guides: list[Guide] | None = None,
         **kwargs,
     ) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
         """
-        Prediction: DDIM from the abducted noise to x_0 on the abduction's chain, under `parent_values` (every parent
-        of the image, `{parent: value or one per sample}`, or a class for one categorical parent; None: the factual
-        values), each step's noise estimate guided by [`guided_noise`]. `guidance_scale` (s, or `{parent: s}`) acts
-        only on samples whose parents change, towards all their counterfactual values. `eta` > 0 with `generator`:
-        stochastic DDIM. `output_type`: "pil", "np", "pt" or "latent" (the raw sample in [-1, 1]). A callback may
-        replace `"sample"` or set `pipe._interrupt`. `explained_classifier` (e.g. a transformers
-        `AutoModelForImageClassification`, with `explained_processor`) guides instead of the noise-aware predictor,
-        its gradient `explained_gradient` "cheap" (x0_hat's noise held constant) or "full".
+        Prediction: DDIM from the abducted noise to x_0 on the abduction's chain, each step's noise estimate guided
+        by [`guided_noise`].
+
+        Args:
+            abduction: what [`abduct`] returned.
+            parent_values: every parent of the image, `{parent: value or one per sample}`, or a class for one
+                categorical parent; None: the factual values.
+            guidance_scale: anti-causal s, or `{parent: s}`; it acts only on samples whose parents change, towards
+                all their counterfactual values.
+            eta, generator: eta > 0 with `generator`: stochastic DDIM.
+            output_type: "pil", "np", "pt" or "latent" (the raw sample in [-1, 1]).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: a callback may replace `"sample"` or set
+                `pipe._interrupt`.
+            explained_classifier, explained_processor, explained_gradient: a clean classifier (e.g. a transformers
+                `AutoModelForImageClassification`) that guides instead of the noise-aware predictor, its gradient
+                "cheap" (x0_hat's noise held constant) or "full".
+            guides: more [`~pipelines.guides.Guide`]s, each steering every sample.
         """
         parent_values = renamed_keyword(kwargs, "target", "parent_values", parent_values)
-        explained, explained_gradient = self.explained_from(kwargs, explained_classifier, explained_processor,
-                                                            explained_gradient)  # fmt: skip
+        explained, explained_gradient = self.explained_from(
+            kwargs, explained_classifier, explained_processor, explained_gradient
+        )
         if not isinstance(abduction, Abduction):
             raise TypeError(
                 f"`intervene` takes the Abduction returned by `abduct` (it carries the chain's settings), got "
@@ -289,15 +302,40 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         check_callback(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         check_generator(generator, abduction.batch_size)
         check_noise(abduction.noise, self.unet.config.in_channels, self.unet.config.sample_size)
+        scales = self.guidance_scales(guidance_scale, explained=explained is not None)
         factual = self.prepare_parent_values(abduction.factual_values, abduction.batch_size)
         values = factual if parent_values is None else self.prepare_parent_values(parent_values, abduction.batch_size)
-        guidance = self.prepare_guidance(guidance_scale, abduction.cfg_scale, factual, values, explained,
-                                         explained_gradient)  # fmt: skip
-        chain = self.get_chain(abduction.num_inference_steps, abduction.strength)
-        sample = abduction.noise.to(self._execution_device, torch.float32)
+        guidance = self.prepare_guidance(
+            scales, abduction.cfg_scale, factual, values, explained, explained_gradient, check_guides(guides)
+        )
+        chain = abduction.chain or self.get_chain(abduction.num_inference_steps, abduction.strength)
+        sample = self._predict(
+            abduction.noise,
+            chain,
+            values,
+            guidance,
+            eta,
+            generator,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        return self.postprocess(sample, output_type)
 
-        self._num_timesteps, self._interrupt = len(chain), False
-        for i, (t, alpha_t, alpha_next) in enumerate(self.progress_bar(chain)):
+    def _predict(
+        self,
+        noise: torch.Tensor,
+        chain: Chain,
+        values: dict[str, torch.Tensor],
+        guidance: Guidance,
+        eta: float = 0.0,
+        generator=None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs=("sample",),
+    ) -> torch.Tensor:
+        """The prediction of [`intervene`] from checked values: DDIM down `chain` from `noise` under `values`."""
+        sample = noise.to(self._execution_device, torch.float32)
+        self._num_timesteps, self._interrupt = len(chain.steps), False
+        for i, (t, alpha_t, alpha_next) in enumerate(self.progress_bar(chain.steps)):
             if self.interrupt:
                 break
             eps = self.guided_noise(sample, t, alpha_t, values, guidance)
@@ -310,10 +348,9 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                         f"`callback_on_step_end` must return a dict of tensors (callback_kwargs), got {returned!r}."
                     )
                 sample = returned.pop("sample", sample)
-
-        scales = guidance.anticausal | {"cfg": guidance.cfg_scale}
+        scales = {"guides": [type(guide).__name__ for guide in guidance.guides], "cfg": guidance.cfg_scale}
         check_finite(sample, "The counterfactual", scales, after_callback=callback_on_step_end is not None)
-        return self.postprocess(sample, output_type)
+        return sample
 
     @torch.no_grad()
     def __call__(
@@ -338,42 +375,97 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         explained_classifier: torch.nn.Module | None = None,
         explained_processor=None,
         explained_gradient: str = "cheap",
+        guides: list[Guide] | None = None,
         **kwargs,
     ) -> DiffSCMPipelineOutput | tuple:
-        r"""The counterfactual of `image` (PIL, numpy HWC or torch CHW in [0, 1]) had `intervention` held (`{variable:
-        values}`) or `target` (the class of its one categorical parent: one, one per image, `(B, K)` or "all"), by
-        abduction, action and prediction. Missing `factual_values` are read from the image; the rest: the config."""
+        r"""
+        The counterfactual of `image` had `intervention` or `target` held: abduction, action and prediction.
+
+        Args:
+            image: PIL, numpy HWC or torch CHW in [0, 1], one or a list.
+            target: the class of the image's one categorical parent: one, one per image, `(B, K)` or "all".
+            intervention: `{variable: value or one per image}` (instead of `target`).
+            factual_values: known values of the image's parents; the rest are read from the image.
+            guidance_scale, cfg_scale: anti-causal and classifier-free guidance, one or `{parent: scale}`.
+            num_inference_steps, strength, abduction_refinement_steps: the DDIM chain (see [`abduct`]).
+            eta, generator, callback_on_step_end, callback_on_step_end_tensor_inputs, explained_classifier,
+                explained_processor, explained_gradient, guides: as for [`intervene`].
+            output_type: "pil", "np" or "pt".
+            return_reconstruction, return_noise: also the null intervention's images, and the abducted noise.
+            return_dict: a [`DiffSCMPipelineOutput`], else a tuple of its fields.
+
+        Every setting not given is the config's.
+        """
         sample = self.preprocess(image)
-        intervention, targets, explained, explained_gradient = self.check_inputs(
-            sample, target, intervention, guidance_scale, cfg_scale, eta, generator, output_type,
-            callback_on_step_end_tensor_inputs, explained_classifier, explained_processor, explained_gradient, kwargs,
-        )  # fmt: skip
+        explained, explained_gradient = self.explained_from(
+            kwargs, explained_classifier, explained_processor, explained_gradient
+        )
+        intervention, targets = self.check_inputs(
+            sample, target, intervention, eta, generator, output_type, callback_on_step_end_tensor_inputs
+        )
+        chain = self.get_chain(num_inference_steps, strength)
+        refinements = self.refinement_steps(abduction_refinement_steps)
+        cfg_scales = self.cfg_scales(cfg_scale)
+        scales = self.guidance_scales(guidance_scale, explained=explained is not None)
+        guides = check_guides(guides)
         factual, predicted = self.infer_factual_values(sample, factual_values)
-        parents, repeats = self.causal_graph.image_parents, 1 if targets is None else targets.shape[1]
+        repeats = 1 if targets is None else targets.shape[1]
         # 1. Abduction: u = DDIM^-1(x_0) once per factual image, under its factual parents.
-        abduction = self.invert(sample, {name: factual[name] for name in parents}, num_inference_steps, strength,
-                                abduction_refinement_steps, cfg_scale)  # fmt: skip
+        abduction = self._invert(sample, factual, chain, refinements, cfg_scales)
         # 2. Action: do(intervention) on the graph, descendants recomputed from their abducted noise.
         counterfactual = self.act(factual, intervention, repeats)
         # 3. Prediction: DDIM from the same u under the counterfactual values of the image's parents.
-        counterfactuals = self.intervene(
-            abduction.repeat_interleave(repeats), {name: counterfactual[name] for name in parents},
-            guidance_scale=guidance_scale, eta=eta, generator=generator, output_type="latent",
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            explained_classifier=explained, explained_gradient=explained_gradient,
-        )  # fmt: skip
+        repeated = abduction.repeat_interleave(repeats)
+        parents = self.causal_graph.image_parents
+        factual_parents = self.prepare_parent_values(repeated.factual_values, repeated.batch_size)
+        values = self.prepare_parent_values({name: counterfactual[name] for name in parents}, repeated.batch_size)
+        guidance = self.prepare_guidance(
+            scales, cfg_scales, factual_parents, values, explained, explained_gradient, guides
+        )
+        counterfactuals = self._predict(
+            repeated.noise,
+            chain,
+            values,
+            guidance,
+            eta,
+            generator,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        if return_reconstruction:
+            unchanged = self.prepare_parent_values(abduction.factual_values, abduction.batch_size)
+            reconstructions = self.postprocess(
+                self._predict(abduction.noise, chain, unchanged, Guidance(cfg_scales)), output_type
+            )
         output = DiffSCMPipelineOutput(
             images=self.postprocess(counterfactuals, output_type),
             counterfactual_values=counterfactual,
             factual_values=factual,
             predicted_factuals=predicted,
-            reconstructions=self.intervene(abduction, output_type=output_type) if return_reconstruction else None,
+            reconstructions=reconstructions if return_reconstruction else None,
             noise=abduction.noise if return_noise else None,
             **self.read_back(counterfactuals, targets, explained),
         )
         self.maybe_free_model_hooks()
         return output if return_dict else tuple(getattr(output, name) for name in output.__dataclass_fields__)
+
+    def check_inputs(self, sample, target, intervention, eta, generator, output_type, callback_tensor_inputs):
+        """The request of a `__call__` checked before the costly abduction; returns the intervention as
+        `{variable: one value per counterfactual}` and, with `target=`, the `(B, K)` targets (else None)."""
+        check_output_type(output_type)
+        check_eta(eta)
+        check_callback(callback_tensor_inputs, self._callback_tensor_inputs)
+        if (target is None) == (intervention is None):
+            raise ValueError("Give either `target` or `intervention` (a dict of variable values).")
+        batch_size = sample.shape[0]
+        if target is not None:
+            targets = self.prepare_targets(target, batch_size)
+            check_generator(generator, targets.numel())
+            return {self.single_categorical_parent(): targets.flatten().numpy()}, targets
+        if not isinstance(intervention, dict) or not intervention:
+            raise ValueError(f"`intervention` must be a non-empty dict {{variable: value}}, got {intervention!r}.")
+        check_generator(generator, batch_size)
+        return {k: self._per_image(k, v, batch_size) for k, v in intervention.items()}, None
 
     def postprocess(self, sample: torch.Tensor, output_type: str):
         """A sample in [-1, 1] as `output_type`: "latent" as it is, else diffusers' image postprocessing."""
@@ -389,49 +481,50 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
     ):
-        """The image mechanism alone, x = f(pa, u) from fresh noise u (no abduction, no anti-causal guidance): one
-        image per sample of `parent_values` (or `num_images`): how well a conditional mechanism follows its parents."""
+        """
+        The image mechanism alone, x = f(pa, u) from fresh noise u (no abduction, no anti-causal guidance): how well
+        a conditional mechanism follows its parents.
+
+        Args:
+            parent_values: as for [`intervene`]; one image per sample.
+            num_images: how many images (default: one per sample of `parent_values`).
+            num_inference_steps, cfg_scale, generator, output_type: as for `__call__`.
+        """
         check_output_type(output_type)
         given = parent_values.values() if isinstance(parent_values, dict) else [parent_values]
         sizes = [len(value) for value in given if np.ndim(value) > 0]
         num_images = check_count("num_images", num_images, sizes[0] if sizes else 1)
+        check_generator(generator, num_images)
         values = self.prepare_parent_values(parent_values, num_images)
-        steps = check_count("num_inference_steps", num_inference_steps, self.config.num_inference_steps)
+        chain = self.get_chain(num_inference_steps)
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
         noise = randn_tensor((num_images, channels, size, size), generator, self._execution_device, torch.float32)
-        # The fresh noise as if abducted under the values themselves: the prediction then changes no parent.
-        factual = {name: value.cpu().numpy() for name, value in values.items()}
-        abduction = Abduction(noise, factual, steps, 1.0, 0, self.cfg_scales(cfg_scale))
-        return self.intervene(abduction, output_type=output_type, guidance_scale=0.0)
+        sample = self._predict(noise, chain, values, Guidance(self.cfg_scales(cfg_scale)))
+        return self.postprocess(sample, output_type)
 
     def guided_noise(
         self, sample: torch.Tensor, timestep: int, alpha: float, values: dict, guidance: Guidance
     ) -> torch.Tensor:
         """eps_hat of one prediction step: the noise estimate under the counterfactual parents (with classifier-free
-        guidance), minus sqrt(1 - alpha_bar_t) times the guidance gradient of the anti-causal predictor (or of an
-        explained classifier) towards them."""
-        full = guidance.explained_scale is not None and guidance.explained_gradient == "full"
-        eps = None if full else self.predict_noise(sample, timestep, values, guidance.cfg_scale)
-        if guidance.explained_scale is not None:
-            target = values[self.single_categorical_parent()]
-            eps, gradient = guidance.explained.guidance_gradient(
-                sample, alpha, target, lambda x: self.predict_noise(x, timestep, values, guidance.cfg_scale), eps
-            )
-            eps = eps - math.sqrt(1 - alpha) * guidance.explained_scale.view(-1, 1, 1, 1) * gradient
-        if guidance.anticausal:
-            eps = eps - math.sqrt(1 - alpha) * self.log_likelihood_gradient(sample, timestep, values,
-                                                                              guidance.anticausal)  # fmt: skip
-        return eps
+        guidance), minus sqrt(1 - alpha_bar_t) times each guide's gradient towards them; computed differentiably in
+        the sample where a guide needs the noise model's gradient."""
+        differentiable = any(getattr(guide, "needs_noise_gradient", False) for guide in guidance.guides)
+        with torch.set_grad_enabled(differentiable):
+            sample = sample.detach().requires_grad_(differentiable)
+            eps = self.predict_noise(sample, timestep, values, guidance.cfg_scale)
+        steered = eps.detach()
+        for guide in guidance.guides:
+            steered = steered - math.sqrt(1 - alpha) * guide.gradient(sample, timestep, alpha, values, eps)
+        return steered
 
     def prepare_guidance(
-        self, guidance_scale, cfg_scale: dict, factual: dict, values: dict, explained, explained_gradient: str
+        self, scales: dict, cfg_scale: dict, factual: dict, values: dict, explained, explained_gradient: str, guides
     ) -> Guidance:
-        """The checked guidance of one prediction: anti-causal scales for the samples whose parents change (every
-        parent of those), or the explained classifier's scale on the categorical parent."""
-        scales = self.guidance_scales(guidance_scale, explained=explained is not None)
+        """The guides of one prediction from checked scales: the anti-causal predictor on the samples whose parents
+        change (every parent of those), or the explained classifier on the categorical parent, then `guides`."""
         intervened = torch.stack([values[name] != factual[name] for name in values]).any(0).float()
         anticausal = {name: scale * intervened for name, scale in scales.items() if scale and intervened.any()}
-        guidance = Guidance(cfg_scale, anticausal)
+        steering = []
         if explained is not None:
             parent = self.single_categorical_parent()
             if values[parent].max() >= explained.num_labels:
@@ -439,23 +532,27 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                     f"`target` {values[parent].max().item()} is not a class of the explained classifier, which has "
                     f"{explained.num_labels} labels."
                 )
-            guidance.explained, guidance.explained_scale = explained, anticausal.pop(parent, None)
-            guidance.explained_gradient = explained_gradient
-        return guidance
+            scale = anticausal.pop(parent, None)
+            if scale is not None:
+                steering.append(ExplainedClassifierGuide(explained, parent, scale, explained_gradient))
+        if anticausal:
+            steering.append(AntiCausalGuide(self.classifier, anticausal))
+        return Guidance(cfg_scale, steering + guides)
 
-    def get_chain(self, num_inference_steps: int, strength: float = 1.0) -> list[tuple[int, float, float]]:
-        """The DDIM chain that abduction walks up and prediction walks down: `(t, alpha_bar_t, alpha_bar_next)` for
-        each generation step, t descending, where alpha_bar_next belongs to the next listed timestep (or is the
-        scheduler's final alpha-bar). The scheduler gives only its timesteps (any `timestep_spacing`) and alphas."""
+    def get_chain(self, num_inference_steps: int | None = None, strength: float = 1.0) -> Chain:
+        """The checked DDIM chain that abduction walks up and prediction walks down (default steps: the config's):
+        `(t, alpha_bar_t, alpha_bar_next)` for each generation step, t descending, where alpha_bar_next belongs to
+        the next listed timestep (or is the scheduler's final alpha-bar). The scheduler gives only its timesteps (any
+        `timestep_spacing`) and alphas."""
         train_steps = self.scheduler.config.num_train_timesteps
-        num_inference_steps = check_count("num_inference_steps", num_inference_steps, None)
+        num_inference_steps = check_count("num_inference_steps", num_inference_steps, self.config.num_inference_steps)
         if not num_inference_steps <= train_steps:
             raise ValueError(f"`num_inference_steps` must be at most {train_steps}, got {num_inference_steps}.")
         strength = check_strength(strength)
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps[-max(1, round(num_inference_steps * strength)) :].tolist()
         alphas = self.scheduler.alphas_cumprod[timesteps].tolist() + [float(self.scheduler.final_alpha_cumprod)]
-        return list(zip(timesteps, alphas[:-1], alphas[1:], strict=True))
+        return Chain(num_inference_steps, strength, tuple(zip(timesteps, alphas[:-1], alphas[1:], strict=True)))
 
     def predict_noise(
         self, sample: torch.Tensor, timestep: int, parents: dict[str, torch.Tensor], cfg_scales: dict[str, float]
@@ -479,17 +576,6 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             return output
         alpha = float(self.scheduler.alphas_cumprod[int(timestep)])
         return math.sqrt(alpha) * output + math.sqrt(1 - alpha) * sample.float()
-
-    def log_likelihood_gradient(
-        self, sample: torch.Tensor, timestep: int, values: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """grad_{x_t} sum_k s_k log p_phi(pa_k = values[k] | x_t, t), with a scale per parent and sample; the
-        gradient flows through the predictor only."""
-        with torch.enable_grad():
-            sample = sample.detach().to(self.classifier.dtype).requires_grad_(True)
-            log_likelihoods = self.classifier.log_likelihood(sample, timestep, values)
-            total = sum((scale.to(sample.device) * log_likelihoods[name]).sum() for name, scale in scales.items())
-            return torch.autograd.grad(total, sample)[0].float()
 
     def explained_from(self, kwargs: dict, classifier, processor, gradient: str) -> tuple[ExplainedClassifier, str]:
         """The classifier to explain (None: the noise-aware predictor guides), wrapped with its processor, and its

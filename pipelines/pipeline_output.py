@@ -1,13 +1,11 @@
 """What DiffSCMPipeline returns and passes between its steps, as diffusers' `BaseOutput` dataclasses."""
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
-
-from diffscm.models.explained_classifier import ExplainedClassifier
 
 
 @dataclass
@@ -41,6 +39,31 @@ class DiffSCMPipelineOutput(BaseOutput):
     noise: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Chain:
+    """
+    The DDIM chain of one abduction and its prediction, checked and built once by
+    [`DiffSCMPipeline.get_chain`]; it reads as its list of steps.
+
+    Args:
+        num_inference_steps (`int`), strength (`float`): what it was built from.
+        steps: `(t, alpha_bar_t, alpha_bar_next)` of each generation step, t descending.
+    """
+
+    num_inference_steps: int
+    strength: float
+    steps: tuple[tuple[int, float, float], ...]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __getitem__(self, index):
+        return self.steps[index]
+
+
 @dataclass
 class Abduction(BaseOutput):
     """
@@ -52,6 +75,7 @@ class Abduction(BaseOutput):
         factual_values (`dict[str, np.ndarray]`): the factual value of each parent of the image, one per sample.
         num_inference_steps (`int`), strength (`float`), abduction_refinement_steps (`int`): the DDIM chain.
         cfg_scale (`dict[str, float]`): the classifier-free guidance scale of each parent (conditional mechanism).
+        chain (`Chain`): the chain itself, which the prediction walks down (None: built from the settings above).
     """
 
     noise: torch.Tensor
@@ -60,6 +84,7 @@ class Abduction(BaseOutput):
     strength: float
     abduction_refinement_steps: int
     cfg_scale: dict[str, float]
+    chain: Chain | None = None
 
     @property
     def batch_size(self) -> int:
@@ -73,17 +98,13 @@ class Abduction(BaseOutput):
 
 @dataclass
 class Guidance:
-    """What steers one prediction, prepared and checked once by [`DiffSCMPipeline.prepare_guidance`].
+    """What steers one prediction, prepared from checked values by [`DiffSCMPipeline.prepare_guidance`].
 
     Args:
-        cfg_scale: classifier-free guidance scale w of each parent (the abduction's).
-        anticausal: per-sample anti-causal scale of each guided parent (zero for samples left unchanged).
-        explained: a clean classifier whose gradient guides the categorical parent instead, with `explained_scale`
-            per sample and `explained_gradient` "cheap" or "full".
+        cfg_scale: classifier-free guidance scale w of each parent (the abduction's), part of the noise estimate.
+        guides: [`~pipelines.guides.Guide`]s whose gradients steer each step (the anti-causal predictor, an explained
+            classifier, a user's own).
     """
 
     cfg_scale: dict[str, float]
-    anticausal: dict[str, torch.Tensor]
-    explained: ExplainedClassifier | None = None
-    explained_scale: torch.Tensor | None = None
-    explained_gradient: str = "cheap"
+    guides: list = field(default_factory=list)

@@ -35,8 +35,11 @@ def check_request(out_dir: Path, request: dict):
     if path.is_file():
         recorded = json.loads(path.read_text())
         if recorded != request:
-            differs = {key: (recorded.get(key), request.get(key)) for key in recorded.keys() | request.keys()
-                       if recorded.get(key) != request.get(key)}  # fmt: skip
+            differs = {
+                key: (recorded.get(key), request.get(key))
+                for key in recorded.keys() | request.keys()
+                if recorded.get(key) != request.get(key)
+            }
             shown = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in sorted(differs.items()))
             raise ValueError(
                 f"{out_dir} holds counterfactuals of another request ({shown}); use another --out or the same "
@@ -130,8 +133,10 @@ def write_counterfactuals(
     with writer_lock(out) if state.is_main_process else contextlib.nullcontext():
         if state.is_main_process:
             settings = {"options": {k: _plain(v) for k, v in (options or {}).items()}, "dtype": str(pipe.unet.dtype)}
-            check_request(out, request | {"num_rows": len(dataset), "shard_size": shard_size} | settings
-                          | model_fingerprint(pipe))  # fmt: skip
+            check_request(
+                out,
+                request | {"num_rows": len(dataset), "shard_size": shard_size} | settings | model_fingerprint(pipe),
+            )
         state.wait_for_everyone()
         written = _write_shards(pipe, dataset, request, out, shard_size, options, state)
     return written, state.process_index

@@ -58,8 +58,16 @@ def add_pipeline_options(parser: argparse.ArgumentParser, model_help: str = "the
     parser.add_argument(
         "--cfg-scale", nargs="+", default=None, help="Classifier-free guidance (conditional models): w or NAME=w."
     )
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps each way.")
-    parser.add_argument("--refinement", type=int, default=None, help="Abduction refinement passes per step.")
+    parser.add_argument(
+        "--num-inference-steps", "--steps", type=int, default=None, help="DDIM steps each way (default: the model's)."
+    )
+    parser.add_argument(
+        "--abduction-refinement-steps",
+        "--refinement",
+        type=int,
+        default=None,
+        help="Abduction refinement passes per step (default: the model's).",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(
         "--dtype", default="float32", choices=DTYPES, help="Weights' precision (the abduction stays in float32)."
@@ -79,8 +87,15 @@ def describe_machine(device: str) -> str:
         chip = torch.cuda.get_device_name(torch.device(device))
     else:
         cpuinfo = Path("/proc/cpuinfo")
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")] if cpuinfo.is_file() else []  # fmt: skip
+        names = (
+            [
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ]
+            if cpuinfo.is_file()
+            else []
+        )
         chip = names[0] if names else platform.processor() or "unnamed CPU"
     return f"{chip} ({platform.machine()}), {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
 
@@ -105,13 +120,19 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:
-    """The pipeline call's keyword arguments from `add_pipeline_options`' flags (None: the checkpoint's default)."""
+    """The pipeline call's keyword arguments from `add_pipeline_options`' flags, named as the pipeline names them
+    (None: the model's default)."""
     return {
         "guidance_scale": parse_scale(args.guidance_scale, "--guidance-scale"),
         "cfg_scale": parse_scale(args.cfg_scale, "--cfg-scale"),
-        "num_inference_steps": args.steps,
-        "abduction_refinement_steps": args.refinement,
+        "num_inference_steps": args.num_inference_steps,
+        "abduction_refinement_steps": args.abduction_refinement_steps,
     }
+
+
+def settings_used(pipe, options: dict) -> dict:
+    """The settings that a call with `options` runs with: the given ones, the pipeline's config for the rest."""
+    return {key: pipe.config[key] if value is None else value for key, value in options.items()}
 
 
 def check_output_dir(path: str, flag: str = "--out") -> str:

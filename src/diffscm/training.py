@@ -184,9 +184,14 @@ def warn_if_emulated_bf16(mixed_precision: str | None, device: torch.device):
 def load_split(args: argparse.Namespace):
     """The train / held-out `DatasetDict` and its record (source, seed, held-out source indices)."""
     ds = load_image_dataset(
-        args.dataset, args.dataset_name, args.train_data_dir, args.image_column, args.label_column, args.cache_dir,
+        args.dataset,
+        args.dataset_name,
+        args.train_data_dir,
+        args.image_column,
+        args.label_column,
+        args.cache_dir,
         args.split,
-    )  # fmt: skip
+    )
     holdout = int(args.holdout_size) if args.holdout_size is not None and args.holdout_size >= 1 else args.holdout_size
     split = split_dataset(ds, holdout, seed=args.split_seed)
     source = args.dataset_name or args.train_data_dir or args.dataset or BUNDLED_MNIST
@@ -369,12 +374,31 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, ema: EMAMod
 
 # Flags a resumed run may change: how long it runs, how often it saves and reports, where its folders are.
 RESUMABLE_FLAGS = {
-    "max_train_steps", "num_epochs", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
-    "save_images_steps", "eval_batch_size", "report_to", "logging_dir", "dataloader_num_workers", "mixed_precision",
-    "cache_dir", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "pipeline_output_dir", "export_dir",
-    "guidance_scale", "cfg_scale", "num_inference_steps", "abduction_refinement_steps", "output_dir",
+    "max_train_steps",
+    "num_epochs",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "resume_from_checkpoint",
+    "save_images_steps",
+    "eval_batch_size",
+    "report_to",
+    "logging_dir",
+    "dataloader_num_workers",
+    "mixed_precision",
+    "cache_dir",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_token",
+    "hub_private_repo",
+    "pipeline_output_dir",
+    "export_dir",
+    "guidance_scale",
+    "cfg_scale",
+    "num_inference_steps",
+    "abduction_refinement_steps",
+    "output_dir",
     "unet_model_name_or_path",
-}  # fmt: skip
+}
 
 
 def check_resumed_flags(args: argparse.Namespace):
@@ -592,9 +616,19 @@ def images_seen_by(folder: str | None) -> int:
 
 
 def export_judge(
-    accelerator: Accelerator, args: argparse.Namespace, model, ema, split, split_record: dict, script: str,
-    run: tuple[int, float], metric: str, measure: Callable, write_card: Callable, description: str,
-):  # fmt: skip
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    model,
+    ema,
+    split,
+    split_record: dict,
+    script: str,
+    run: tuple[int, float],
+    metric: str,
+    measure: Callable,
+    write_card: Callable,
+    description: str,
+):
     """On the main process: save a trained judge (oracle, VAE, image classifier) to --export_dir with `{kind}.json`
     (its held-out `metric`, `measure(model, held-out batches)`, the command and the split), write its card with
     `write_card(export_dir)`, and print the metric after `description`; then end the run."""

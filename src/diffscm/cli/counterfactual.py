@@ -113,8 +113,10 @@ def dataset_counterfactuals(args: argparse.Namespace):
         assigned = parse_assignments(args.intervention, "--intervention")
         request = {"intervention": {k: pipe.causal_graph.check_value(k, v).item() for k, v in assigned.items()}}
     written, process = write_counterfactuals(pipe, dataset, request, args.out, args.shard_size, pipeline_options(args))
-    print(f"Process {process} wrote {written} shard(s) to {args.out}; load them all with "
-          f"datasets.load_dataset('imagefolder', data_dir={args.out!r}).")  # fmt: skip
+    print(
+        f"Process {process} wrote {written} shard(s) to {args.out}; load them all with "
+        f"datasets.load_dataset('imagefolder', data_dir={args.out!r})."
+    )
 
 
 def check_no_input_in(out: Path, paths: list[str], stems: list[str]):

@@ -23,14 +23,17 @@ def add_commands(commands):
         "--num-digits", type=int, default=None, help="Held-out digits, one row each (default: one per class)."
     )
     parser.add_argument(
-        "--data-dir", default=None, help="For a multi-parent model: the data it held out from (default: the "
-        "repository's Morpho-MNIST).",
-    )  # fmt: skip
+        "--data-dir",
+        default=None,
+        help="For a multi-parent model: the data it held out from (default: the repository's Morpho-MNIST).",
+    )
     add_dataset_options(parser, "do() on every variable of the graph, on the model's held-out images of it.")
     parser.add_argument(
-        "--classifier", default=None, help="Explain this transformers image classifier folder: each column is what "
+        "--classifier",
+        default=None,
+        help="Explain this transformers image classifier folder: each column is what "
         "would make it say that digit (e.g. checkpoints/mnist-vit-classifier).",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--classifier-scale", type=float, default=None, help="Guidance of the explanations (default: the pipeline's)."
     )
@@ -68,9 +71,7 @@ def demo(args: argparse.Namespace):
         explained = load_explained_classifier(args.classifier).to(device)
         options |= {"explained_classifier": explained, "guidance_scale": args.classifier_scale}  # None: the default
     print(f"Counterfactuals of {len(images)} held-out digits under do(digit = 0..{num_classes - 1}) ...")
-    out = pipe(
-        images, "all", factual_values={parent: labels}, output_type="pt", return_reconstruction=True, **options
-    )  # fmt: skip
+    out = pipe(images, "all", factual_values={parent: labels}, output_type="pt", return_reconstruction=True, **options)
 
     factual = (pipe.preprocess(images) + 1) / 2
     counterfactuals = out.images.reshape(len(images), num_classes, *out.images.shape[1:])
@@ -121,8 +122,10 @@ def scm_demo(pipe, args: argparse.Namespace):
             choices = [("next", (factual.get(name, 0) + 1) % node.num_classes)]
         else:
             low, high = node.range
-            choices = [(f"{value:g}", value) for value in (round(low + 0.15 * (high - low), 1),
-                                                          round(high - 0.15 * (high - low), 1))]  # fmt: skip
+            choices = [
+                (f"{value:g}", value)
+                for value in (round(low + 0.15 * (high - low), 1), round(high - 0.15 * (high - low), 1))
+            ]
         for label, value in choices:
             expected = graph.counterfactual(factual, {name: value})
             columns.append(pipe.intervene(abduction, {p: expected[p] for p in graph.image_parents}, scale))

@@ -14,7 +14,14 @@ import torch
 from .. import hub
 from ..colour_mnist import measured_hue_error, true_recolouring
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
-from ..options import add_dataset_options, add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
+from ..options import (
+    add_dataset_options,
+    add_pipeline_options,
+    check_output_dir,
+    device_and_dtype,
+    pipeline_options,
+    settings_used,
+)
 from ..paths import shipped_checkpoint, shipped_data
 
 DEFAULT_SCM_MODEL = "diffscm-morphomnist-conditional"
@@ -41,13 +48,17 @@ def add_commands(commands):
     parser.add_argument("--judges", default=None, help="With --dataset: the judges' folder from train_judges.py.")
     parser.add_argument("--guidance-scales", type=float, nargs="*", default=[], help="Scales of the sweep.")
     parser.add_argument(
-        "--sweep-samples", type=int, default=None, help="Images for the sweep and reversibility (default 100, at "
-        "most --num-samples).",
-    )  # fmt: skip
+        "--sweep-samples",
+        type=int,
+        default=None,
+        help="Images for the sweep and reversibility (default 100, at most --num-samples).",
+    )
     parser.add_argument(
-        "--composition-samples", type=int, default=None, help="Images for composition and abduction (default 50, at "
-        "most --num-samples).",
-    )  # fmt: skip
+        "--composition-samples",
+        type=int,
+        default=None,
+        help="Images for composition and abduction (default 50, at most --num-samples).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random targets.")
     parser.add_argument(
         "--curves",
@@ -56,9 +67,11 @@ def add_commands(commands):
         "curve over --abduction-settings (without: one cycle, no abduction curve).",
     )
     parser.add_argument(
-        "--composition-cycles", type=int, default=None, help=f"Null-intervention cycles (0: skip; default 1, or "
-        f"{CURVE_CYCLES} with --curves).",
-    )  # fmt: skip
+        "--composition-cycles",
+        type=int,
+        default=None,
+        help=f"Null-intervention cycles (0: skip; default 1, or {CURVE_CYCLES} with --curves).",
+    )
     parser.add_argument(
         "--abduction-settings",
         nargs="*",
@@ -117,8 +130,10 @@ def evaluate_scm(args: argparse.Namespace):
     pipe = hub.load_pipeline(args.model or shipped_checkpoint(DEFAULT_SCM_MODEL), device, dtype)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     if set(pipe.causal_graph.image_parents) != set(morphomnist.PARENTS):
-        raise ValueError(f"{args.model}: its image's parents are {pipe.causal_graph.image_parents}, not thickness, "
-                         "intensity and digit.")  # fmt: skip
+        raise ValueError(
+            f"{args.model}: its image's parents are {pipe.causal_graph.image_parents}, not thickness, "
+            "intensity and digit."
+        )
     dataset = load_image_dataset(train_data_dir=args.data_dir or shipped_data("morphomnist"), split=args.split)
     rows = heldout_rows(pipe.config._name_or_path, dataset, args.num_samples, skip=args.skip)
     if len(rows) < 2:
@@ -154,13 +169,11 @@ def evaluate_scm(args: argparse.Namespace):
         f"{split['num_heldout']:,}{extra})",
         "guidance_scale": pipe.guidance_scales(options["guidance_scale"]),
         "cfg_scale": pipe.cfg_scales(options["cfg_scale"]),
-        "num_inference_steps": args.steps or pipe.config.num_inference_steps,
-        "abduction_refinement_steps": pipe.config.abduction_refinement_steps if args.refinement is None
-        else args.refinement,
+        **{key: settings_used(pipe, options)[key] for key in ("num_inference_steps", "abduction_refinement_steps")},
         "unet_evaluations_per_counterfactual": nfe,
         "composition_images": min(args.composition_samples, len(rows)),
         "generation_steps": GENERATION_STEPS,
-    }  # fmt: skip
+    }
     write_report(args, "evaluate-scm", result, morphomnist.report(result))
 
 
@@ -214,18 +227,40 @@ def evaluate(args: argparse.Namespace):
     if args.classifier:
         explained = load_explained_classifier(args.classifier).to(device)
         result = metrics.explanation_metrics(
-            pipe, oracle, images, labels, explained, args.classifier_scale or pipe.config.explained_classifier_scale,
-            scale, args.steps, args.refinement,
+            pipe,
+            oracle,
+            images,
+            labels,
+            explained,
+            args.classifier_scale or pipe.config.explained_classifier_scale,
+            scale,
+            args.num_inference_steps,
+            args.abduction_refinement_steps,
             args.seed,
-        )  # fmt: skip
+        )
         result["model"], result["classifier"] = str(pipe.config._name_or_path), args.classifier
         return write_report(args, "evaluate", result, metrics.explanation_table(result))
-    chain = {"steps": args.steps, "refinement": args.refinement, "cfg_scale": options["cfg_scale"]}
+    chain = {
+        "steps": args.num_inference_steps,
+        "refinement": args.abduction_refinement_steps,
+        "cfg_scale": options["cfg_scale"],
+    }
     settings = [tuple(int(n) for n in pair.split(":")) for pair in args.abduction_settings]
     result = mnist.evaluate(
-        pipe, oracle, images, labels, scale, chain, load_vae(args.vae, pipe), args.seed, args.guidance_scales,
-        args.sweep_samples, args.composition_samples, args.composition_cycles, settings,
-    )  # fmt: skip
+        pipe,
+        oracle,
+        images,
+        labels,
+        scale,
+        chain,
+        load_vae(args.vae, pipe),
+        args.seed,
+        args.guidance_scales,
+        args.sweep_samples,
+        args.composition_samples,
+        args.composition_cycles,
+        settings,
+    )
     result["model"] = str(pipe.config._name_or_path)
     result["data"] = args.data_dir or "held-out split of mnist-bundled"
     oracle_record = Path(oracle_dir) / "oracle.json"
@@ -282,7 +317,7 @@ def evaluate_graph(args: argparse.Namespace):
         "data": args.dataset,
         "judges": args.judges,
         "num_images": len(rows),
-        "settings": {k: pipe.config[k] if v is None else v for k, v in options.items()},
+        "settings": settings_used(pipe, options),
         "judges_heldout": json.loads(judges_record.read_text())["heldout"] if judges_record.is_file() else None,
     }
     write_report(args, "evaluate", result, protocol.report(result))

@@ -175,8 +175,9 @@ class CounterfactualDemo:
             intervention = {k: v for k, v in request.items() if v is not None}
             if not intervention:
                 raise ValueError("Tick at least one variable to intervene on.")
-            out = pipe(image, intervention=intervention, factual_values=factual, output_type="pt",
-                       return_reconstruction=True)  # fmt: skip
+            out = pipe(
+                image, intervention=intervention, factual_values=factual, output_type="pt", return_reconstruction=True
+            )
             headers = ["do(" + ", ".join(f"{k}={graph.show(k, v)}" for k, v in intervention.items()) + ")"]
             asked = [intervention]
         else:
@@ -322,8 +323,13 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None):
                     examples = gr.Examples(EXAMPLES, inputs=upload, label="examples: click one, then Counterfactuals")
                     examples.dataset.click(lambda: None, None, example_values)  # its own values, not a picked one's
             with gr.Column(scale=2):
-                gallery = gr.Gallery(label="factual | null intervention | counterfactuals", columns=4, height="auto",
-                                     object_fit="contain", elem_id="gallery")  # fmt: skip
+                gallery = gr.Gallery(
+                    label="factual | null intervention | counterfactuals",
+                    columns=4,
+                    height="auto",
+                    object_fit="contain",
+                    elem_id="gallery",
+                )
                 table = gr.Markdown(elem_id="values")
                 download = gr.File(label="download the grid")
 

@@ -152,7 +152,6 @@ def evaluate_counterfactuals(
     """
     parent = pipe.single_categorical_parent()
     targets = random_other_targets(labels, pipe.causal_graph.nodes[parent].num_classes, seed)
-    steps = pipe.config.num_inference_steps if steps is None else steps
     count = len(images)
 
     with count_calls(pipe.unet) as unet_calls:
@@ -172,8 +171,8 @@ def evaluate_counterfactuals(
     null_predictions, factual_predictions = oracle_predictions(oracle, null), oracle_predictions(oracle, images)
     result = {
         "num_images": count,
-        "num_inference_steps": steps,
-        "strength": strength,
+        "num_inference_steps": abduction.num_inference_steps,
+        "strength": abduction.strength,
         "abduction_refinement_steps": abduction.abduction_refinement_steps,
         "cfg_scale": abduction.cfg_scale,
         "abduction_nfe": abduction_nfe,
@@ -233,24 +232,56 @@ def abduction_curve(
 
 
 @torch.no_grad()
-def composition(
-    pipe, oracle, images: torch.Tensor, factual: dict, cycles: int = 10, steps=None, refinement=None, cfg_scale=None
-) -> dict:
+def composition(pipe, images: torch.Tensor, parents: dict, cycles: int = 10, distance=None, **options) -> dict:
     """
-    The null intervention do(every parent = its factual value), through the public call, applied again and again:
-    how far does the image drift? L1 (grey levels) and the oracle-feature perceptual distance to the factual after 1
-    and after `cycles` cycles.
+    The null intervention do(every parent of the image = its factual value), through the public call, applied again
+    and again: how far does the image drift from the factual `images` in [0, 1] after 1 and after `cycles` cycles?
+
+    Args:
+        parents: the factual value of every parent of the image, one per image.
+        distance: `f(current, images)`, a number or a dict of them (default: the grey-level L1).
+        options: the call's settings (`num_inference_steps`, `cfg_scale`, ...).
     """
+    distance = distance or grey_level_l1
     result, current = {}, images
-    options = {"num_inference_steps": steps, "abduction_refinement_steps": refinement, "cfg_scale": cfg_scale}
     for cycle in range(1, cycles + 1):
-        current = pipe(current, intervention=factual, factual_values=factual, output_type="pt", **options).images
+        current = pipe(current, intervention=parents, factual_values=parents, output_type="pt", **options).images
         if cycle in (1, cycles):
-            result[f"cycles_{cycle}"] = {
-                "l1_grey_levels": grey_level_l1(current, images),
-                "perceptual_distance": perceptual_distance(oracle, current, images),
-            }
+            result[f"cycles_{cycle}"] = distance(current, images)
     return result
+
+
+@torch.no_grad()
+def generation_fidelity(pipe, parents: dict, score, cfg_scales=(1.0, None), num_inference_steps=25, seed=0) -> dict:
+    """
+    The image mechanism alone: one image per sample of `parents` drawn from fresh noise (no abduction, no anti-causal
+    guidance), `score(images)` at each classifier-free scale of `cfg_scales` (None: the pipeline's default), keyed
+    `cfg 1` or by the scales used; {} for a classifier-guided pipeline, whose mechanism ignores its parents.
+    """
+    if pipe.mechanism != "conditional":
+        return {}
+    result = {}
+    for cfg_scale in cfg_scales:
+        generator = torch.Generator(pipe.device).manual_seed(seed)
+        images = pipe.generate(
+            parents,
+            num_inference_steps=num_inference_steps,
+            cfg_scale=cfg_scale,
+            generator=generator,
+            output_type="pt",
+        )
+        scales = pipe.cfg_scales(cfg_scale)
+        shown = f"{next(iter(scales.values())):g}" if len(scales) == 1 else str(scales)
+        result["cfg 1" if cfg_scale == 1 else f"cfg {shown}"] = score(images)
+    return result
+
+
+def oracle_distances(oracle):
+    """The composition distances of the MNIST protocol: grey-level L1 and the oracle-feature perceptual distance."""
+    return lambda current, images: {
+        "l1_grey_levels": grey_level_l1(current, images),
+        "perceptual_distance": perceptual_distance(oracle, current, images),
+    }
 
 
 @torch.no_grad()
@@ -353,8 +384,11 @@ def summary_table(result: dict) -> str:
             continue
         shown = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(ratios.items(), key=lambda item: int(item[0])))
         low, high = min(ratios.values()), max(ratios.values())
-        lines += ["", f"- Median ink of the counterfactuals over that of real digits, by target class (scale "
-                  f"{entry['guidance_scale']:g}): {shown} (range {low:.2f}-{high:.2f})."]  # fmt: skip
+        lines += [
+            "",
+            f"- Median ink of the counterfactuals over that of real digits, by target class (scale "
+            f"{entry['guidance_scale']:g}): {shown} (range {low:.2f}-{high:.2f}).",
+        ]
     null = result["null_intervention"]
     lines += [
         "",

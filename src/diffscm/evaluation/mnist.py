@@ -41,14 +41,25 @@ def evaluate(
             pipe, oracle, images[few], labels[few], sorted(set(sweep_scales) | {scale}), seed=seed, vae=vae, **chain
         )
         result["sweep"] = {
-            "num_images": sweep["num_images"], "scales": sweep["scales"], "knee": metrics.knee(sweep["scales"])
-        }  # fmt: skip
+            "num_images": sweep["num_images"],
+            "scales": sweep["scales"],
+            "knee": metrics.knee(sweep["scales"]),
+        }
     result["reversibility"] = metrics.reversibility(
         pipe, oracle, images[few], counterfactuals[scale][few], labels[few], targets[few], scale, **chain
     )
     factual = {pipe.single_categorical_parent(): labels[fewest]}
     if composition_cycles:
-        result["composition"] = metrics.composition(pipe, oracle, images[fewest], factual, composition_cycles, **chain)
+        options = {"num_inference_steps": chain["steps"], "abduction_refinement_steps": chain["refinement"]}
+        result["composition"] = metrics.composition(
+            pipe,
+            images[fewest],
+            factual,
+            composition_cycles,
+            metrics.oracle_distances(oracle),
+            cfg_scale=chain["cfg_scale"],
+            **options,
+        )
     result["abduction_curve"] = metrics.abduction_curve(
         pipe, images[fewest], list(abduction_settings), factual, chain["cfg_scale"]
     )
@@ -56,20 +67,15 @@ def evaluate(
     return result
 
 
-@torch.no_grad()
 def generation_fidelity(
     pipe, oracle, labels: torch.Tensor, cfg_scales=(1.0, None), num_inference_steps: int = 25, seed: int = 0
 ) -> dict[str, float]:
-    """The image mechanism alone: one digit per label drawn from fresh noise (no abduction, no anti-causal
-    guidance), and the share the oracle reads as the asked class, at each classifier-free scale (None: the
-    pipeline's default); {} for a classifier-guided pipeline, whose mechanism ignores the digit."""
-    if pipe.mechanism != "conditional":
-        return {}
-    parent, result = pipe.single_categorical_parent(), {}
-    for cfg_scale in cfg_scales:
-        generator = torch.Generator(pipe.device).manual_seed(seed)
-        images = pipe.generate({parent: labels}, num_inference_steps=num_inference_steps, cfg_scale=cfg_scale,
-                               generator=generator, output_type="pt")  # fmt: skip
-        accuracy = (metrics.oracle_predictions(oracle, images) == labels).float().mean().item()
-        result["cfg 1" if cfg_scale == 1 else f"cfg {pipe.cfg_scales(cfg_scale)[parent]:g}"] = accuracy
-    return result
+    """[`metrics.generation_fidelity`] of one digit per label: the share the oracle reads as the asked class."""
+    return metrics.generation_fidelity(
+        pipe,
+        {pipe.single_categorical_parent(): labels},
+        lambda images: (metrics.oracle_predictions(oracle, images) == labels).float().mean().item(),
+        cfg_scales,
+        num_inference_steps,
+        seed,
+    )

@@ -19,6 +19,8 @@ import torch
 from .. import morphometrics
 from ..tables import markdown_table
 from .benchmark_judges import benchmark_intervention_values, composition_l1
+from .metrics import composition as metrics_composition
+from .metrics import generation_fidelity as generation_fidelity_of
 from .metrics import grey_level_l1, minimality, oracle_predictions, realism
 
 PARENTS = ("thickness", "intensity", "digit")
@@ -114,41 +116,29 @@ def evaluate_interventions(
     return result
 
 
-@torch.no_grad()
 def generation_fidelity(
     pipe, oracle, factual: dict, judges=None, cfg_scales=(1.0, None), num_inference_steps: int = 25, seed: int = 0
 ) -> dict[str, dict]:
-    """The image mechanism alone: one image per held-out digit drawn from fresh noise under that digit's parents (no
-    abduction, no anti-causal guidance), read by every family of judges against those parents; at each
-    classifier-free scale of `cfg_scales` (None: the pipeline's default). A classifier-guided pipeline's mechanism
-    ignores its parents: {}."""
-    if pipe.mechanism != "conditional":
-        return {}
+    """[`metrics.generation_fidelity`] of one image per held-out digit under that digit's parents, read by every
+    family of judges against those parents."""
     parents = {name: factual[name] for name in pipe.causal_graph.image_parents}
-    result = {}
-    for cfg_scale in cfg_scales:
-        generator = torch.Generator(pipe.device).manual_seed(seed)
-        images = pipe.generate(parents, num_inference_steps=num_inference_steps, cfg_scale=cfg_scale,
-                               generator=generator, output_type="pt")  # fmt: skip
-        label = "cfg 1" if cfg_scale == 1 else f"cfg {pipe.cfg_scales(cfg_scale)}"
-        result[label] = judge(images, factual, oracle, judges)
-    return result
+    return generation_fidelity_of(
+        pipe, parents, lambda images: judge(images, factual, oracle, judges), cfg_scales, num_inference_steps, seed
+    )
 
 
-@torch.no_grad()
 def composition(pipe, images: torch.Tensor, factual: dict, cycles: int = 10, **options) -> dict:
-    """The benchmark's composition: do(every parent = its factual value) through the public call, applied `cycles`
-    times; the benchmark's L1 (padded 32x32, grey levels) and the 28x28 grey-level L1 after 1 and `cycles` cycles."""
+    """The benchmark's composition ([`metrics.composition`]): the benchmark's L1 (padded 32x32, grey levels) and the
+    28x28 grey-level L1 after 1 and `cycles` cycles."""
     parents = {name: factual[name] for name in pipe.causal_graph.image_parents}
-    result, current = {}, images
-    for cycle in range(1, cycles + 1):
-        current = pipe(current, intervention=parents, factual_values=parents, output_type="pt", **options).images
-        if cycle in (1, cycles):
-            result[f"cycles_{cycle}"] = {
-                "benchmark_l1": float(composition_l1(current, images).mean()),
-                "l1_grey_levels": grey_level_l1(current, images),
-            }
-    return result
+    return metrics_composition(pipe, images, parents, cycles, benchmark_distances, **options)
+
+
+def benchmark_distances(current: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
+    return {
+        "benchmark_l1": float(composition_l1(current, images).mean()),
+        "l1_grey_levels": grey_level_l1(current, images),
+    }
 
 
 def morphometrics_agreement(images: torch.Tensor, factual: dict) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from ..tables import markdown_table
 from .judges import judge_errors
-from .metrics import grey_level_l1, realism
+from .metrics import composition, grey_level_l1, realism
 
 
 def intervention_values(graph, factual: dict, seed: int = 0) -> dict[str, dict]:
@@ -82,7 +82,9 @@ def evaluate(
             entry["unchanged image"]["ground_truth_l1"] = grey_level_l1(images, truth)
         result[f"do({variable})"] = entry
     count = composition_samples or len(images)
-    result["composition"] = composition(pipe, images[:count], _first(parents, count), cycles, guidance, **options)
+    result["composition"] = composition(
+        pipe, images[:count], _first(parents, count), cycles, guidance_scale=guidance, **options
+    )
     return result
 
 
@@ -94,20 +96,6 @@ def _scores(reading: dict, specs: dict, measures: dict | None, images: torch.Ten
 
 def _first(values: dict, count: int) -> dict:
     return {name: np.asarray(value)[:count] for name, value in values.items()}
-
-
-@torch.no_grad()
-def composition(pipe, images: torch.Tensor, parents: dict, cycles: int, guidance=None, **options) -> dict:
-    """The null intervention (do(parents = their factual values)) applied `cycles` times: the mean grey-level L1
-    (0-255, every channel) to the factual images after 1 and after `cycles` cycles."""
-    result, current = {}, images
-    for cycle in range(1, cycles + 1):
-        current = pipe(
-            current, intervention=parents, factual_values=parents, output_type="pt", guidance_scale=guidance, **options
-        ).images
-        if cycle in (1, cycles):
-            result[f"cycles_{cycle}"] = grey_level_l1(current, images)
-    return result
 
 
 def report(result: dict) -> str:

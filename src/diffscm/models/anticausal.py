@@ -141,9 +141,15 @@ class AntiCausalClassifier(ModelMixin, ConfigMixin):
         if num_classes < 2:
             raise ValueError(f"`num_classes` must be at least 2, got {num_classes}.")
         in_ch = build_encoder(
-            self, in_channels, down_block_types, block_out_channels, layers_per_block, mid_block_attention,
-            attention_head_dim, norm_num_groups,
-        )  # fmt: skip
+            self,
+            in_channels,
+            down_block_types,
+            block_out_channels,
+            layers_per_block,
+            mid_block_attention,
+            attention_head_dim,
+            norm_num_groups,
+        )
         self.head = nn.Linear(in_ch, num_classes)
 
     def forward(

@@ -86,19 +86,17 @@ class ExplainedClassifier(nn.Module):
             total = total + self.log_prob(moved + self.noise * noise, target)
         return total / self.augmentations
 
-    def guidance_gradient(self, sample, alpha: float, target, noise_of, eps=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps, the guidance gradient of this clean classifier at x_t): grad_{x_t} log p(target | x0_hat(x_t)) over
-        random views of the DDIM estimate x0_hat, weighted by sqrt(alpha_bar_t / (1 - alpha_bar_t)): the plain
-        gradient explodes at high noise, where x0_hat divides by sqrt(alpha_bar_t) ~ 0.006 (measured on MNIST: images
-        destroyed, L1 > 100 grey levels at scale 2), and the signal-to-noise ratio itself leaves only adversarial
-        detail changes near the end. With `eps` given, x0_hat's noise estimate is held constant (one classifier
-        backward pass); without, `noise_of(x_t)` is differentiated as well (through the UNet)."""
+    def guidance_gradient(self, sample: torch.Tensor, eps: torch.Tensor, alpha: float, target) -> torch.Tensor:
+        """The guidance gradient of this clean classifier at x_t (`sample`, which requires grad): grad_{x_t} log
+        p(target | x0_hat(x_t)) over random views of the DDIM estimate x0_hat, weighted by sqrt(alpha_bar_t / (1 -
+        alpha_bar_t)): the plain gradient explodes at high noise, where x0_hat divides by sqrt(alpha_bar_t) ~ 0.006
+        (measured on MNIST: images destroyed, L1 > 100 grey levels at scale 2), and the signal-to-noise ratio itself
+        leaves only adversarial detail changes near the end. A detached `eps` is held constant (one classifier
+        backward pass); one computed from `sample` is differentiated as well (through the UNet)."""
         with torch.enable_grad():
-            sample = sample.detach().requires_grad_(True)
-            eps = noise_of(sample) if eps is None else eps
             denoised = (sample - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
             gradient = torch.autograd.grad(self.robust_log_prob(denoised, target).sum(), sample)[0]
-        return eps.detach(), gradient.float() * math.sqrt(alpha / (1 - alpha))
+        return gradient.float() * math.sqrt(alpha / (1 - alpha))
 
     @torch.no_grad()
     def predict(self, sample: torch.Tensor) -> torch.Tensor:
