@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
-from diffscm.folder_format import causal_graph, missing_remote_code, read_json, recorded, settings
+from diffscm.folder_format import causal_graph, missing_remote_code, read_json, recorded, settings, unet_passes
 from diffscm.scm import CausalGraph, Node
 
 PIPELINE_TEMPLATE = "diffscm_pipeline.md"
@@ -92,7 +92,8 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
         cfg_scale=_format_scale(cfg, parents, 1.0),
         num_inference_steps=steps,
         abduction_refinement_steps=refinements,
-        unet_evaluations=steps * (2 + refinements) * (1 + cfg_passes),
+        integrator=defaults["integrator"],
+        unet_evaluations=unet_passes(steps, refinements, defaults["integrator"], cfg_passes),
         missing_code=missing_remote_code(folder),
         training=record,
         split=split,

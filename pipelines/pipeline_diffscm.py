@@ -13,7 +13,15 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffscm.flows import fit as _flows  # noqa: F401  (scm's flow mechanism: remote code copies direct imports only)
-from diffscm.folder_format import DEFAULTS, SETTINGS, copy_records, default_guidance_scale, read_index, upload
+from diffscm.folder_format import (
+    DEFAULTS,
+    INTEGRATORS,
+    SETTINGS,
+    copy_records,
+    default_guidance_scale,
+    read_index,
+    upload,
+)
 from diffscm.folder_format import causal_graph as folder_causal_graph
 from diffscm.image_processing import PipelineImageInput, preprocess_images
 from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor
@@ -54,6 +62,15 @@ def ddim_step(sample: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         moved = moved + sigma * noise
     return moved
+
+
+def bdia_step(
+    sample: torch.Tensor, other: torch.Tensor, eps: torch.Tensor, alpha_other: float, alpha: float, alpha_to
+):
+    """BDIA-DDIM (Zhang et al., ECCV 2024, gamma = 1): from the states at `alpha` (`sample`, whose `eps` this is) and
+    at `alpha_other` on its other side, the state at `alpha_to`: other - DDIM(sample -> alpha_other) + DDIM(sample ->
+    alpha_to). With the two outer alphas swapped it is its own exact inverse, both ways at one noise estimate."""
+    return other - ddim_step(sample, eps, alpha, alpha_other) + ddim_step(sample, eps, alpha, alpha_to)
 
 
 class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
@@ -98,6 +115,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         num_inference_steps: int = DEFAULTS["num_inference_steps"],
         abduction_refinement_steps: int = DEFAULTS["abduction_refinement_steps"],
         explained_classifier_scale: float = DEFAULTS["explained_classifier_scale"],
+        integrator: str = DEFAULTS["integrator"],
     ):
         super().__init__()
         if guidance_scale is None:
@@ -115,11 +133,13 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             num_inference_steps=num_inference_steps,
             abduction_refinement_steps=abduction_refinement_steps,
             explained_classifier_scale=explained_classifier_scale,
+            integrator=integrator,
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False)
         self.guidance_scales(guidance_scale)
         self.cfg_scales(cfg_scale)
         check_scale("explained_classifier_scale", explained_classifier_scale)
+        self.check_integrator(integrator)
         self._interrupt, self._num_timesteps = False, 0
 
     @property
@@ -199,6 +219,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         strength: float = 1.0,
         abduction_refinement_steps: int | None = None,
         cfg_scale: ScaleInput | None = None,
+        integrator: str | None = None,
     ) -> Abduction:
         """
         Abduction: the exogenous noise u of each factual image by deterministic DDIM inversion (fp32, no clipping).
@@ -211,21 +232,35 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             abduction_refinement_steps: K extra UNet passes per step, solving x_t = step^-1(x_next, eps(x_t, t)) by
                 Anderson-accelerated fixed-point iteration, so that the generation step from x_t lands back on x_next.
             cfg_scale: classifier-free guidance per parent, kept for the prediction.
+            integrator: "ddim" (with the refinement above) or "bdia", BDIA-DDIM (Zhang et al. 2024): exactly
+                invertible at one UNet pass per step, so the null intervention returns the input to float error.
 
         Returns:
             The [`Abduction`] that [`intervene`] follows.
         """
         sample = self.preprocess(image)
         chain = self.get_chain(num_inference_steps, strength)
+        integrator = self.check_integrator(integrator, chain)
         refinements = self.refinement_steps(abduction_refinement_steps)
         cfg_scales = self.cfg_scales(cfg_scale)
         factual, _ = self.infer_factual_values(sample, factual_values)
-        return self._invert(sample, factual, chain, refinements, cfg_scales)
+        return self._invert(sample, factual, chain, refinements, cfg_scales, integrator)
 
     def preprocess(self, image: PipelineImageInput) -> torch.Tensor:
         """Factual image(s) as a float32 `(B, C, H, W)` tensor in [-1, 1] of the model's size, on its device."""
         sample = preprocess_images(image, self.unet.config.in_channels, self.unet.config.sample_size)
         return sample.to(self._execution_device)
+
+    def check_integrator(self, integrator: str | None = None, chain: Chain | None = None, eta: float = 0.0) -> str:
+        """The checked integrator (default: the config's): BDIA needs two steps or more, and is deterministic."""
+        integrator = self.config.integrator if integrator is None else integrator
+        if integrator not in INTEGRATORS:
+            raise ValueError(f"`integrator` must be one of {INTEGRATORS}, got {integrator!r}.")
+        if integrator == "bdia" and chain is not None and len(chain) < 2:
+            raise ValueError("The BDIA integrator needs at least 2 steps (num_inference_steps x strength).")
+        if integrator == "bdia" and eta:
+            raise ValueError("The BDIA integrator is deterministic: `eta` must be 0.")
+        return integrator
 
     def refinement_steps(self, abduction_refinement_steps: int | None) -> int:
         """The checked number of fixed-point refinements per abduction step (default: the config's)."""
@@ -233,24 +268,49 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         return check_count("abduction_refinement_steps", abduction_refinement_steps, default, 0)
 
     def _invert(
-        self, sample: torch.Tensor, factual: dict, chain: Chain, refinements: int, cfg_scales: dict[str, float]
+        self,
+        sample: torch.Tensor,
+        factual: dict,
+        chain: Chain,
+        refinements: int,
+        cfg_scales: dict[str, float],
+        integrator: str = "ddim",
     ) -> Abduction:
-        """The DDIM inversion of [`abduct`] from checked values: a preprocessed `sample` in [-1, 1], the factual
-        values (of every parent of the image, one per sample), and the prediction's chain, walked backwards."""
+        """The inversion of [`abduct`] from checked values: a preprocessed `sample` in [-1, 1], the factual values (of
+        every parent of the image, one per sample), and the prediction's chain, walked backwards. DDIM: each step the
+        fixed point of x_t = step^-1(x_next, eps(x_t, t)). BDIA: the first step as DDIM, then each state from the two
+        below it at one noise estimate, exactly what the prediction undoes."""
         parents = self.prepare_parent_values(
             {name: factual[name] for name in self.causal_graph.image_parents}, sample.shape[0]
         )
-        eps = torch.zeros_like(sample)  # each step starts from the previous step's noise estimate
-        for t, alpha_t, alpha_next in self.progress_bar(chain.steps[::-1]):
+        alphas = chain.alphas
+        eps, below = torch.zeros_like(sample), None  # each step starts from the previous step's noise estimate
+        for k in self.progress_bar(range(len(chain) - 1, -1, -1)):  # x at alphas[k + 1] -> x at alphas[k]
+            t, alpha_t, alpha_next = chain[k]
+            if integrator == "bdia" and below is not None:
+                eps = self.predict_noise(sample, chain[k + 1][0], parents, cfg_scales)
+                sample, below = bdia_step(sample, below, eps, alphas[k + 2], alpha_next, alpha_t), sample
+                continue
             guess, tried, mapped = ddim_step(sample, eps, alpha_next, alpha_t), [], []
-            for _ in range(1 + refinements):  # fixed point of x_t = step^-1(x_next, eps(x_t, t))
+            for _ in range(1 + refinements):
                 eps = self.predict_noise(guess, t, parents, cfg_scales)
                 tried.append(guess), mapped.append(ddim_step(sample, eps, alpha_next, alpha_t))
                 guess = anderson_mix(tried, mapped)
-            sample = guess
+            sample, below = guess, sample
         check_finite(sample, "The abducted noise", cfg_scales)
         values = {name: value.cpu().numpy() for name, value in parents.items()}
-        return Abduction(sample, values, chain.num_inference_steps, chain.strength, refinements, cfg_scales, chain)
+        previous = below if integrator == "bdia" else None
+        return Abduction(
+            sample,
+            values,
+            chain.num_inference_steps,
+            chain.strength,
+            refinements,
+            cfg_scales,
+            chain,
+            integrator,
+            previous,
+        )
 
     @torch.no_grad()
     def intervene(
@@ -301,19 +361,24 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         eta = check_eta(eta)
         check_callback(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         check_generator(generator, abduction.batch_size)
-        check_noise(abduction.noise, self.unet.config.in_channels, self.unet.config.sample_size)
+        for state in (abduction.noise, abduction.previous):
+            if state is not None:
+                check_noise(state, self.unet.config.in_channels, self.unet.config.sample_size)
+        chain = abduction.chain or self.get_chain(abduction.num_inference_steps, abduction.strength)
+        integrator = self.check_integrator(abduction.integrator, chain, eta)
         scales = self.guidance_scales(guidance_scale, explained=explained is not None)
         factual = self.prepare_parent_values(abduction.factual_values, abduction.batch_size)
         values = factual if parent_values is None else self.prepare_parent_values(parent_values, abduction.batch_size)
         guidance = self.prepare_guidance(
             scales, abduction.cfg_scale, factual, values, explained, explained_gradient, check_guides(guides)
         )
-        chain = abduction.chain or self.get_chain(abduction.num_inference_steps, abduction.strength)
         sample = self._predict(
             abduction.noise,
             chain,
             values,
             guidance,
+            integrator,
+            abduction.previous,
             eta,
             generator,
             callback_on_step_end,
@@ -327,19 +392,36 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         chain: Chain,
         values: dict[str, torch.Tensor],
         guidance: Guidance,
+        integrator: str = "ddim",
+        previous: torch.Tensor | None = None,
         eta: float = 0.0,
         generator=None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs=("sample",),
     ) -> torch.Tensor:
-        """The prediction of [`intervene`] from checked values: DDIM down `chain` from `noise` under `values`."""
-        sample = noise.to(self._execution_device, torch.float32)
-        self._num_timesteps, self._interrupt = len(chain.steps), False
+        """The prediction of [`intervene`] from checked values: down `chain` from `noise` under `values` by DDIM steps;
+        with BDIA, the samples whose parents stay take BDIA's steps instead, the first landing on `previous` (the
+        abducted state after u), so that they come back exactly, one UNet pass per step either way. Measured on the
+        shipped MNIST pipeline, 64 held-out digits: BDIA steps for the changed samples too flipped 0.922 / 0.828 /
+        0.344 of them at 25 / 15 / 10 steps (their pair carries the factual trajectory), DDIM steps 1.000 at each."""
+        sample, above = noise.to(self._execution_device, torch.float32), None
+        self._num_timesteps, self._interrupt = len(chain), False
         for i, (t, alpha_t, alpha_next) in enumerate(self.progress_bar(chain.steps)):
             if self.interrupt:
                 break
+            changed = guidance.changed.view(-1, 1, 1, 1) > 0 if guidance.any_changed else None
+            if integrator == "bdia" and i == 0 and previous is not None and changed is None:
+                sample, above = previous.to(sample), sample
+                continue
             eps = self.guided_noise(sample, t, alpha_t, values, guidance)
-            sample = ddim_step(sample, eps, alpha_t, alpha_next, eta, generator)
+            moved = ddim_step(sample, eps, alpha_t, alpha_next, eta, generator)
+            if integrator == "bdia" and (i > 0 or previous is not None):  # the samples that stay come back exactly
+                if i == 0:
+                    stay = previous.to(moved)
+                else:
+                    stay = bdia_step(sample, above, eps, chain.alphas[i - 1], alpha_t, alpha_next)
+                moved = stay if changed is None else torch.where(changed, moved, stay)
+            sample, above = moved, sample
             if callback_on_step_end is not None:
                 callback_kwargs = {name: {"sample": sample}[name] for name in callback_on_step_end_tensor_inputs}
                 returned = callback_on_step_end(self, i, t, callback_kwargs)
@@ -376,6 +458,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         explained_processor=None,
         explained_gradient: str = "cheap",
         guides: list[Guide] | None = None,
+        integrator: str | None = None,
         **kwargs,
     ) -> DiffSCMPipelineOutput | tuple:
         r"""
@@ -387,7 +470,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             intervention: `{variable: value or one per image}` (instead of `target`).
             factual_values: known values of the image's parents; the rest are read from the image.
             guidance_scale, cfg_scale: anti-causal and classifier-free guidance, one or `{parent: scale}`.
-            num_inference_steps, strength, abduction_refinement_steps: the DDIM chain (see [`abduct`]).
+            num_inference_steps, strength, abduction_refinement_steps, integrator: the chain (see [`abduct`]).
             eta, generator, callback_on_step_end, callback_on_step_end_tensor_inputs, explained_classifier,
                 explained_processor, explained_gradient, guides: as for [`intervene`].
             output_type: "pil", "np" or "pt".
@@ -404,6 +487,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             sample, target, intervention, eta, generator, output_type, callback_on_step_end_tensor_inputs
         )
         chain = self.get_chain(num_inference_steps, strength)
+        integrator = self.check_integrator(integrator, chain, eta)
         refinements = self.refinement_steps(abduction_refinement_steps)
         cfg_scales = self.cfg_scales(cfg_scale)
         scales = self.guidance_scales(guidance_scale, explained=explained is not None)
@@ -411,7 +495,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         factual, predicted = self.infer_factual_values(sample, factual_values)
         repeats = 1 if targets is None else targets.shape[1]
         # 1. Abduction: u = DDIM^-1(x_0) once per factual image, under its factual parents.
-        abduction = self._invert(sample, factual, chain, refinements, cfg_scales)
+        abduction = self._invert(sample, factual, chain, refinements, cfg_scales, integrator)
         # 2. Action: do(intervention) on the graph, descendants recomputed from their abducted noise.
         counterfactual = self.act(factual, intervention, repeats)
         # 3. Prediction: DDIM from the same u under the counterfactual values of the image's parents.
@@ -427,6 +511,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             chain,
             values,
             guidance,
+            integrator,
+            repeated.previous,
             eta,
             generator,
             callback_on_step_end,
@@ -435,7 +521,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         if return_reconstruction:
             unchanged = self.prepare_parent_values(abduction.factual_values, abduction.batch_size)
             reconstructions = self.postprocess(
-                self._predict(abduction.noise, chain, unchanged, Guidance(cfg_scales)), output_type
+                self._predict(abduction.noise, chain, unchanged, Guidance(cfg_scales), integrator, abduction.previous),
+                output_type,
             )
         output = DiffSCMPipelineOutput(
             images=self.postprocess(counterfactuals, output_type),
@@ -497,9 +584,10 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         check_generator(generator, num_images)
         values = self.prepare_parent_values(parent_values, num_images)
         chain = self.get_chain(num_inference_steps)
+        integrator = self.check_integrator(None, chain)
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
         noise = randn_tensor((num_images, channels, size, size), generator, self._execution_device, torch.float32)
-        sample = self._predict(noise, chain, values, Guidance(self.cfg_scales(cfg_scale)))
+        sample = self._predict(noise, chain, values, Guidance(self.cfg_scales(cfg_scale)), integrator)
         return self.postprocess(sample, output_type)
 
     def guided_noise(
@@ -537,7 +625,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                 steering.append(ExplainedClassifierGuide(explained, parent, scale, explained_gradient))
         if anticausal:
             steering.append(AntiCausalGuide(self.classifier, anticausal))
-        return Guidance(cfg_scale, steering + guides)
+        return Guidance(cfg_scale, steering + guides, intervened)
 
     def get_chain(self, num_inference_steps: int | None = None, strength: float = 1.0) -> Chain:
         """The checked DDIM chain that abduction walks up and prediction walks down (default steps: the config's):

@@ -54,6 +54,11 @@ class Chain:
     strength: float
     steps: tuple[tuple[int, float, float], ...]
 
+    @property
+    def alphas(self) -> list[float]:
+        """alpha_bar of every state, from the noise (index 0) to the clean sample (index len(chain))."""
+        return [alpha for _, alpha, _ in self.steps] + [self.steps[-1][2]]
+
     def __len__(self) -> int:
         return len(self.steps)
 
@@ -76,6 +81,8 @@ class Abduction(BaseOutput):
         num_inference_steps (`int`), strength (`float`), abduction_refinement_steps (`int`): the DDIM chain.
         cfg_scale (`dict[str, float]`): the classifier-free guidance scale of each parent (conditional mechanism).
         chain (`Chain`): the chain itself, which the prediction walks down (None: built from the settings above).
+        integrator (`str`): "ddim" or "bdia"; previous (`torch.Tensor`): BDIA's abducted state one step below u,
+            from which the prediction continues (None for DDIM).
     """
 
     noise: torch.Tensor
@@ -85,6 +92,8 @@ class Abduction(BaseOutput):
     abduction_refinement_steps: int
     cfg_scale: dict[str, float]
     chain: Chain | None = None
+    integrator: str = "ddim"
+    previous: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -93,7 +102,10 @@ class Abduction(BaseOutput):
     def repeat_interleave(self, repeats: int) -> "Abduction":
         """Every sample repeated `repeats` times in a row, for several interventions from one abduction."""
         values = {name: np.repeat(value, repeats) for name, value in self.factual_values.items()}
-        return replace(self, noise=self.noise.repeat_interleave(repeats, dim=0), factual_values=values)
+        previous = None if self.previous is None else self.previous.repeat_interleave(repeats, dim=0)
+        return replace(
+            self, noise=self.noise.repeat_interleave(repeats, dim=0), factual_values=values, previous=previous
+        )
 
 
 @dataclass
@@ -104,7 +116,13 @@ class Guidance:
         cfg_scale: classifier-free guidance scale w of each parent (the abduction's), part of the noise estimate.
         guides: [`~pipelines.guides.Guide`]s whose gradients steer each step (the anti-causal predictor, an explained
             classifier, a user's own).
+        changed: 1 for each sample whose parents change, else 0 (None: none changes).
     """
 
     cfg_scale: dict[str, float]
     guides: list = field(default_factory=list)
+    changed: torch.Tensor | None = None
+
+    @property
+    def any_changed(self) -> bool:
+        return self.changed is not None and bool(self.changed.any())

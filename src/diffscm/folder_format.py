@@ -23,7 +23,9 @@ DEFAULTS = {  # every call's settings where a folder records none (guidance_scal
     "num_inference_steps": 50,
     "abduction_refinement_steps": 0,
     "explained_classifier_scale": EXPLAINED_CLASSIFIER_SCALE,
+    "integrator": "ddim",
 }
+INTEGRATORS = ("ddim", "bdia")  # DDIM with fixed-point refinement; BDIA-DDIM, exactly invertible
 SETTINGS = tuple(DEFAULTS)
 RECORDS = ("training.json", "evaluation.md")  # a folder's own records of how its pipeline was made and measured
 CODE_LIBRARIES = ("diffusers", "transformers")  # components whose code plain diffusers already has
@@ -32,6 +34,13 @@ CODE_LIBRARIES = ("diffusers", "transformers")  # components whose code plain di
 def default_guidance_scale(has_predictor: bool) -> float:
     """The anti-causal guidance scale where none is recorded: 1 with a predictor to guide, else 0."""
     return 1.0 if has_predictor else 0.0
+
+
+def unet_passes(num_inference_steps: int, refinements: int, integrator: str, cfg_passes: int = 0) -> int:
+    """UNet evaluations of one counterfactual (abduction and prediction): DDIM refines every inversion step, BDIA
+    only its first (then one pass per step each way)."""
+    abduction = num_inference_steps * (1 + refinements) if integrator == "ddim" else num_inference_steps + refinements
+    return (abduction + num_inference_steps) * (1 + cfg_passes)
 
 
 def settings(index: dict) -> dict:

@@ -6,6 +6,8 @@ import platform
 import tempfile
 from pathlib import Path
 
+from .folder_format import INTEGRATORS
+
 
 def parse_assignments(pairs: list[str] | None, flag: str, numbers_only: bool = False) -> dict[str, float | str]:
     """`["thickness=4", "color=blue"]` -> `{"thickness": 4.0, "color": "blue"}` (a class name stays a name, for the
@@ -68,6 +70,13 @@ def add_pipeline_options(parser: argparse.ArgumentParser, model_help: str = "the
         default=None,
         help="Abduction refinement passes per step (default: the model's).",
     )
+    parser.add_argument(
+        "--integrator",
+        default=None,
+        choices=INTEGRATORS,
+        help="ddim (with the refinement passes) or bdia (exactly invertible, one UNet pass per step; default: the "
+        "model's).",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(
         "--dtype", default="float32", choices=DTYPES, help="Weights' precision (the abduction stays in float32)."
@@ -127,6 +136,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         "cfg_scale": parse_scale(args.cfg_scale, "--cfg-scale"),
         "num_inference_steps": args.num_inference_steps,
         "abduction_refinement_steps": args.abduction_refinement_steps,
+        "integrator": args.integrator,
     }
 
 

@@ -144,7 +144,7 @@ def evaluate_scm(args: argparse.Namespace):
     factual = pipe.causal_graph.data_values(rows)
     pool = {name: np.asarray(dataset[name]) for name in ("thickness", "intensity")}
     options = pipeline_options(args)
-    chain = {key: options[key] for key in ("cfg_scale", "num_inference_steps", "abduction_refinement_steps")}
+    chain = {key: value for key, value in options.items() if key != "guidance_scale"}
     nfe = unet_evaluations(pipe, images[:1], {k: v[:1] for k, v in factual.items()}, chain)
 
     result = morphomnist.evaluate_interventions(
@@ -169,7 +169,10 @@ def evaluate_scm(args: argparse.Namespace):
         f"{split['num_heldout']:,}{extra})",
         "guidance_scale": pipe.guidance_scales(options["guidance_scale"]),
         "cfg_scale": pipe.cfg_scales(options["cfg_scale"]),
-        **{key: settings_used(pipe, options)[key] for key in ("num_inference_steps", "abduction_refinement_steps")},
+        **{
+            key: settings_used(pipe, options)[key]
+            for key in ("num_inference_steps", "abduction_refinement_steps", "integrator")
+        },
         "unet_evaluations_per_counterfactual": nfe,
         "composition_images": min(args.composition_samples, len(rows)),
         "generation_steps": GENERATION_STEPS,
@@ -215,7 +218,8 @@ def evaluate(args: argparse.Namespace):
         raise ValueError(f"--abduction-settings takes STEPS:REFINEMENT pairs, got {args.abduction_settings}.")
     check_output_dir(args.out)
     device, dtype = device_and_dtype(args)
-    pipe = hub.load_pipeline(args.model, device, dtype)
+    chosen = {"integrator": args.integrator} if args.integrator else {}  # the MNIST protocol runs on the config's
+    pipe = hub.load_pipeline(args.model, device, dtype, **chosen)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     oracle_dir = args.oracle or shipped_checkpoint("mnist-oracle")
     oracle = DigitOracle.from_pretrained(oracle_dir).eval().to(device)

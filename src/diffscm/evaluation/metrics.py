@@ -174,6 +174,7 @@ def evaluate_counterfactuals(
         "num_inference_steps": abduction.num_inference_steps,
         "strength": abduction.strength,
         "abduction_refinement_steps": abduction.abduction_refinement_steps,
+        "integrator": abduction.integrator,
         "cfg_scale": abduction.cfg_scale,
         "abduction_nfe": abduction_nfe,
         "null_intervention": {
@@ -371,7 +372,8 @@ def summary_table(result: dict) -> str:
     """The Markdown report of `diffscm evaluate`."""
     lines = [
         f"Data: {result.get('data', 'held-out digits')}; DDIM steps each way: {result['num_inference_steps']}; "
-        f"abduction refinement passes per step: {result['abduction_refinement_steps']}.",
+        f"abduction refinement passes per step: {result['abduction_refinement_steps']}; integrator: "
+        f"{result.get('integrator', 'ddim')}.",
         "",
         *_scale_table(result["scales"], result["num_images"]),
     ]
