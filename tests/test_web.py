@@ -236,3 +236,19 @@ def test_an_example_clicked_after_a_picked_digit_is_abducted_with_its_own_values
         browser.find_elements(By.CSS_SELECTOR, ".gallery-item, button.gallery")[0].click()  # the first example
         _, table, _ = press_and_read_the_page(browser, 12, "do(label=9)", "web-demo-example-after-pick.png")
     assert "Factual values (predicted from the image)" in table
+
+
+def test_serve_takes_the_shared_pipeline_options_for_every_request(tiny_model, monkeypatch):
+    """`diffscm serve --num-inference-steps 3 --dtype bfloat16 ...`: every request runs with them."""
+    built = {}
+    monkeypatch.setattr("diffscm.cli.serve.build_app", lambda *args: built.update(args=args) or build_app(*args))
+    monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kwargs: None)
+    main(["serve", "--model", *tiny_model.values(), "--num-inference-steps", "3", "--integrator", "bdia",
+          "--dtype", "bfloat16", "--device", "cpu"])  # fmt: skip
+    models, device, dtype, options = built["args"]
+    assert (device, dtype) == ("cpu", "bfloat16") and options["num_inference_steps"] == 3
+    demo, name = CounterfactualDemo(models, device, dtype, options), next(iter(models))
+    image, _ = demo.example(name, 0)
+    demo.counterfactuals(name, image, {"label": "3"})
+    pipe = demo.pipeline(name)
+    assert pipe.num_timesteps == 3 and pipe.unet.dtype == torch.bfloat16

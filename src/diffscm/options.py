@@ -54,6 +54,11 @@ def add_dataset_options(parser, use: str):
 def add_pipeline_options(parser: argparse.ArgumentParser, model_help: str = "the shipped MNIST one"):
     """--model and the settings of the pipeline's call, each defaulting to the checkpoint's own."""
     parser.add_argument("--model", default=None, help=f"Pipeline folder or Hub id (default: {model_help}).")
+    add_setting_options(parser)
+
+
+def add_setting_options(parser: argparse.ArgumentParser):
+    """The settings of the pipeline's call (each defaulting to the checkpoint's own), --device, --dtype, --quiet."""
     parser.add_argument(
         "--guidance-scale", nargs="+", default=None, help="Anti-causal guidance: s, or NAME=s per parent."
     )

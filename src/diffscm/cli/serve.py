@@ -19,7 +19,7 @@ import torch
 
 from .. import hub, morphometrics
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
-from ..options import device_and_dtype
+from ..options import add_setting_options, device_and_dtype, pipeline_options
 from ..paths import REPOSITORY, shipped_checkpoint
 from ..tables import markdown_table
 
@@ -55,17 +55,17 @@ def add_commands(commands):
     parser = commands.add_parser("serve", help="A web demo (Gradio) on localhost.")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines.")
-    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
         "--model", nargs="+", default=None, help="Pipeline folders or Hub ids to serve (default: the shipped ones)."
     )
+    add_setting_options(parser)
     parser.set_defaults(func=serve)
 
 
 def serve(args: argparse.Namespace):
     models = model_names(args.model) if args.model else None
-    device, _ = device_and_dtype(argparse.Namespace(device=args.device, dtype="float32"))
-    app = build_app(models, device)
+    device, dtype = device_and_dtype(args)
+    app = build_app(models, device, dtype, pipeline_options(args))
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     launch(app, server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
 
@@ -97,11 +97,18 @@ def limit_image_size():
 class CounterfactualDemo:
     """The demo's logic, apart from its widgets: models by display name, held-out examples, one request."""
 
-    def __init__(self, models: dict[str, str] | None = None, device: str | None = None):
+    def __init__(
+        self,
+        models: dict[str, str] | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        options: dict | None = None,
+    ):
         self.models = {name: path for name, path in (models or _shipped(DEFAULT_MODELS)).items()}
         if not self.models:
             raise FileNotFoundError("No pipeline to serve: none of the shipped checkpoints was found.")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype, self.options = dtype, {key: value for key, value in (options or {}).items() if value is not None}
         self.pipeline = cache(self._load)
         self.grids = tempfile.TemporaryDirectory(prefix="diffscm-serve-")  # removed with the demo
         self._oracle = cache(self._load_oracle)
@@ -121,7 +128,7 @@ class CounterfactualDemo:
         return str(path)
 
     def _load(self, name: str):
-        pipe = hub.load_pipeline(self.models[name]).to(self.device)
+        pipe = hub.load_pipeline(self.models[name], self.device, self.dtype)
         pipe.set_progress_bar_config(leave=False)
         return pipe
 
@@ -176,7 +183,12 @@ class CounterfactualDemo:
             if not intervention:
                 raise ValueError("Tick at least one variable to intervene on.")
             out = pipe(
-                image, intervention=intervention, factual_values=factual, output_type="pt", return_reconstruction=True
+                image,
+                intervention=intervention,
+                factual_values=factual,
+                output_type="pt",
+                return_reconstruction=True,
+                **self.options,
             )
             headers = ["do(" + ", ".join(f"{k}={graph.show(k, v)}" for k, v in intervention.items()) + ")"]
             asked = [intervention]
@@ -184,7 +196,14 @@ class CounterfactualDemo:
             parent = pipe.single_categorical_parent()
             target = request.get(parent, "all")
             target = "all" if target == "all" else graph.nodes[parent].class_index(str(target))
-            out = pipe(image, target=target, factual_values=factual, output_type="pt", return_reconstruction=True)
+            out = pipe(
+                image,
+                target=target,
+                factual_values=factual,
+                output_type="pt",
+                return_reconstruction=True,
+                **self.options,
+            )
             headers = [f"do({parent}={graph.nodes[parent].value_name(t)})" for t in out.targets]
             asked = [{parent: int(t)} for t in out.targets]
         factual_image = (pipe.preprocess(image) + 1) / 2
@@ -263,15 +282,16 @@ def drawn_digit(editor_value) -> PIL.Image.Image | None:
     return grey
 
 
-def build_app(models: dict[str, str] | None = None, device: str | None = None):
+def build_app(models: dict[str, str] | None = None, device: str | None = None, dtype: str = "float32", options=None):
     """The page: the model, the factual image (upload, drawing or a held-out one), and controls built from the
     model's causal graph: do(class) of a single categorical parent (or all classes), or per variable a box to
     intervene on it (unticked, it follows its mechanism), a slider over a continuous one's range and a list of a
-    categorical one's class names."""
+    categorical one's class names. `dtype`, `options`: the weights' precision and the settings of every call (None:
+    each model's own)."""
     import gradio as gr
 
     limit_image_size()
-    demo = CounterfactualDemo(models, device)
+    demo = CounterfactualDemo(models, device, dtype, options)
     names = list(demo.models)
 
     def run(name, upload, drawing, example_values, request):
