@@ -27,6 +27,7 @@ from diffscm import hub
 from diffscm.data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist
 from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.metrics import count_calls, grey_level_l1, oracle_predictions
+from diffscm.folder_format import INTEGRATORS
 from diffscm.options import describe_machine
 from diffscm.paths import shipped_checkpoint
 
@@ -41,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--chains",
         nargs="+",
-        default=["10:0", "10:1", "15:1", "20:1", "25:1", "25:3", "10:1:9", "25:1:9"],
-        help="STEPS:K[:TARGETS[:SCALE]] settings of the chain (TARGETS counterfactuals share one abduction).",
+        default=["10:0", "10:1", "15:1", "20:1", "25:1", "25:3", "10:1:9", "25:1:9", "bdia/10:0", "bdia/25:0"],
+        help="[INTEGRATOR/]STEPS:K[:TARGETS[:SCALE]] settings of the chain (TARGETS counterfactuals share one "
+        "abduction; INTEGRATOR ddim or bdia, default ddim).",
     )
     parser.add_argument("--paper", action="store_true", help="Also run the paper's 1000 + 1000 steps (slow).")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
@@ -57,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(pipe, images, labels, targets, steps, refinement, batch_size, strength=1.0, scale=None) -> dict:
+def run(pipe, images, labels, targets, steps, refinement, batch_size, strength=1.0, scale=None, integrator=None):
     """One abduction per image and one intervention per target (`targets` is (N,) or (N, k): k share the
     abduction), in batches of images: seconds, NFE and null L1 per counterfactual."""
     parent = pipe.single_categorical_parent()
@@ -75,6 +77,7 @@ def run(pipe, images, labels, targets, steps, refinement, batch_size, strength=1
                     num_inference_steps=steps,
                     strength=strength,
                     abduction_refinement_steps=refinement,
+                    integrator=integrator,
                 )
             )
             shared = abductions[-1].repeat_interleave(targets.shape[1])
@@ -109,8 +112,13 @@ def flip_rate(oracle, entry: dict) -> float:
     return (oracle_predictions(oracle, entry["counterfactuals"]) == entry["targets"]).float().mean().item()
 
 
-def parse_chain(text: str) -> tuple[int, int, int, float | None]:
-    """ "STEPS:K[:TARGETS[:SCALE]]" -> (steps, refinement, targets sharing one abduction, guidance scale or None)."""
+def parse_chain(text: str) -> tuple[str, int, int, int, float | None]:
+    """ "[INTEGRATOR/]STEPS:K[:TARGETS[:SCALE]]" -> (integrator, steps, refinement, targets sharing one abduction,
+    guidance scale or None); the integrator is ddim where not named."""
+    integrator, _, text = text.rpartition("/")
+    integrator = integrator or "ddim"
+    if integrator not in INTEGRATORS:
+        raise ValueError(f"--chains names the integrator {integrator!r}; one of {INTEGRATORS} is expected.")
     fields = text.split(":")
     try:
         if not 2 <= len(fields) <= 4:
@@ -121,7 +129,7 @@ def parse_chain(text: str) -> tuple[int, int, int, float | None]:
         raise ValueError(f"--chains takes STEPS:K[:TARGETS[:SCALE]] (integers, then a scale), got {text!r}.") from None
     if not 1 <= targets <= 9:
         raise ValueError(f"TARGETS must be 1 to 9 (the other digits), got {targets} in {text!r}.")
-    return steps, refinement, targets, scale
+    return integrator, steps, refinement, targets, scale
 
 
 def main(args: argparse.Namespace):
@@ -168,10 +176,11 @@ def main(args: argparse.Namespace):
     eager = [row for row in result["throughput"] if row["dtype"] == "float32" and not row["compiled"]]
     batch = max(eager, key=lambda row: row["counterfactuals_per_second"])["batch_size"]
     result["chain_batch_size"] = batch
-    for chain_steps, chain_refinement, shared, scale in args.chains:
+    for integrator, chain_steps, chain_refinement, shared, scale in args.chains:
         chain_targets = other_targets(labels, shared)
-        entry = run(base, images, labels, chain_targets, chain_steps, chain_refinement, batch, 1.0, scale)
+        entry = run(base, images, labels, chain_targets, chain_steps, chain_refinement, batch, 1.0, scale, integrator)
         row = {
+            "integrator": integrator,
             "steps": chain_steps,
             "refinement": chain_refinement,
             "targets_per_abduction": shared,
@@ -225,14 +234,15 @@ def markdown(result: dict) -> str:
         "",
         f"The chain (float32, batches of {result['chain_batch_size']} images, the fastest above):",
         "",
-        "| DDIM steps | refinement K | targets per abduction | guidance | UNet NFE / cf | s / cf | cf / s | flip rate "
-        "| null L1 |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| integrator | steps | refinement K | targets per abduction | guidance | UNet NFE / cf | s / cf | cf / s "
+        "| flip rate | null L1 |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["chains"]:
         scales = ", ".join(f"{name} {scale:g}" for name, scale in row["guidance_scale"].items())
         lines.append(
-            f"| {row['steps']} | {row['refinement']} | {row['targets_per_abduction']} | {scales} | {row['nfe']:.1f} | "
+            f"| {row.get('integrator', 'ddim')} | {row['steps']} | {row['refinement']} | "
+            f"{row['targets_per_abduction']} | {scales} | {row['nfe']:.1f} | "
             f"{row['seconds_per_counterfactual']:.4f} | {1 / row['seconds_per_counterfactual']:.1f} | "
             f"{row['flip_rate']:.3f} | {row['null_l1']:.2f} |"
         )

@@ -177,6 +177,7 @@ def test_benchmark_script_writes_ratios(model_dirs, tmp_path):
         ("throughput.py", ["--chains", "25"], "--chains takes STEPS:K"),
         ("throughput.py", ["--chains", "25:one"], "--chains takes STEPS:K"),
         ("throughput.py", ["--chains", "25:1:10"], "TARGETS must be 1 to 9"),
+        ("throughput.py", ["--chains", "rk4/25:0"], "names the integrator 'rk4'"),
         ("throughput.py", ["--dtypes", "bfloat16"], "must include float32"),
         ("tune_scm_guidance.py", ["--model", "user/diffscm-hub-id", "--save-defaults"], "local pipeline folder"),
     ],
@@ -195,11 +196,12 @@ def test_throughput_benchmark_reports_rates_and_the_chain(model_dirs, tmp_path):
     out = tmp_path / "throughput.md"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
     command = [sys.executable, str(script), "--model", str(pipeline_dir), "--num-samples", "2", "--batch-sizes", "1",
-               "2", "--dtypes", "float32", "--chains", "2:0", "2:1", "2:1:4:0", "--out", str(out)]  # fmt: skip
+               "2", "--dtypes", "float32", "--chains", "2:0", "2:1", "2:1:4:0", "bdia/3:0", "--out", str(out)]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
     data = json.loads(out.with_suffix(".json").read_text())
     assert [row["batch_size"] for row in data["throughput"]] == [1, 2]
-    assert [row["nfe"] for row in data["chains"]] == [4, 6, 3]  # 2 + 2, 2 * (1 + 1) + 2, and 4 / 4 + 2 (shared)
+    assert [row["nfe"] for row in data["chains"]] == [4, 6, 3, 6]  # 2 + 2, 2 * (1 + 1) + 2, 4 / 4 + 2 (shared), 3 + 3
+    assert data["chains"][3]["integrator"] == "bdia" and data["chains"][3]["null_l1"] < 0.01
     assert data["chains"][2]["targets_per_abduction"] == 4 and data["chains"][2]["guidance_scale"] == {"label": 0.0}
     assert "official code" in out.read_text() and all(
         row["counterfactuals_per_second"] > 0 for row in data["throughput"]
