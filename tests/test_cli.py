@@ -2,15 +2,18 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import PIL.Image
 import pytest
 from conftest import tiny_pipeline
 
+from diffscm import DiffSCMPipeline
 from diffscm.cli import main
 from diffscm.evaluation import DigitOracle, DigitVAE
 from diffscm.options import describe_machine
@@ -114,6 +117,23 @@ def test_a_small_evaluation_is_quick_and_the_long_curves_are_asked_for(model_dir
     assert set(curves["composition"]) == {"cycles_1", "cycles_10"} and len(curves["abduction_curve"]) == 1
 
 
+def test_an_evaluation_makes_its_settings_the_models_defaults(model_dirs, tmp_path):
+    """`--save-defaults`: the settings the report measured become the folder's, and its command is recorded."""
+    _, oracle_dir = model_dirs
+    folder = tmp_path / "pipeline"
+    shutil.copytree(model_dirs[0], folder)
+    argv = ["evaluate", "--model", str(folder), "--oracle", str(oracle_dir), "--num-samples", "2", "--quiet",
+            "--integrator", "bdia", "--num-inference-steps", "3", "--save-defaults",
+            "--out", str(tmp_path / "e")]  # fmt: skip
+    with mock.patch.object(sys, "argv", ["diffscm", *argv]):
+        main(argv)
+    pipe = DiffSCMPipeline.from_pretrained(folder)
+    assert (pipe.config.integrator, pipe.config.num_inference_steps) == ("bdia", 3)
+    assert pipe.config.guidance_scale == 1.0, "a setting not given keeps its value"
+    record = json.loads((folder / "training.json").read_text())
+    assert "--save-defaults" in record["defaults_command"] and "integrator` bdia" in (folder / "README.md").read_text()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -129,6 +149,8 @@ def test_a_small_evaluation_is_quick_and_the_long_curves_are_asked_for(model_dir
         (["demo", "--num-digits", "0"], "--num-digits"),
         (["evaluate", "--abduction-settings", "20"], "STEPS:REFINEMENT"),
         (["evaluate", "--model", "{pipeline}", "--oracle", "{oracle}", "--data-dir", "/no/such"], "is not a folder"),
+        (["evaluate", "--model", "{pipeline}", "--save-defaults"], "saves the settings given"),
+        (["evaluate-scm", "--model", "someone/model", "--integrator", "bdia", "--save-defaults"], "local pipeline"),
     ],
 )
 def test_errors_are_clear(model_dirs, tmp_path, capsys, argv, message):
@@ -196,7 +218,8 @@ def test_throughput_benchmark_reports_rates_and_the_chain(model_dirs, tmp_path):
     out = tmp_path / "throughput.md"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
     command = [sys.executable, str(script), "--model", str(pipeline_dir), "--num-samples", "2", "--batch-sizes", "1",
-               "2", "--dtypes", "float32", "--chains", "2:0", "2:1", "2:1:4:0", "bdia/3:0", "--out", str(out)]  # fmt: skip
+               "2", "--dtypes", "float32", "--chains", "2:0", "2:1", "2:1:4:0", "bdia/3:0",
+               "--out", str(out)]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
     data = json.loads(out.with_suffix(".json").read_text())
     assert [row["batch_size"] for row in data["throughput"]] == [1, 2]

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from . import model_cards
-from .folder_format import missing_remote_code, read_index, read_json, upload
+from .folder_format import SETTINGS, missing_remote_code, read_index, read_json, upload
 from .paths import shipped_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -42,15 +42,21 @@ def write_evaluation(pipeline_dir: str, command: str, report: str, generation_fi
     model_cards.write_model_card(folder)
 
 
-def write_defaults(pipeline_dir: str, command: str, guidance_scale: dict, cfg_scale: dict | None = None):
-    """Make measured guidance scales a pipeline folder's defaults (its weights stay as trained), record the command
-    that chose them in `training.json`, and re-render its card."""
+def write_defaults(
+    pipeline_dir: str, command: str, guidance_scale: dict | None = None, cfg_scale: dict | None = None, **settings
+):
+    """Make measured settings (guidance scales, `integrator`, `num_inference_steps`, ...) a pipeline folder's
+    defaults (its weights stay as trained), record the command that chose them in `training.json`, and re-render its
+    card."""
     folder = Path(pipeline_dir)
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"Saving defaults needs a local pipeline folder, not {pipeline_dir!r}.")
-    index = read_json(folder, "model_index.json") | {"guidance_scale": guidance_scale}
-    if cfg_scale is not None:
-        index["cfg_scale"] = cfg_scale
+    chosen = {"guidance_scale": guidance_scale, "cfg_scale": cfg_scale} | settings
+    allowed = set(SETTINGS) - {"causal_graph"}
+    unknown = sorted(set(chosen) - allowed)
+    if unknown:
+        raise ValueError(f"{unknown} are not settings a pipeline's defaults hold ({sorted(allowed)}).")
+    index = read_json(folder, "model_index.json") | {key: value for key, value in chosen.items() if value is not None}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if (folder / "training.json").is_file():
         record = read_json(folder, "training.json") | {"defaults_command": command}

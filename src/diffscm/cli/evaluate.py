@@ -28,6 +28,10 @@ DEFAULT_SCM_MODEL = "diffscm-morphomnist-conditional"
 GENERATION_STEPS = 25  # DDIM steps of the mechanism-alone fidelity (fresh noise, no abduction)
 
 
+SAVE_DEFAULTS_HELP = (
+    "Make the pipeline settings given here (--integrator, --num-inference-steps, ...) the model's defaults, this "
+    "command recorded as the evidence in its training.json."
+)
 CURVE_CYCLES = 10
 CURVE_SETTINGS = ["10:0", "20:0", "50:0", "10:1", "20:1", "25:1", "10:3", "20:3"]
 
@@ -90,6 +94,7 @@ def add_commands(commands):
     )
     parser.add_argument("--out", default="diffscm-evaluation")
     parser.add_argument("--write-model-card", action="store_true", help="Put the report into the model's card.")
+    parser.add_argument("--save-defaults", action="store_true", help=SAVE_DEFAULTS_HELP)
     parser.set_defaults(func=evaluate)
 
     scm = commands.add_parser(
@@ -114,6 +119,7 @@ def add_commands(commands):
     scm.add_argument("--seed", type=int, default=0, help="Seed of the intervened values.")
     scm.add_argument("--out", default="diffscm-evaluation-scm")
     scm.add_argument("--write-model-card", action="store_true", help="Put the report into the model's card.")
+    scm.add_argument("--save-defaults", action="store_true", help=SAVE_DEFAULTS_HELP)
     scm.set_defaults(func=evaluate_scm)
 
 
@@ -126,6 +132,7 @@ def evaluate_scm(args: argparse.Namespace):
     if args.num_samples < 2 or args.skip < 0 or args.composition_samples < 1 or args.composition_cycles < 1:
         raise ValueError("--num-samples >= 2, --skip >= 0, --composition-samples/-cycles >= 1 are required.")
     check_output_dir(args.out)
+    check_save_defaults(args, args.model or shipped_checkpoint(DEFAULT_SCM_MODEL))
     device, dtype = device_and_dtype(args)
     pipe = hub.load_pipeline(args.model or shipped_checkpoint(DEFAULT_SCM_MODEL), device, dtype)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
@@ -217,6 +224,7 @@ def evaluate(args: argparse.Namespace):
     if not all(re.fullmatch(r"\d+:\d+", pair) for pair in args.abduction_settings):
         raise ValueError(f"--abduction-settings takes STEPS:REFINEMENT pairs, got {args.abduction_settings}.")
     check_output_dir(args.out)
+    check_save_defaults(args, args.model or shipped_checkpoint(hub.DEFAULT_MODEL))
     device, dtype = device_and_dtype(args)
     chosen = {"integrator": args.integrator} if args.integrator else {}  # the MNIST protocol runs on the config's
     pipe = hub.load_pipeline(args.model, device, dtype, **chosen)
@@ -295,6 +303,7 @@ def evaluate_graph(args: argparse.Namespace):
     if not os.path.isdir(args.judges):
         raise FileNotFoundError(f"--judges {args.judges!r} is not a folder (train_judges.py --export_dir).")
     check_output_dir(args.out)
+    check_save_defaults(args, args.model or shipped_checkpoint(hub.DEFAULT_MODEL))
     device, dtype = device_and_dtype(args)
     pipe = hub.load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
@@ -335,12 +344,29 @@ def write_report(args: argparse.Namespace, command: str, result: dict, report: s
     print(report)
     print(f"Wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
     if args.write_model_card:
-        line = "diffscm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == [command] else f"diffscm {command}"
         model = result.get("model") or result["settings"]["model"]
-        hub.write_evaluation(
-            model, line, report, json.loads(json.dumps(result.get("generation_fidelity"), default=_plain))
-        )
+        fidelity = json.loads(json.dumps(result.get("generation_fidelity"), default=_plain))
+        hub.write_evaluation(model, _command_line(command), report, fidelity)
         print(f"Updated the model card {model}/README.md")
+    if args.save_defaults:
+        chosen = {key: value for key, value in pipeline_options(args).items() if value is not None}
+        model = result.get("model") or result["settings"]["model"]
+        hub.write_defaults(model, _command_line(command), **chosen)
+        print(f"Made {chosen} the defaults of {model}")
+
+
+def check_save_defaults(args: argparse.Namespace, model: str):
+    """--save-defaults, refused before any work unless settings are given and the model is a local folder."""
+    if not args.save_defaults:
+        return
+    if not any(value is not None for value in pipeline_options(args).values()):
+        raise ValueError("--save-defaults saves the settings given (--integrator, --num-inference-steps): none was.")
+    if not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise ValueError(f"--save-defaults needs a local pipeline folder, not {model!r}.")
+
+
+def _command_line(command: str) -> str:
+    return "diffscm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == [command] else f"diffscm {command}"
 
 
 def _plain(value):
