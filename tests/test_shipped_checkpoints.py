@@ -12,6 +12,7 @@ from diffscm import DiffSCMPipeline
 from diffscm.data import load_bundled_mnist
 from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.metrics import oracle_predictions
+from diffscm.folder_format import unet_passes
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -39,8 +40,9 @@ def heldout(pipe):
 def test_shipped_pipeline_records_its_measured_defaults_and_card(pipe):
     assert pipe.unet.config.sample_size == 28 and pipe.classifier.config.num_classes == 10
     assert all(scale > 0 for scale in pipe.guidance_scales().values())
-    passes = 1 + sum(scale != 1 for scale in pipe.cfg_scales().values())
-    nfe = pipe.config.num_inference_steps * (2 + pipe.config.abduction_refinement_steps) * passes
+    cfg_passes = sum(scale != 1 for scale in pipe.cfg_scales().values())
+    config = pipe.config
+    nfe = unet_passes(config.num_inference_steps, config.abduction_refinement_steps, config.integrator, cfg_passes)
     assert nfe <= 100, "the issue's budget: at most 100 UNet evaluations per counterfactual"
     card = (Path(pipe.config._name_or_path) / "README.md").read_text()
     assert "accelerate launch training_scripts/train_unet.py" in card and "## Evaluation" in card

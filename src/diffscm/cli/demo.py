@@ -11,6 +11,7 @@ from .. import hub, morphometrics
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
 from ..options import add_dataset_options, add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
 from ..paths import shipped_checkpoint, shipped_data
+from ..tables import markdown_table
 
 DEFAULT_ORACLE = "mnist-oracle"
 
@@ -136,9 +137,10 @@ def scm_demo(pipe, args: argparse.Namespace):
     grid_path, table_path = Path(args.out) / "counterfactuals.png", Path(args.out) / "interventions.md"
     image_grid(torch.stack(columns, dim=1), headers, scale=4).save(grid_path)
     measurable = {"thickness", "intensity"} <= set(graph.nodes)
-    extra = (" measured thickness | measured intensity |", "---:|---:|") if measurable else ("", "")
-    lines = ["| column | asked (mean over digits; classes listed) |" + extra[0], "|---|---|" + extra[1]]
-    for header, column, values in zip(headers, columns, asked, strict=True):
+    header = ["column", "asked (mean over digits; classes listed)"]
+    header += ["measured thickness", "measured intensity"] if measurable else []
+    rows = []
+    for name, column, values in zip(headers, columns, asked, strict=True):
         text = ", ".join(
             f"{k} {' '.join(graph.nodes[k].value_name(x) for x in v)}"
             if v.dtype.kind in "iu"
@@ -146,8 +148,9 @@ def scm_demo(pipe, args: argparse.Namespace):
             for k, v in values.items()
         )
         measured = morphometrics.measure(column) if measurable else {}
-        cells = f" {measured['thickness'].mean():.2f} | {measured['intensity'].mean():.1f} |" if measurable else ""
-        lines.append(f"| {header} | {text} |{cells}")
+        cells = [f"{measured['thickness'].mean():.2f}", f"{measured['intensity'].mean():.1f}"] if measurable else []
+        rows.append([name, text, *cells])
+    lines = [markdown_table(header, rows, [False, False] + [True] * (len(header) - 2))]
     table_path.write_text("\n".join(lines) + "\n")
     print(table_path.read_text())
     print(f"Wrote {grid_path} and {table_path}")
@@ -170,7 +173,5 @@ def oracle_table(headers: list[str], labels: list[int], predictions: torch.Tenso
 
 
 def prediction_table(headers: list[str], labels: list[int], predictions: torch.Tensor) -> str:
-    lines = ["| label | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
-    for label, row in zip(labels, predictions.tolist(), strict=True):
-        lines.append(f"| {label} | " + " | ".join(str(p) for p in row) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[label, *row] for label, row in zip(labels, predictions.tolist(), strict=True)]
+    return markdown_table(["label", *headers], rows, [False] * (len(headers) + 1)) + "\n"

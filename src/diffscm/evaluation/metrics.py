@@ -5,6 +5,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..tables import markdown_table
+
 
 @contextmanager
 def count_calls(module: torch.nn.Module | None):
@@ -101,24 +103,39 @@ def explanation_metrics(
 
 
 def explanation_table(result: dict) -> str:
-    lines = [
-        f"Explanations of {result['num_images']} held-out digits to a random other digit (the explained classifier "
-        f"reads {result['explained_accuracy_on_factuals']:.3f} of the factuals right).",
-        "",
-        "| guidance | scale | flip rate, explained classifier | flip rate, independent oracle | L1 to factual | "
-        "oracle-feature distance | FD | UNet NFE / cf | classifier passes / cf | s / cf |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    header = [
+        "guidance",
+        "scale",
+        "flip rate, explained classifier",
+        "flip rate, independent oracle",
+        "L1 to factual",
+        "oracle-feature distance",
+        "FD",
+        "UNet NFE / cf",
+        "classifier passes / cf",
+        "s / cf",
     ]
-    for name, row in result.items():
-        if isinstance(row, dict):
-            lines.append(
-                f"| {name} | {row['guidance_scale']:g} | {row['explained_flip_rate']:.3f} | "
-                f"{row['oracle_flip_rate']:.3f} | {row['l1_grey_levels_to_factual']:.1f} | "
-                f"{row['perceptual_distance']:.4f} | {row['frechet_distance']:.2f} | "
-                f"{row['nfe_per_counterfactual']:.0f} | {row['classifier_passes_per_counterfactual']:.0f} | "
-                f"{row['seconds_per_counterfactual']:.3f} |"
-            )
-    return "\n".join(lines) + "\n"
+    rows = [
+        [
+            name,
+            f"{row['guidance_scale']:g}",
+            f"{row['explained_flip_rate']:.3f}",
+            f"{row['oracle_flip_rate']:.3f}",
+            f"{row['l1_grey_levels_to_factual']:.1f}",
+            f"{row['perceptual_distance']:.4f}",
+            f"{row['frechet_distance']:.2f}",
+            f"{row['nfe_per_counterfactual']:.0f}",
+            f"{row['classifier_passes_per_counterfactual']:.0f}",
+            f"{row['seconds_per_counterfactual']:.3f}",
+        ]
+        for name, row in result.items()
+        if isinstance(row, dict)
+    ]
+    intro = (
+        f"Explanations of {result['num_images']} held-out digits to a random other digit (the explained classifier "
+        f"reads {result['explained_accuracy_on_factuals']:.3f} of the factuals right)."
+    )
+    return f"{intro}\n\n{markdown_table(header, rows)}\n"
 
 
 def _accuracy(predicted: torch.Tensor, expected: torch.Tensor) -> float:
@@ -420,30 +437,47 @@ def summary_table(result: dict) -> str:
             f"{result['num_images']} digits): the oracle reads the asked digit on {shown}."
         )
     if result.get("abduction_curve"):
-        lines += ["", "| DDIM steps | refinement passes K | UNet NFE per round trip | null-intervention L1 |"]
-        lines.append("|---:|---:|---:|---:|")
-        for point in result["abduction_curve"]:
-            lines.append(
-                f"| {point['num_inference_steps']} | {point['abduction_refinement_steps']} | "
-                f"{point['nfe_round_trip']:.0f} | {point['l1_grey_levels']:.2f} |"
-            )
+        header = ["DDIM steps", "refinement passes K", "UNet NFE per round trip", "null-intervention L1"]
+        rows = [
+            [
+                p["num_inference_steps"],
+                p["abduction_refinement_steps"],
+                f"{p['nfe_round_trip']:.0f}",
+                f"{p['l1_grey_levels']:.2f}",
+            ]
+            for p in result["abduction_curve"]
+        ]
+        lines += ["", markdown_table(header, rows, [True] * 4)]
     return "\n".join(lines) + "\n"
 
 
 def _scale_table(scales: dict, num_images: int) -> list[str]:
-    lines = [
-        f"| guidance scale | oracle flip rate ({num_images} images) | L1 to factual | CLD (paper / benchmark) "
-        "| FD (oracle) | KID (oracle) | UNet NFE / cf | classifier grads / cf | s / cf |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    header = [
+        "guidance scale",
+        f"oracle flip rate ({num_images} images)",
+        "L1 to factual",
+        "CLD (paper / benchmark)",
+        "FD (oracle)",
+        "KID (oracle)",
+        "UNet NFE / cf",
+        "classifier grads / cf",
+        "s / cf",
     ]
-    for entry in scales.values():
-        lines.append(
-            f"| {entry['guidance_scale']:g} | {entry['flip_rate']:.3f} | {entry['l1_grey_levels_to_factual']:.1f} | "
-            f"{_cld(entry)} | {entry['realism']['frechet_distance']:.2f} | {entry['realism']['kid']:.4f} | "
-            f"{entry['nfe_per_counterfactual']:.0f} | {entry['classifier_gradients_per_counterfactual']:.0f} | "
-            f"{entry['seconds_per_counterfactual']:.3f} |"
-        )
-    return lines
+    rows = [
+        [
+            f"{e['guidance_scale']:g}",
+            f"{e['flip_rate']:.3f}",
+            f"{e['l1_grey_levels_to_factual']:.1f}",
+            _cld(e),
+            f"{e['realism']['frechet_distance']:.2f}",
+            f"{e['realism']['kid']:.4f}",
+            f"{e['nfe_per_counterfactual']:.0f}",
+            f"{e['classifier_gradients_per_counterfactual']:.0f}",
+            f"{e['seconds_per_counterfactual']:.3f}",
+        ]
+        for e in scales.values()
+    ]
+    return markdown_table(header, rows, [True] * len(header)).split("\n")
 
 
 def _cld(entry: dict) -> str:

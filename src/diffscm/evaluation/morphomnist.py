@@ -188,22 +188,27 @@ def report(result: dict) -> str:
     for cycles in (key.removeprefix("cycles_") for key in result["composition"] if key != "cycles_1"):
         rows.append((f"composition L1, {cycles} cycles ↓", f"composition_{cycles}", "{:.3f}"))
     families = [f for f in ("benchmark", "benchmark (batch statistics)") if f in result["factual"]]
-    header = " | ".join(f"diffscm, {f} judges" for f in families)
     lines = [
         f"{settings['num_images']} held-out Morpho-MNIST digits (after the first "
         f"{settings['skipped_heldout_images']}), {settings['model']} ({settings['mechanism']} mechanism), "
         f"anti-causal guidance {settings['guidance_scale']}, "
-        f"classifier-free guidance {settings['cfg_scale']}, {settings['num_inference_steps']} DDIM steps, "
-        f"{settings['abduction_refinement_steps']} abduction refinement pass(es) per step "
+        f"classifier-free guidance {settings['cfg_scale']}, {settings['num_inference_steps']} steps "
+        f"({settings.get('integrator', 'ddim')}), {settings['abduction_refinement_steps']} abduction refinement "
+        "pass(es) per step "
         f"({settings['unet_evaluations_per_counterfactual']:.0f} UNet evaluations per counterfactual).",
         "",
-        f"| metric | {header} | VAE | HVAE | GAN |",
-        "|---|" + "---:|" * (len(families) + 3),
     ]
-    for label, key, fmt in rows:
-        ours = " | ".join(f"**{fmt.format(headline(result, f)[key])}**" for f in families)
-        published = " | ".join(fmt.format(value) for value in PUBLISHED[key]) if key in PUBLISHED else "- | - | -"
-        lines.append(f"| {label} | {ours} | {published} |")
+    headline_rows = [
+        [
+            label,
+            *(f"**{fmt.format(headline(result, f)[key])}**" for f in families),
+            *((fmt.format(value) for value in PUBLISHED[key]) if key in PUBLISHED else ["-"] * 3),
+        ]
+        for label, key, fmt in rows
+    ]
+    lines.append(
+        markdown_table(["metric", *(f"diffscm, {f} judges" for f in families), "VAE", "HVAE", "GAN"], headline_rows)
+    )
     lines += [
         "",
         "Published: Melistas et al. 2024, trained on the full Morpho-MNIST (60,000 images) at 32x32 and scored by "
@@ -212,24 +217,40 @@ def report(result: dict) -> str:
         "",
         "Side effects (a variable that the intervention should not move, scored against its factual value):",
         "",
-        "| family | thickness moved by do(intensity), px | intensity moved by do(digit) | thickness moved by "
-        "do(digit) | digit kept under do(thickness) / do(intensity) |",
-        "|---|---:|---:|---:|---:|",
     ]
+    side_effects = []
     for family in result["factual"]:
         if family.startswith("predictor"):
             continue
         do_t, do_i, do_d = (result[f"do({v})"][family] for v in PARENTS)
-        lines.append(
-            f"| {family} | {do_i['thickness_mae']:.3f} | {do_d['intensity_mae']:.2f} | {do_d['thickness_mae']:.3f} "
-            f"| {do_t['digit_accuracy']:.3f} / {do_i['digit_accuracy']:.3f} |"
+        side_effects.append(
+            [
+                family,
+                f"{do_i['thickness_mae']:.3f}",
+                f"{do_d['intensity_mae']:.2f}",
+                f"{do_d['thickness_mae']:.3f}",
+                f"{do_t['digit_accuracy']:.3f} / {do_i['digit_accuracy']:.3f}",
+            ]
         )
     for family in result["do(intensity)"].get(GROUND_TRUTH_READING, {}):
         do_t, do_i = (result[f"do({v})"][GROUND_TRUTH_READING][family] for v in GROUND_TRUTH)
-        lines.append(
-            f"| {family}, on the {GROUND_TRUTH_READING} (the floor) | {do_i['thickness_mae']:.3f} | - | - "
-            f"| {do_t['digit_accuracy']:.3f} / {do_i['digit_accuracy']:.3f} |"
+        side_effects.append(
+            [
+                f"{family}, on the {GROUND_TRUTH_READING} (the floor)",
+                f"{do_i['thickness_mae']:.3f}",
+                "-",
+                "-",
+                f"{do_t['digit_accuracy']:.3f} / {do_i['digit_accuracy']:.3f}",
+            ]
         )
+    side_effect_header = [
+        "family",
+        "thickness moved by do(intensity), px",
+        "intensity moved by do(digit)",
+        "thickness moved by do(digit)",
+        "digit kept under do(thickness) / do(intensity)",
+    ]
+    lines.append(markdown_table(side_effect_header, side_effects))
     lines += generation_table(result.get("generation_fidelity", {}), settings)
     lines += [
         "",
@@ -293,20 +314,28 @@ def generation_table(fidelity: dict, settings: dict) -> list[str]:
 
 
 def full_table(result: dict) -> list[str]:
-    lines = ["| intervention | family | thickness MAE | intensity MAE | digit accuracy |", "|---|---|---:|---:|---:|"]
+    rows = []
     for variable in PARENTS:
         entry = result[f"do({variable})"]
-        for family, row in entry.items():
-            if isinstance(row, dict) and "thickness_mae" in row:
-                lines.append(
-                    f"| do({variable}) | {family} | {row['thickness_mae']:.3f} | {row['intensity_mae']:.2f} "
-                    f"| {row['digit_accuracy']:.3f} |"
-                )
-        for baseline, label in (("unchanged image", "image unchanged"), (GROUND_TRUTH_READING, GROUND_TRUTH_READING)):
-            for family, row in entry.get(baseline, {}).items():
-                if isinstance(row, dict):
-                    lines.append(
-                        f"| do({variable}), {label} | {family} | {row['thickness_mae']:.3f} | "
-                        f"{row['intensity_mae']:.2f} | {row['digit_accuracy']:.3f} |"
-                    )
-    return lines
+        readings = [(f"do({variable})", entry)]
+        readings += [
+            (f"do({variable}), {label}", entry.get(baseline, {}))
+            for baseline, label in (
+                ("unchanged image", "image unchanged"),
+                (GROUND_TRUTH_READING, GROUND_TRUTH_READING),
+            )
+        ]
+        for name, families in readings:
+            rows += [
+                [
+                    name,
+                    family,
+                    f"{row['thickness_mae']:.3f}",
+                    f"{row['intensity_mae']:.2f}",
+                    f"{row['digit_accuracy']:.3f}",
+                ]
+                for family, row in families.items()
+                if isinstance(row, dict) and "thickness_mae" in row
+            ]
+    header = ["intervention", "family", "thickness MAE", "intensity MAE", "digit accuracy"]
+    return markdown_table(header, rows, [False, False, True, True, True]).split("\n")
