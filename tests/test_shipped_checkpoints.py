@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -170,3 +171,23 @@ def test_explanations_with_no_scale_take_the_measured_default_at_every_entry_poi
     main(["demo", "--classifier", str(vit_folder), "--out", str(tmp_path / "demo"), "--quiet"])
     shown = re.search(r"Oracle agrees with the intervened digit on (\d+)%", capsys.readouterr().out)
     assert int(shown.group(1)) >= 90, shown.group(0)
+
+
+def test_the_vit_cards_own_way_of_calling_it_reads_grey_digits(heldout):
+    """The card's snippet, run as written: the one-channel ViT through its processor, the channel axis given."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    folder = CHECKPOINTS / "mnist-vit-classifier"
+    card = (folder / "README.md").read_text()
+    assert 'input_data_format="channels_last"' in card and "explained_classifier=classifier" in card
+    processor = AutoImageProcessor.from_pretrained(folder)
+    classifier = AutoModelForImageClassification.from_pretrained(folder)
+    images, labels = heldout
+    right = 0
+    for image, label in zip(images, labels, strict=True):
+        grey_digit = PIL.Image.fromarray((image[0].numpy() * 255).astype(np.uint8))
+        inputs = processor(
+            images=np.array(grey_digit)[..., None], input_data_format="channels_last", return_tensors="pt"
+        )
+        right += int(classifier(**inputs).logits.argmax(-1).item() == label)
+    assert right >= len(labels) - 1
