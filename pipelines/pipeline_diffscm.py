@@ -301,15 +301,15 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         values = {name: value.cpu().numpy() for name, value in parents.items()}
         previous = below if integrator == "bdia" else None
         return Abduction(
-            sample,
-            values,
-            chain.num_inference_steps,
-            chain.strength,
-            refinements,
-            cfg_scales,
-            chain,
-            integrator,
-            previous,
+            noise=sample,
+            factual_values=values,
+            num_inference_steps=chain.num_inference_steps,
+            strength=chain.strength,
+            abduction_refinement_steps=refinements,
+            cfg_scale=cfg_scales,
+            chain=chain,
+            integrator=integrator,
+            previous=previous,
         )
 
     @torch.no_grad()
@@ -405,11 +405,11 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         shipped MNIST pipeline, 64 held-out digits: BDIA steps for the changed samples too flipped 0.922 / 0.828 /
         0.344 of them at 25 / 15 / 10 steps (their pair carries the factual trajectory), DDIM steps 1.000 at each."""
         sample, above = noise.to(self._execution_device, torch.float32), None
+        changed = guidance.changed.view(-1, 1, 1, 1) > 0 if guidance.any_changed else None
         self._num_timesteps, self._interrupt = len(chain), False
         for i, (t, alpha_t, alpha_next) in enumerate(self.progress_bar(chain.steps)):
             if self.interrupt:
                 break
-            changed = guidance.changed.view(-1, 1, 1, 1) > 0 if guidance.any_changed else None
             if integrator == "bdia" and i == 0 and previous is not None and changed is None:
                 sample, above = previous.to(sample), sample
                 continue
