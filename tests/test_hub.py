@@ -172,3 +172,20 @@ def test_measured_defaults_are_saved_with_the_command_that_chose_them(tmp_path):
     assert "python tune.py --save-defaults" in (tmp_path / "README.md").read_text()
     with pytest.raises(ValueError, match="local pipeline folder"):
         hub.write_defaults(str(tmp_path / "missing"), "x", {})
+
+
+def test_a_fine_tuned_runs_chain_lists_each_command_once_in_order(tmp_path):
+    """unet_commands: the data's command, the pipeline's chain it fine-tuned (which made the same data), its own."""
+    from diffscm import hub
+
+    data, base, run = tmp_path / "data", tmp_path / "base", tmp_path / "run"
+    for folder in (data, base, run):
+        folder.mkdir()
+    make = "python training_scripts/make_colour_mnist.py --output_dir data"
+    (data / "colour_mnist.json").write_text(json.dumps({"command": make}))
+    chain = [make, "train_unet.py first", "train_classifier.py first"]
+    (base / "training.json").write_text(json.dumps({"commands": chain}))
+    args = {"pretrained_model_name_or_path": str(base)}
+    (run / "training_args.json").write_text(json.dumps({"command": "train_unet.py second", "args": args}))
+    (run / "split.json").write_text(json.dumps({"source": str(data)}))
+    assert hub.unet_commands(run) == [make, "train_unet.py first", "train_unet.py second"]

@@ -112,7 +112,7 @@ def unet_commands(run_dir: str | os.PathLike) -> list[str]:
     commands = data_commands(read_json(run_dir, "split.json"))
     base = run["args"].get("pretrained_model_name_or_path")
     if base and (Path(base) / "training.json").is_file():  # a pipeline folder: all but its predictor's command
-        commands += read_json(base, "training.json")["commands"][:-1]
+        commands += [c for c in read_json(base, "training.json")["commands"][:-1] if c not in commands]
     elif base and (Path(base) / "training_args.json").is_file():  # another train_unet.py run
         commands += [c for c in unet_commands(base) if c not in commands]
     return commands + [run["command"]]
