@@ -15,6 +15,7 @@ import torch
 from diffscm import hub
 from diffscm.data import heldout_rows, load_image_dataset
 from diffscm.evaluation.morphomnist import composition
+from diffscm.folder_format import unet_passes
 from diffscm.paths import shipped_checkpoint, shipped_data
 from diffscm.tables import markdown_table
 
@@ -54,9 +55,10 @@ def main(args):
             patch = mock.patch(f"{type(pipe).__module__}.anderson_mix", mix) if mix else contextlib.nullcontext()
             with patch:
                 result = composition(pipe, images, factual, args.cycles, num_inference_steps=steps,
-                                     abduction_refinement_steps=refinements, cfg_scale=1.0)  # fmt: skip
+                                     abduction_refinement_steps=refinements, cfg_scale=1.0,
+                                     integrator="ddim")  # fmt: skip
             cells = [f"{result[f'cycles_{cycles}']['benchmark_l1']:.3f}" for cycles in sorted({1, args.cycles})]
-            nfe = steps * (2 + refinements)
+            nfe = unet_passes(steps, refinements, "ddim")
             table.append([solver if refinements else "either", refinements, nfe, *cells])
             table[-1].append(f"{time.perf_counter() - start:.0f}")
     cycles = [f"composition, {n} cycle{'s' * (n > 1)}" for n in sorted({1, args.cycles})]

@@ -136,3 +136,12 @@ def test_floor_one_and_the_command_line_help_load_no_diffusers():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_torch_free_folder_format_names_the_predictors_that_the_loader_builds():
+    """`read_index` (no torch) accepts the predictor classes by name; `pipelines.folder` maps the same names."""
+    from diffscm.pipelines.folder import PREDICTORS
+
+    from diffscm.folder_format import PREDICTOR_CLASSES
+
+    assert set(PREDICTORS) == set(PREDICTOR_CLASSES)

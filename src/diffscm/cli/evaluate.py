@@ -166,6 +166,7 @@ def evaluate_scm(args: argparse.Namespace):
         pipe, oracle, factual, judges, (1.0, options["cfg_scale"]), GENERATION_STEPS, args.seed
     )
     split = json.loads((Path(pipe.config._name_or_path) / "training.json").read_text())["split"]
+    used = settings_used(pipe, options)
     extra = "".join(f", plus {source}" for source in split.get("extra_train_sources", []))
     result["settings"] = {
         "model": str(pipe.config._name_or_path),
@@ -176,10 +177,7 @@ def evaluate_scm(args: argparse.Namespace):
         f"{split['num_heldout']:,}{extra})",
         "guidance_scale": pipe.guidance_scales(options["guidance_scale"]),
         "cfg_scale": pipe.cfg_scales(options["cfg_scale"]),
-        **{
-            key: settings_used(pipe, options)[key]
-            for key in ("num_inference_steps", "abduction_refinement_steps", "integrator")
-        },
+        **{key: used[key] for key in ("num_inference_steps", "abduction_refinement_steps", "integrator")},
         "unet_evaluations_per_counterfactual": nfe,
         "composition_images": min(args.composition_samples, len(rows)),
         "generation_steps": GENERATION_STEPS,
@@ -343,14 +341,13 @@ def write_report(args: argparse.Namespace, command: str, result: dict, report: s
     (Path(args.out) / "report.md").write_text(report)
     print(report)
     print(f"Wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
+    model = result.get("model") or result["settings"]["model"]
     if args.write_model_card:
-        model = result.get("model") or result["settings"]["model"]
         fidelity = json.loads(json.dumps(result.get("generation_fidelity"), default=_plain))
         hub.write_evaluation(model, _command_line(command), report, fidelity)
         print(f"Updated the model card {model}/README.md")
     if args.save_defaults:
         chosen = {key: value for key, value in pipeline_options(args).items() if value is not None}
-        model = result.get("model") or result["settings"]["model"]
         hub.write_defaults(model, _command_line(command), **chosen)
         print(f"Made {chosen} the defaults of {model}")
 
