@@ -172,6 +172,11 @@ def test_measured_defaults_are_saved_with_the_command_that_chose_them(tmp_path):
     assert "python tune.py --save-defaults" in (tmp_path / "README.md").read_text()
     with pytest.raises(ValueError, match="local pipeline folder"):
         hub.write_defaults(str(tmp_path / "missing"), "x", {})
+    before = (tmp_path / "model_index.json").read_text()
+    for bad in ({"causal_graph": {}}, {"steps": 10}):
+        with pytest.raises(ValueError, match="not settings a pipeline's defaults hold"):
+            hub.write_defaults(str(tmp_path), "x", **bad)
+    assert (tmp_path / "model_index.json").read_text() == before, "nothing written on a refusal"
 
 
 def test_a_fine_tuned_runs_chain_lists_each_command_once_in_order(tmp_path):
