@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDIMScheduler, DiffusionPipeline, ModelMixin, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -24,9 +24,9 @@ from diffscm.folder_format import (
 )
 from diffscm.folder_format import causal_graph as folder_causal_graph
 from diffscm.image_processing import PipelineImageInput, preprocess_images
-from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor
+from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor  # noqa: F401  (as for flows)
 from diffscm.models.explained_classifier import ExplainedClassifier
-from diffscm.models.parent_embedding import ParentEmbedding
+from diffscm.models.parent_embedding import ParentEmbedding  # noqa: F401  (as for flows)
 from diffscm.scm import CausalGraph
 
 from .checks import (
@@ -107,8 +107,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         self,
         unet: UNet2DModel,
         scheduler: DDIMScheduler,
-        classifier: AntiCausalClassifier | AntiCausalPredictor | None = None,
-        parent_embedding: ParentEmbedding | None = None,
+        classifier: ModelMixin | None = None,  # ModelMixin: plain diffusers loads a component's remote code twice
+        parent_embedding: ModelMixin | None = None,
         causal_graph: dict | None = None,
         guidance_scale: ScaleInput | None = None,
         cfg_scale: ScaleInput = DEFAULTS["cfg_scale"],

@@ -42,6 +42,7 @@ def run_python(code: str, **env) -> str:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Expected types" not in result.stderr  # diffusers' warning when a component is not of the annotated class
     return result.stdout
 
 
