@@ -15,7 +15,15 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
-from diffscm.folder_format import causal_graph, missing_remote_code, read_json, recorded, settings, unet_passes
+from diffscm.folder_format import (
+    causal_graph,
+    installed_code_shims,
+    missing_remote_code,
+    read_json,
+    recorded,
+    settings,
+    unet_passes,
+)
 from diffscm.scm import CausalGraph, Node
 
 PIPELINE_TEMPLATE = "diffscm_pipeline.md"
@@ -95,6 +103,7 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
         integrator=defaults["integrator"],
         unet_evaluations=unet_passes(steps, refinements, defaults["integrator"], cfg_passes),
         missing_code=missing_remote_code(folder),
+        shims=installed_code_shims(folder),
         training=record,
         split=split,
         commands=(record or {}).get("commands"),

@@ -127,7 +127,16 @@ def test_shipped_cards_render_with_the_content_they_have():
         committed = (CHECKPOINTS / name / "README.md").read_text()
         card = str(model_cards.render_model_card(CHECKPOINTS / name))
         assert card.endswith(committed[committed.index("## Training data") :])  # data, commands, scores, evaluation
-        assert "does not hold it yet (missing: pipeline_diffscm.py, classifier/anticausal.py)" in card
+        assert "its code files (pipeline_diffscm.py, classifier/anticausal.py)\nimport the installed package" in card
+
+
+def test_a_card_names_the_code_a_folder_lacks(tmp_path):
+    folder = tmp_path / "diffscm-mnist"
+    shutil.copytree(MNIST, folder)
+    (folder / "classifier" / "anticausal.py").unlink()
+    card = str(model_cards.render_model_card(folder))
+    assert "does not hold it yet (missing: pipeline_diffscm.py, classifier/anticausal.py)" in card
+    assert model_cards.installed_code_shims(folder) == ["pipeline_diffscm.py"]
 
 
 def test_a_loaded_and_changed_pipeline_saved_over_its_folder_keeps_its_records(tmp_path):

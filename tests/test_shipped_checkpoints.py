@@ -13,7 +13,7 @@ from diffscm import DiffSCMPipeline
 from diffscm.data import load_bundled_mnist
 from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.metrics import oracle_predictions
-from diffscm.folder_format import unet_passes
+from diffscm.folder_format import installed_code_shims, missing_remote_code, unet_passes
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -127,8 +127,17 @@ def test_every_cards_python_snippet_runs_as_written_on_its_folder(name, tmp_path
     saved = tmp_path / "counterfactual.png"
     exec(snippet.replace('"counterfactual.png"', repr(str(saved))), {})  # noqa: S102
     assert saved.is_file()
-    if "trust_remote_code=True)` once the pipeline's code lies next to the" not in card:
-        pytest.fail("a shipped folder holds no remote code, so its card must not offer the plain-diffusers line")
+    shims = ", ".join(installed_code_shims(CHECKPOINTS / name))
+    assert shims and f"trust_remote_code=True)`: its code files ({shims})" in card  # not the line that needs no diffscm
+
+
+@pytest.mark.parametrize("name", ["diffscm-mnist", "diffscm-morphomnist-conditional"])
+def test_plain_diffusers_loads_a_shipped_folder_through_the_installed_diffscm(name):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(CHECKPOINTS / name, trust_remote_code=True)
+    assert type(pipe) is DiffSCMPipeline and type(pipe.classifier).__module__ == "diffscm.models.anticausal"
+    assert missing_remote_code(CHECKPOINTS / name) == installed_code_shims(CHECKPOINTS / name)  # an upload stages code
 
 
 @pytest.mark.parametrize("folder", sorted(path.parent for path in CHECKPOINTS.glob("*/README.md")))

@@ -109,11 +109,15 @@ def causal_graph(config: dict | None, parent_specs: dict[str, dict]) -> CausalGr
     return CausalGraph.single_parent(name, spec.get("num_classes", 10))
 
 
+_INSTALLED_PACKAGE = re.compile(r"^\s*(from|import)\s+diffscm\b", re.M)
+
+
 def missing_remote_code(pipeline_dir: str | os.PathLike) -> list[str]:
     """The code files that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` needs and the folder
     lacks (the pipeline's module, its custom components' modules in their sub-folders and what they import
-    relatively); `["model_index.json"]` when it does not name the pipeline's module. Empty: plain diffusers loads
-    the folder."""
+    relatively), or holds only as a shim that imports the installed diffscm ([`installed_code_shims`]);
+    `["model_index.json"]` when it does not name the pipeline's module. Empty: plain diffusers loads the folder
+    without diffscm."""
     folder = Path(pipeline_dir)
     index = read_json(folder, "model_index.json")
     class_name = index.get("_class_name")
@@ -130,12 +134,19 @@ def missing_remote_code(pipeline_dir: str | os.PathLike) -> list[str]:
         if path in seen:
             continue
         seen.add(path)
-        if not (folder / path).is_file():
+        source = (folder / path).read_text(encoding="utf-8") if (folder / path).is_file() else ""
+        if not source or _INSTALLED_PACKAGE.search(source):
             missing.append(path.as_posix())
             continue
-        source = (folder / path).read_text(encoding="utf-8")
         needed += [path.parent / f"{module}.py" for module in re.findall(r"^\s*from\s+\.(\w+)\s+import", source, re.M)]
     return missing
+
+
+def installed_code_shims(pipeline_dir: str | os.PathLike) -> list[str]:
+    """The code files of a folder that import the installed diffscm instead of holding its code (the shipped
+    folders': plain diffusers loads them where diffscm is installed; an upload stages the whole code)."""
+    folder = Path(pipeline_dir)
+    return [path for path in missing_remote_code(folder) if (folder / path).is_file()]
 
 
 def copy_records(source: str | os.PathLike, pipeline_dir: str | os.PathLike):

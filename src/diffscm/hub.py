@@ -130,9 +130,9 @@ def push_to_hub(
     Upload any DiffSCMPipeline folder to the Hub model repo `repo_id` (created if needed) with its model card and
     the code that `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)` needs; returns the repo URL.
 
-    A folder that lacks that code (such as the shipped `checkpoints/diffscm-mnist`) is staged rather than changed:
-    loaded, saved with its code into a temporary folder with its `training.json` and `evaluation.md`, and uploaded
-    from there. A folder that has it gets its card re-rendered for `repo_id` and is uploaded as it is.
+    A folder that lacks that code (such as the shipped `checkpoints/diffscm-mnist`, whose code files only import the
+    installed diffscm) is staged rather than changed: loaded, saved with its code into a temporary folder with its
+    `training.json` and `evaluation.md`, and uploaded from there. A folder that has it gets its card re-rendered for `repo_id` and is uploaded as it is.
     """
     if not repo_id:
         raise ValueError(
@@ -146,7 +146,7 @@ def push_to_hub(
     options = {"token": token, "private": private, "commit_message": commit_message, "create_pr": create_pr}
     missing = missing_remote_code(folder)
     if missing:  # loaded with each component in the dtype its weights were saved in, and pushed with its code
-        logger.info(f"{folder} lacks the pipeline's code ({', '.join(missing)}): staging it for the upload.")
+        logger.info(f"{folder} lacks the pipeline's own code ({', '.join(missing)}): staging it for the upload.")
         from .pipelines import DiffSCMPipeline
 
         return DiffSCMPipeline.from_pretrained(str(folder), torch_dtype=_saved_dtypes(folder)).push_to_hub(
