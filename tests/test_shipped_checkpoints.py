@@ -128,7 +128,7 @@ def test_every_cards_python_snippet_runs_as_written_on_its_folder(name, tmp_path
     exec(snippet.replace('"counterfactual.png"', repr(str(saved))), {})  # noqa: S102
     assert saved.is_file()
     shims = ", ".join(installed_code_shims(CHECKPOINTS / name))
-    assert shims and f"trust_remote_code=True)`: its code files ({shims})" in card  # not the line that needs no diffscm
+    assert shims and f"trust_remote_code=True)`: its code files ({shims})" in card  # not the line without diffscm
 
 
 @pytest.mark.parametrize("name", ["diffscm-mnist", "diffscm-morphomnist-conditional"])

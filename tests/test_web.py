@@ -20,10 +20,10 @@ from diffscm import DiffSCMPipeline
 from diffscm.cli import main
 from diffscm.cli.serve import (
     CACHE_LIFETIME,
-    GRIDS_KEPT,
     MAX_PIXELS,
     MAX_UPLOAD,
     PAGE_CSS,
+    REQUESTS_KEPT,
     CounterfactualDemo,
     build_app,
     drawn_digit,
@@ -216,8 +216,13 @@ def test_two_models_in_folders_of_one_name_are_both_served_and_grids_are_bounded
     with pytest.raises(ValueError, match="twice"):
         model_names(["runs/a", "runs/a"])
     demo = CounterfactualDemo(tiny_model, device="cpu")
-    paths = [demo.keep_grid(PIL.Image.new("RGB", (4, 4))) for _ in range(GRIDS_KEPT + 3)]
-    assert len(set(paths)) == GRIDS_KEPT + 3 and sum(Path(p).exists() for p in paths) == GRIDS_KEPT
+    picture = PIL.Image.new("RGB", (4, 4))
+    kept = [demo.keep_files([(picture, "factual"), (picture, "null")], picture) for _ in range(REQUESTS_KEPT + 3)]
+    gallery, grid = kept[-1]
+    assert [caption for _, caption in gallery] == ["factual", "null"] and Path(grid).is_file()
+    paths = [path for gallery, grid in kept for path in [grid, *(path for path, _ in gallery)]]
+    # the same pictures twice are two files (parallel requests never share one), and only the last requests' are kept
+    assert len(set(paths)) == 3 * (REQUESTS_KEPT + 3) and sum(Path(p).exists() for p in paths) == 3 * REQUESTS_KEPT
     folder = Path(demo.grids.name)
     demo.grids.cleanup()
     assert not folder.exists()

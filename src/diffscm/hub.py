@@ -132,7 +132,8 @@ def push_to_hub(
 
     A folder that lacks that code (such as the shipped `checkpoints/diffscm-mnist`, whose code files only import the
     installed diffscm) is staged rather than changed: loaded, saved with its code into a temporary folder with its
-    `training.json` and `evaluation.md`, and uploaded from there. A folder that has it gets its card re-rendered for `repo_id` and is uploaded as it is.
+    `training.json` and `evaluation.md`, and uploaded from there. A folder that has it gets its card re-rendered for
+    `repo_id` and is uploaded as it is.
     """
     if not repo_id:
         raise ValueError(

@@ -7,6 +7,7 @@ predictor's reading; download the grid.
 
 import argparse
 import json
+import shutil
 import tempfile
 import uuid
 from functools import cache
@@ -32,7 +33,7 @@ MAX_PIXELS = 4096 * 4096  # refused from the header, before decoding: a small PN
 CONCURRENCY = 1  # one request at a time uses every core; the others wait in the queue
 QUEUE_SIZE = 32
 CACHE_LIFETIME = (3600, 3600)  # Gradio's delete_cache: every hour, files older than an hour
-GRIDS_KEPT = 32  # the downloadable grids of the last requests; older ones are removed
+REQUESTS_KEPT = 32  # the pictures and grids of the last requests; older ones are removed
 EXAMPLES = [str(path) for path in sorted((REPOSITORY / "docs" / "examples").glob("*.png"))]  # in a checkout
 # A 28 px digit is drawn at 224 px, its pixels kept square: the factual must be as easy to see as the counterfactuals.
 PAGE_CSS = (
@@ -118,14 +119,21 @@ class CounterfactualDemo:
 
         return DigitOracle.from_pretrained(folder).eval().to(self.device)
 
-    def keep_grid(self, grid: PIL.Image.Image) -> str:
-        """Save a request's grid for download in the demo's own folder, which holds the last GRIDS_KEPT."""
-        folder = Path(self.grids.name)
-        path = folder / f"counterfactuals-{uuid.uuid4().hex[:12]}.png"
-        grid.save(path)
-        for old in sorted(folder.glob("*.png"), key=lambda p: p.stat().st_mtime)[:-GRIDS_KEPT]:
-            old.unlink(missing_ok=True)
-        return str(path)
+    def keep_files(self, gallery: list[tuple[PIL.Image.Image, str]], grid: PIL.Image.Image) -> tuple[list, str]:
+        """A request's gallery pictures and downloadable grid saved as files of their own in the demo's folder, which
+        holds the last REQUESTS_KEPT requests' files. Files, not pictures: Gradio copies a file into its cache
+        atomically, but rewrites a picture in place, so that another request with the same picture could be served a
+        half-written one."""
+        folder = Path(self.grids.name) / uuid.uuid4().hex[:12]
+        folder.mkdir()
+        files = []
+        for index, (picture, caption) in enumerate(gallery):
+            picture.save(folder / f"{index}.png")
+            files.append((str(folder / f"{index}.png"), caption))
+        grid.save(folder / "counterfactuals.png")
+        for old in sorted(Path(self.grids.name).iterdir(), key=lambda p: p.stat().st_mtime)[:-REQUESTS_KEPT]:
+            shutil.rmtree(old, ignore_errors=True)
+        return files, str(folder / "counterfactuals.png")
 
     def _load(self, name: str):
         pipe = hub.load_pipeline(self.models[name], self.device, self.dtype)
@@ -303,7 +311,8 @@ def build_app(models: dict[str, str] | None = None, device: str | None = None, d
             gallery, grid, table = demo.counterfactuals(name, image, request, factual)
         except (ValueError, TypeError) as error:
             raise gr.Error(str(error)) from error
-        return gallery, table, demo.keep_grid(grid)
+        gallery, grid = demo.keep_files(gallery, grid)
+        return gallery, table, grid
 
     def pick(name, index):
         try:
