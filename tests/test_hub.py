@@ -195,3 +195,17 @@ def test_a_fine_tuned_runs_chain_lists_each_command_once_in_order(tmp_path):
     (run / "training_args.json").write_text(json.dumps({"command": "train_unet.py second", "args": args}))
     (run / "split.json").write_text(json.dumps({"source": str(data)}))
     assert hub.unet_commands(run) == [make, "train_unet.py first", "train_unet.py second"]
+    predictor, pipeline = tmp_path / "predictor", tmp_path / "pipeline"
+    for folder in (predictor, pipeline):
+        folder.mkdir()
+    (run / "training_args.json").write_text(
+        json.dumps({"command": "train_unet.py second", "args": args, "seconds_per_step": 1.0})
+    )
+    (predictor / "training_args.json").write_text(
+        json.dumps({"command": "train_classifier.py second", "args": args, "seconds_per_step": 0.5})
+    )
+    (predictor / "split.json").write_text(json.dumps({"source": str(data)}))
+    (predictor / "heldout_metrics.json").write_text("{}")
+    hub.write_training_record(str(pipeline), str(run), str(predictor))
+    in_order = [*chain, "train_unet.py second", "train_classifier.py second"]  # the base's predictor ran first
+    assert json.loads((pipeline / "training.json").read_text())["commands"] == in_order

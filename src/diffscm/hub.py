@@ -65,14 +65,16 @@ def write_defaults(
 
 
 def write_training_record(pipeline_dir: str, unet_run_dir: str, classifier_run_dir: str):
-    """`training.json` in the pipeline folder: all commands, the split, the speeds and the predictor's held-out
+    """`training.json` in the pipeline folder: all commands in the order they ran (the predictor's base pipeline's,
+    the UNet's that are not among them, the predictor's own), the split, the speeds and the predictor's held-out
     accuracy or error by noise level."""
     classifier_run = read_json(classifier_run_dir, "training_args.json")
-    commands = unet_commands(unet_run_dir)
     unet_run = read_json(unet_run_dir, "training_args.json")
     base = classifier_run["args"].get("pretrained_model_name_or_path")
-    if base and (Path(base) / "training.json").is_file():  # a fine-tuned predictor: the runs that made it
-        commands += [c for c in read_json(base, "training.json")["commands"] if c not in commands]
+    commands = []
+    if base and (Path(base) / "training.json").is_file():  # a fine-tuned predictor: the runs that made it, first
+        commands = read_json(base, "training.json")["commands"]
+    commands += [c for c in unet_commands(unet_run_dir) if c not in commands]
     commands.append(classifier_run["command"])
     record = {
         "commands": commands,
