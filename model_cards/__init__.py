@@ -246,6 +246,8 @@ def _mechanism_formula(node: Node) -> str:
         return "root: its value is its own noise" if not node.parents else "identity"
     if m.kind == "flow":
         return f"a conditional neural spline flow of u given {', '.join(node.parents)} (fitted, zuko NSF)"
+    if m.kind == "gumbel_max":
+        return f"argmax over classes of logits({', '.join(node.parents)}) + u, u Gumbel (Gumbel-max, fitted)"
     terms = [_g(m.bias)] if m.bias else []
     terms += [_mechanism_term(weight, parent) for parent, weight in m.weights.items()]
     terms += [f"{_g(m.scale)} u".removeprefix("1 ")]

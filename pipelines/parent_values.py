@@ -55,7 +55,7 @@ class ParentValuesMixin:
         graph, size = self.causal_graph, sample.shape[0]
         if given is not None and not isinstance(given, dict):
             raise ValueError(f"`factual_values` must be a dict {{variable: value}}, got {given!r}.")
-        values = {name: self._per_image(name, value, size) for name, value in (given or {}).items()}
+        values = {name: self._per_image(name, value, size, observed=True) for name, value in (given or {}).items()}
         predicted = [name for name in graph.image_parents if name not in values]
         if predicted and self.classifier is None:
             raise ValueError(
@@ -71,8 +71,9 @@ class ParentValuesMixin:
                 values[name] = estimate.astype(np.int64) if categorical else np.clip(estimate, *node.range)
         return values, predicted
 
-    def _per_image(self, name: str, value, size: int) -> np.ndarray:
-        array = self.causal_graph.check_value(name, value.cpu() if isinstance(value, torch.Tensor) else value)
+    def _per_image(self, name: str, value, size: int, observed: bool = False) -> np.ndarray:
+        value = value.cpu() if isinstance(value, torch.Tensor) else value
+        array = self.causal_graph.check_value(name, value, observed)
         if array.ndim == 1 and len(array) != size:
             raise ValueError(f"{name!r} has {len(array)} values for {size} images.")
         return np.broadcast_to(array, (size,)).copy()

@@ -24,21 +24,23 @@ SHAPES_GRAPH = {
     "nodes": [
         {"name": "color", "type": "categorical", "classes": ["red", "green", "blue"]},
         {"name": "size", "type": "continuous", "parents": ["color"]},
-        {"name": "image", "type": "image", "parents": ["color", "size"]},
+        {"name": "shape", "type": "categorical", "classes": ["square", "disc"], "parents": ["color"]},
+        {"name": "image", "type": "image", "parents": ["color", "size", "shape"]},
     ]
 }
 
 
 def write_shapes(folder: Path, count: int = 300, seed: int = 0):
     """`count` RGB 32x32 squares and discs as a standard imagefolder: `metadata.csv` with file_name, color (a class
-    name), size (pixels, larger for blue) and shape."""
+    name), size (pixels, larger for blue) and shape (a class name: red ones mostly squares)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     with open(folder / "metadata.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file_name", "color", "size", "shape"])
         for i in range(count):
-            color, shape = rng.choice(list(COLOURS)), rng.choice(["square", "disc"])
+            color = rng.choice(list(COLOURS))
+            shape = rng.choice(["square", "disc"], p=[0.9, 0.1] if color == "red" else [0.3, 0.7])
             size = float(np.clip(6 + 3 * list(COLOURS).index(color) + rng.normal(0, 1.5), 3, 15))
             image = PIL.Image.new("RGB", (32, 32))
             box = (16 - size, 16 - size, 16 + size, 16 + size)
@@ -97,8 +99,11 @@ def test_the_graph_takes_its_range_and_mechanism_from_the_data(shapes_pipeline):
     assert min(sizes) <= size.range[0] < size.range[1] <= max(sizes)
     record = json.loads((shapes_pipeline[0].parent / "unet" / "mechanism_fit.json").read_text())
     assert record["size"]["kind"] == size.mechanism.kind and record["size"]["heldout_mae"] < 2.0
-    moved = pipe.causal_graph.counterfactual({"color": [0, 0], "size": [6.0, 6.0]}, {"color": ["green", "blue"]})
-    assert 6.0 < moved["size"][0] < moved["size"][1], "green shapes are drawn larger than red, blue than green"
+    assert record["shape"]["kind"] == pipe.causal_graph.nodes["shape"].mechanism.kind == "gumbel_max"
+    factual = {"color": [0] * 200, "size": [6.0] * 200, "shape": ["square"] * 200}
+    moved = pipe.causal_graph.counterfactual(factual, {"color": ["green"] * 100 + ["blue"] * 100})
+    assert 6.0 < moved["size"][0] < moved["size"][-1], "green shapes are drawn larger than red, blue than green"
+    assert 0.3 < moved["shape"].mean() < 0.95, "red squares redrawn in another colour: discs more often"
     card = (shapes_pipeline[0] / "README.md").read_text()
     assert 'intervention={"color": "blue"}' in card and "3 classes (red, green, blue)" in card
 
@@ -108,7 +113,10 @@ def test_an_intervention_by_class_name_in_python_and_on_the_command_line(shapes_
     pipe = DiffSCMPipeline.from_pretrained(folder)
     image = PIL.Image.open(shapes / "0000.png")
     out = pipe(
-        [image, image], intervention={"color": "blue"}, factual_values={"color": ["red", "red"]}, output_type="np"
+        [image, image],
+        intervention={"color": "blue"},
+        factual_values={"color": ["red", "red"], "size": [6.0, 6.0], "shape": ["square", "disc"]},
+        output_type="np",
     )
     assert out.images.shape == (2, 32, 32, 3)
     assert out.counterfactual_values["color"].tolist() == [2, 2]
@@ -195,7 +203,8 @@ def test_judges_and_the_evaluation_of_any_graph_write_a_report_with_every_do(sha
         "none",
     )
     record = json.loads((tmp_path / "judges-run" / "judges" / "judges.json").read_text())
-    assert set(record["heldout"]) == {"color_accuracy", "size_mae"} and record["split"]["num_heldout"] == 30
+    assert set(record["heldout"]) == {"color_accuracy", "size_mae", "shape_accuracy"}
+    assert record["split"]["num_heldout"] == 30
     out = tmp_path / "evaluation"
     result = diffscm(
         "evaluate",
@@ -215,8 +224,9 @@ def test_judges_and_the_evaluation_of_any_graph_write_a_report_with_every_do(sha
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"do(color)", "do(size)"} <= set(metrics) and set(metrics["composition"]) == {"cycles_1", "cycles_2"}
-    assert metrics["do(color)"]["descendants"] == ["size"] and metrics["do(size)"]["descendants"] == []
+    assert {"do(color)", "do(size)", "do(shape)"} <= set(metrics)
+    assert set(metrics["composition"]) == {"cycles_1", "cycles_2"}
+    assert metrics["do(color)"]["descendants"] == ["shape", "size"] and metrics["do(size)"]["descendants"] == []
     report = (out / "report.md").read_text()
     assert "size mae (follows)" in report and "color accuracy (kept)" in report and "unchanged image" in report
 
@@ -241,7 +251,7 @@ def test_the_web_demo_builds_its_values_from_the_graph_and_keeps_colour(shapes_p
 
     demo = CounterfactualDemo({"shapes": str(shapes_pipeline[0])}, device="cpu")
     image, values = demo.example("shapes", 0)
-    assert image.mode == "RGB" and set(values) == {"color", "size"}, "a held-out image of the model's own data"
+    assert image.mode == "RGB" and set(values) == {"color", "size", "shape"}, "a held-out image of the model's data"
     assert demo.is_scm("shapes") and demo.oracle("shapes") is None
     gallery, grid, table = demo.counterfactuals("shapes", image, {"color": "blue"}, values)
     assert [caption for _, caption in gallery][2] == "do(color=blue)"
@@ -260,7 +270,7 @@ def test_a_custom_graph_model_in_a_browser_shows_its_own_controls(shapes_pipelin
         wait = WebDriverWait(browser, 120)
         boxes = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#variables input[type=checkbox]"))
         labels = [box.find_element(By.XPATH, "..").text for box in boxes]
-        assert labels == ["color", "size"], "a box per variable of the graph"
+        assert labels == ["color", "size", "shape"], "a box per variable of the graph"
         assert browser.find_elements(By.ID, "do-color") and browser.find_elements(By.ID, "do-size")
         browser.find_element(By.ID, "pick").click()
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#factual img"))

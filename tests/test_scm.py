@@ -1,6 +1,7 @@
 """The causal graph: validation, invertible mechanisms, abduction-action-prediction on the non-image nodes."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_morphomnist_graph_orders_causes_first_and_round_trips_its_config():
                 {"name": "b", "type": "continuous", "range": [0, 1], "parents": ["a"]},
                 {"name": "image", "type": "image", "parents": ["b"]},
             ],
-            "affine or logistic",
+            "affine, logistic or flow",
         ),
         (
             [
@@ -204,7 +205,7 @@ def test_fit_takes_the_range_from_the_data_and_chooses_the_mechanism_by_held_out
     ]}  # fmt: skip
     unfitted = CausalGraph.from_config(config, fitted=False)
     assert not unfitted.fitted
-    with pytest.raises(ValueError, match="affine or logistic mechanism|needs a range"):
+    with pytest.raises(ValueError, match="affine, logistic or flow mechanism|needs a range"):
         CausalGraph.from_config(config)  # a pipeline's graph is fitted
     c = rng.uniform(2, 5, 2000)
     train = {"a": a[:1500], "b": b[:1500], "c": c[:1500]}
@@ -281,3 +282,77 @@ def test_a_flow_is_fitted_where_affine_and_logistic_do_not_fit_and_inverts_exact
     assert np.allclose(moved, fitted.counterfactual(factual, {"a": 2})["b"]), "saved and loaded, the same flow"
     assert np.median(moved - factual["b"]) == pytest.approx(4.0, abs=0.5), "do(a = 2) moves b by 2 x 2"
     assert np.mean(np.sign(moved - 4) == np.sign(factual["b"])) > 0.95, "each value keeps its mode"
+
+
+CELEBA_GRAPH = Path(__file__).resolve().parents[1] / "docs" / "graphs" / "celeba-age-gender-beard-bald.json"
+
+
+def _beards(size: int = 4000) -> dict:
+    """Young, Male -> No_Beard, Bald (the benchmark's CelebA graph): only men have beards (young men fewer), old men
+    go bald more often."""
+    rng = np.random.default_rng(0)
+    young, male = rng.integers(0, 2, size), rng.integers(0, 2, size)
+    beard = rng.random(size) < np.where(male == 1, 0.5 - 0.3 * young, 0.0)
+    bald = rng.random(size) < np.where(male == 1, 0.3 - 0.25 * young, 0.01)
+    return {"Young": young, "Male": male, "No_Beard": (~beard).astype(np.int64), "Bald": bald.astype(np.int64)}
+
+
+def test_a_categorical_node_with_parents_gets_a_gumbel_max_mechanism_whose_counterfactuals_follow_the_data():
+    data = _beards()
+    fitted, report = CausalGraph.load(str(CELEBA_GRAPH)).fit(data)
+    assert report["No_Beard"]["kind"] == report["Bald"]["kind"] == "gumbel_max"
+    assert report["No_Beard"]["heldout_accuracy"] > 0.8
+    graph = CausalGraph.from_config(json.loads(json.dumps(fitted.to_config())))  # recorded and read back
+    null = graph.counterfactual(data, {"Male": data["Male"]})
+    assert np.array_equal(null["No_Beard"], data["No_Beard"]), "the factual parents give the factual class back"
+    bearded = {name: values[data["No_Beard"] == 0] for name, values in data.items()}  # all of them men
+    assert graph.counterfactual(bearded, {"Male": "no"})["No_Beard"].mean() > 0.95, "as women, no beard"
+    women = {name: values[data["Male"] == 0] for name, values in data.items()}
+    as_men = graph.counterfactual(women, {"Male": "yes"})
+    expected = np.mean(0.5 - 0.3 * women["Young"])  # the data's beard rate of men of the same ages
+    assert abs((1 - as_men["No_Beard"].mean()) - expected) < 0.05
+    assert np.array_equal(as_men["Young"], women["Young"]), "a non-descendant keeps its value"
+    again = graph.counterfactual(women, {"Male": "yes"})
+    assert np.array_equal(again["No_Beard"], as_men["No_Beard"]), "the posterior draw is seeded"
+
+
+def test_gumbel_max_noise_is_drawn_from_its_posterior():
+    """Abducted Gumbel noise reproduces the observed class under the factual parents, whatever the draw."""
+    mechanism = Mechanism("gumbel_max", {"a": ((0.0, 1.0, -1.0), (2.0, 0.0, 0.0))}, (0.5, 0.0, -0.5))
+    parents, observed = {"a": np.array([0, 1, 0, 1] * 50)}, np.array([0, 1, 2, 2] * 50)
+    for seed in range(3):
+        noise = mechanism.abduct(parents, observed, seed=seed)
+        assert noise.shape == (200, 3) and np.array_equal(mechanism(parents, noise), observed)
+    assert mechanism.log_likelihood(parents, observed) < 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"mechanism": {"kind": "affine", "weights": {"Young": [0.0, 1.0], "Male": [0.0, 1.0]}}}, "gumbel_max"),
+        ({"mechanism": {"kind": "gumbel_max", "weights": {"Young": [[0, 1], [1, 0]], "Male": [[0, 1]]},
+                        "bias": [0, 0]}}, "weight of 'Male' is 2 rows"),
+        ({"mechanism": {"kind": "gumbel_max", "weights": {"Young": [[0, 1], [1, 0]], "Male": [[0, 1], [1, 0]]},
+                        "bias": [0, 0, 0]}}, "bias is 2 logits"),
+        ({"mechanism": {"kind": "gumbel_max", "weights": {"Young": [[0, 1], [1, 0]]}, "bias": [0, 0]}}, "weighs"),
+        ({"mechanism": {"kind": "gumbel_max", "weights": {"Young": [[0, 1], [1, 0]]}, "bias": 0.0}}, "one bias"),
+    ],
+)  # fmt: skip
+def test_a_bad_categorical_mechanism_names_the_node_and_what_to_change(change, message):
+    nodes = json.loads(CELEBA_GRAPH.read_text())["nodes"]
+    nodes[2] |= change
+    with pytest.raises(ValueError, match=message):
+        CausalGraph.from_config(nodes)
+
+
+def test_a_factual_value_just_outside_the_range_is_clipped_and_an_intervention_there_refused():
+    """A range taken from the training split need not hold every held-out value; an intervention must lie in it."""
+    graph = CausalGraph.morphomnist()
+    low, high = graph.nodes["thickness"].range
+    outside = high + 0.05 * (high - low)
+    out = graph.counterfactual({"thickness": outside, "intensity": 200.0, "digit": 3}, {"digit": 5})
+    assert out["thickness"][0] == high and out["intensity"][0] == 200.0
+    with pytest.raises(ValueError, match="a factual one up to"):
+        graph.counterfactual({"thickness": high + (high - low), "intensity": 200.0, "digit": 3}, {"digit": 5})
+    with pytest.raises(ValueError, match="must lie in its range"):
+        graph.counterfactual({"thickness": 2.0, "intensity": 200.0, "digit": 3}, {"thickness": outside})

@@ -8,6 +8,7 @@ anti-causal predictors. A counterfactual is abduction (u of every node), action 
 
 import json
 import math
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -18,7 +19,9 @@ from .flows import forward as flow_forward
 from .flows import log_likelihood as flow_log_likelihood
 
 NODE_TYPES = ("categorical", "continuous", "image")
-MECHANISMS = ("identity", "affine", "logistic", "flow", "auto")
+MECHANISMS = ("identity", "affine", "logistic", "flow", "gumbel_max", "auto")
+CATEGORICAL_L2 = 1e-3  # the ridge on a gumbel_max mechanism's weights: separable classes still get finite logits
+OBSERVED_MARGIN = 0.1  # how far outside a continuous node's range (a fraction of its width) a factual value may lie
 FLOW_MARGIN = 0.01  # nats per held-out value a flow must gain over an affine or logistic mechanism to be chosen
 MAX_CLASSES = 10_000  # a categorical node's embedding and predictor head grow with it
 
@@ -35,6 +38,10 @@ class Mechanism:
 
     - `flow`: v = T^-1(u; pa), a conditional neural spline flow (`diffscm.flows`, zuko's NSF) fitted to the data
       where neither fits; `flow` holds it (its parents' encoding and weights).
+    - `gumbel_max` (a categorical node with parents): v = argmax_k(bias_k + sum_p weights[p]_k + u_k), u_k standard
+      Gumbel (Oberst & Sontag, ICML 2019): `bias` and each weight hold one logit per class (a categorical parent's, one
+      row of them per parent class). A class does not fix its noise, so abduction draws u from its posterior given the
+      observed class (seeded): the counterfactual class is a draw, and the factual parents give the factual class back.
 
     A categorical parent enters one-hot, never as its class index: its weight is a list with one entry per class
     (`weights={"digit": [0.05, 0.15, ...]}`), so no order of the classes is implied. `auto` (in a graph file) is
@@ -43,7 +50,7 @@ class Mechanism:
 
     kind: str = "identity"
     weights: dict[str, float | tuple[float, ...]] = field(default_factory=dict)
-    bias: float = 0.0
+    bias: float | tuple[float, ...] = 0.0
     scale: float = 1.0
     low: float | None = None
     high: float | None = None
@@ -56,10 +63,10 @@ class Mechanism:
             raise ValueError(f"A {self.kind} mechanism needs a noise scale > 0, got {self.scale}.")
         if self.kind == "logistic" and not (self.low is not None and self.high is not None and self.low < self.high):
             raise ValueError(f"A logistic mechanism needs low < high, got {self.low} and {self.high}.")
-        weights = {
-            name: tuple(map(float, w)) if isinstance(w, list | tuple) else w for name, w in self.weights.items()
-        }
-        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "weights", {name: _tuples(w) for name, w in self.weights.items()})
+        object.__setattr__(self, "bias", _tuples(self.bias))
+        if isinstance(self.bias, tuple) != (self.kind == "gumbel_max" and bool(self.weights)):
+            raise ValueError("A fitted gumbel_max mechanism has one bias per class (a list); the others one number.")
 
     @property
     def fitted(self) -> bool:
@@ -75,9 +82,25 @@ class Mechanism:
         ]
         return self.bias + sum(terms)
 
+    def _logits(self, parents: dict[str, np.ndarray]) -> np.ndarray:
+        """A gumbel_max mechanism's logits `(N, K)`: a categorical parent picks its class's row, a continuous one
+        scales its row."""
+        size = max([np.size(value) for value in parents.values()] + [1])
+        terms = [
+            np.asarray(weight)[np.asarray(parents[name], np.int64)]
+            if np.ndim(weight) == 2
+            else np.asarray(parents[name], float).reshape(-1, 1) * np.asarray(weight)
+            for name, weight in self.weights.items()
+        ]
+        return np.broadcast_to(np.asarray(self.bias) + sum(terms), (size, len(self.bias)))
+
     def __call__(self, parents: dict[str, np.ndarray], noise: np.ndarray) -> np.ndarray:
-        """The node's value from its parents' values and its noise."""
+        """The node's value from its parents' values and its noise (`gumbel_max`: `(N, K)` Gumbel noise; zeros of
+        shape `(N,)` give each row's most likely class)."""
         noise = np.asarray(noise, float)
+        if self.kind == "gumbel_max":
+            logits = self._logits(parents)
+            return np.argmax(logits + (noise if noise.ndim == 2 else 0.0), axis=1)
         if self.kind == "identity":
             return noise
         if self.kind == "flow":
@@ -87,8 +110,18 @@ class Mechanism:
             return pre
         return self.low + (self.high - self.low) / (1 + np.exp(-pre))
 
-    def abduct(self, parents: dict[str, np.ndarray], value: np.ndarray) -> np.ndarray:
-        """The noise u with f(parents, u) = value (the inverse in u)."""
+    def abduct(self, parents: dict[str, np.ndarray], value: np.ndarray, seed: int = 0) -> np.ndarray:
+        """The noise u with f(parents, u) = value (the inverse in u); for `gumbel_max`, a draw `(N, K)` of it from
+        its posterior given the observed class (`seed`): the top-down Gumbel sampling of Maddison et al. (2014)."""
+        if self.kind == "gumbel_max":
+            logits = self._logits(parents)
+            observed = np.broadcast_to(np.asarray(value, np.int64), (len(logits),))
+            gumbel = np.random.default_rng(seed).gumbel(size=(len(logits), logits.shape[1] + 1))
+            top = np.logaddexp.reduce(logits, axis=1) + gumbel[:, -1]  # the observed class's perturbed logit
+            others = -np.logaddexp(-top[:, None], -(logits + gumbel[:, :-1]))  # each truncated below the top
+            rows = np.arange(len(logits))
+            others[rows, observed] = top
+            return others - logits
         value = np.asarray(value, float)
         if self.kind == "identity":
             return value
@@ -110,17 +143,18 @@ class Mechanism:
         low: float | None = None,
         high: float | None = None,
         num_classes: dict[str, int] | None = None,
+        classes: int | None = None,
     ) -> "Mechanism":
         """Least-squares fit of an `affine` or `logistic` (given `low`, `high`) mechanism to observed data (the noise
         scale is the residuals' standard deviation, so abducted noise is standard normal on the fitted data), or the
-        maximum-likelihood fit of a `flow`. The parents named in `num_classes` ({parent: K}) are categorical and
-        enter one-hot."""
-        if kind not in ("affine", "logistic", "flow"):
-            raise ValueError(f"Only affine, logistic and flow mechanisms are fitted, not {kind!r}.")
+        maximum-likelihood fit of a `flow`, or of a `gumbel_max` over `classes` classes (multinomial logistic
+        regression with a small ridge). The parents named in `num_classes` ({parent: K}) are categorical and enter
+        one-hot."""
+        if kind not in ("affine", "logistic", "flow", "gumbel_max"):
+            raise ValueError(f"Only affine, logistic, flow and gumbel_max mechanisms are fitted, not {kind!r}.")
         num_classes = num_classes or {}
         if kind == "flow":
             return cls("flow", flow=fit_flow(value, parents, num_classes))
-        target = cls._link(kind, np.asarray(value, float), low, high)
         names = sorted(parents)
         blocks = [
             np.eye(num_classes[name])[np.asarray(parents[name], np.int64)]
@@ -128,7 +162,10 @@ class Mechanism:
             else np.asarray(parents[name], float)[:, None]
             for name in names
         ]
-        design = np.concatenate(blocks + [np.ones((len(target), 1))], axis=1)
+        design = np.concatenate(blocks + [np.ones((len(value), 1))], axis=1)
+        if kind == "gumbel_max":
+            return cls._fit_gumbel_max(design, np.asarray(value, np.int64), names, blocks, classes)
+        target = cls._link(kind, np.asarray(value, float), low, high)
         coefficients, *_ = np.linalg.lstsq(design, target, rcond=None)
         residual_std = float(np.std(target - design @ coefficients)) or 1.0
         weights, start = {}, 0
@@ -138,6 +175,30 @@ class Mechanism:
             weights[name] = tuple(map(float, part)) if name in num_classes else float(part[0])
             start += width
         return cls(kind, weights, float(coefficients[-1]), residual_std, low, high)
+
+    @classmethod
+    def _fit_gumbel_max(cls, design, value, names, blocks, classes: int) -> "Mechanism":
+        from scipy.optimize import minimize
+        from scipy.special import log_softmax
+
+        target = np.eye(classes)[value]
+
+        def loss(flat):
+            coefficients = flat.reshape(design.shape[1], classes)
+            log_p = log_softmax(design @ coefficients, axis=1)
+            ridge = CATEGORICAL_L2 * np.sum(coefficients[:-1] ** 2)
+            gradient = design.T @ (np.exp(log_p) - target) / len(value)
+            gradient[:-1] += 2 * CATEGORICAL_L2 * coefficients[:-1]
+            return -np.mean(np.sum(target * log_p, axis=1)) + ridge, gradient.ravel()
+
+        fitted = minimize(loss, np.zeros(design.shape[1] * classes), jac=True, method="L-BFGS-B").x
+        coefficients = fitted.reshape(design.shape[1], classes)
+        weights, start = {}, 0
+        for name, block in zip(names, blocks, strict=True):
+            part = coefficients[start : start + block.shape[1]]
+            weights[name] = _tuples(part if block.shape[1] > 1 else part[0])  # a categorical parent: a row per class
+            start += block.shape[1]
+        return cls("gumbel_max", weights, _tuples(coefficients[-1]))
 
     @staticmethod
     def _link(kind: str, value: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
@@ -149,6 +210,11 @@ class Mechanism:
     def log_likelihood(self, parents: dict[str, np.ndarray], value: np.ndarray) -> float:
         """Mean log density of observed values under the mechanism (standard normal noise, change of variables):
         how the training scripts choose between mechanisms on held-out data."""
+        if self.kind == "gumbel_max":
+            from scipy.special import log_softmax
+
+            log_p = log_softmax(self._logits(parents), axis=1)
+            return float(np.mean(log_p[np.arange(len(log_p)), np.asarray(value, np.int64)]))
         value = np.asarray(value, float)
         if self.kind == "flow":
             return flow_log_likelihood(self.flow, parents, value)
@@ -407,9 +473,11 @@ class CausalGraph:
         The graph with what its file left out taken from encoded data ({node: values}): each continuous node's
         missing range (the training values' min and max), and each mechanism of a node with parents: `affine`,
         `logistic` or `flow` as given, or with `"kind": "auto"` (the default) the one of highest held-out
-        log-likelihood (a flow only where it gains FLOW_MARGIN over the other two).
+        log-likelihood (a flow only where it gains FLOW_MARGIN over the other two); a categorical node's is
+        `gumbel_max`.
 
-        Returns the fitted graph and a report {node: {"kind", "heldout_log_likelihood", "heldout_mae"}}.
+        Returns the fitted graph and a report {node: {"kind", "heldout_log_likelihood", "heldout_mae"}} (a
+        categorical node's `"heldout_accuracy"` of its most likely class instead of the MAE).
         """
         heldout = heldout if heldout is not None and len(next(iter(heldout.values()), [])) else train
         nodes, report = dict(self.nodes), {}
@@ -425,19 +493,22 @@ class CausalGraph:
     def _fit_mechanism(self, node: Node, nodes: dict, train: dict, heldout: dict):
         categorical = {p: nodes[p].num_classes for p in node.parents if nodes[p].type == "categorical"}
         kinds = ("affine", "logistic", "flow") if node.mechanism.kind == "auto" else (node.mechanism.kind,)
-        low, high = node.range
+        if node.type == "categorical":
+            kinds = ("gumbel_max",)
+        low, high = node.range or (None, None)
         scored = []
         for kind in kinds:
             mechanism = Mechanism.fit(
-                kind, train[node.name], {p: train[p] for p in node.parents}, low, high, categorical
+                kind, train[node.name], {p: train[p] for p in node.parents}, low, high, categorical, node.num_classes
             )
-            parents = {p: heldout[p] for p in node.parents}
-            predicted = mechanism(parents, np.zeros(len(heldout[node.name])))
-            record = {
-                "kind": kind,
-                "heldout_log_likelihood": mechanism.log_likelihood(parents, heldout[node.name]),
-                "heldout_mae": float(np.mean(np.abs(predicted - heldout[node.name]))),
-            }
+            parents, observed = {p: heldout[p] for p in node.parents}, heldout[node.name]
+            predicted = mechanism(parents, np.zeros(len(observed)))
+            error = (
+                {"heldout_accuracy": float(np.mean(predicted == observed))}
+                if kind == "gumbel_max"
+                else {"heldout_mae": float(np.mean(np.abs(predicted - observed)))}
+            )
+            record = {"kind": kind, "heldout_log_likelihood": mechanism.log_likelihood(parents, observed)} | error
             scored.append((record["heldout_log_likelihood"], mechanism, record))
         # A flow is taken only where it fits clearly better than the best closed form, which is kept where they tie.
         _, mechanism, record = max(scored, key=lambda item: item[0] - FLOW_MARGIN * (item[1].kind == "flow"))
@@ -486,8 +557,10 @@ class CausalGraph:
             found |= self.descendants(child)
         return found
 
-    def check_value(self, name: str, value) -> np.ndarray:
-        """`value` (a number or one per image) as an array, or a clear error for a wrong node, type or range."""
+    def check_value(self, name: str, value, observed: bool = False) -> np.ndarray:
+        """`value` (a number or one per image) as an array, or a clear error for a wrong node, type or range. An
+        `observed` (factual) value may lie up to OBSERVED_MARGIN of the range's width outside it, and is clipped into
+        it: a range taken from the training split does not hold every held-out value."""
         if name not in self.nodes or self.nodes[name].type == "image":
             raise ValueError(f"Unknown variable {name!r}; this causal graph's variables are {self.variables}.")
         node = self.nodes[name]
@@ -511,9 +584,11 @@ class CausalGraph:
                 )
             return array.astype(np.int64)
         low, high = node.range
-        if np.any(array < low) or np.any(array > high):
-            raise ValueError(f"{name!r} must lie in its range [{low}, {high}], got {value!r}.")
-        return array.astype(np.float64)
+        margin = OBSERVED_MARGIN * (high - low) if observed else 0.0
+        if np.any(array < low - margin) or np.any(array > high + margin):
+            within = f" (a factual one up to {margin:.4g} outside it)" if observed else ""
+            raise ValueError(f"{name!r} must lie in its range [{low}, {high}]{within}, got {value!r}.")
+        return np.clip(array.astype(np.float64), low, high)
 
     def counterfactual(self, factual: dict, intervention: dict) -> dict[str, np.ndarray]:
         """
@@ -521,7 +596,7 @@ class CausalGraph:
         its mechanism from its abducted noise (do(thickness) changes intensity); the rest keep their factual values.
         Values are numbers or one per image; factual values are needed only where they are used.
         """
-        factual = {name: self.check_value(name, value) for name, value in factual.items()}
+        factual = {name: self.check_value(name, value, observed=True) for name, value in factual.items()}
         intervention = {name: self.check_value(name, value) for name, value in intervention.items()}
         changed = set().union(*(self.descendants(name) for name in intervention))
         values = {}
@@ -536,7 +611,10 @@ class CausalGraph:
                         f"The factual values of {missing} are needed to abduct the noise of {name!r}, which "
                         f"do({', '.join(intervention)}) changes: give them."
                     )
-                value = node.mechanism(values, node.mechanism.abduct(factual, factual[name]))
+                noise = node.mechanism.abduct(
+                    factual, factual[name], seed=zlib.crc32(name.encode())
+                )  # each node its own draw
+                value = node.mechanism(values, noise)
                 if node.type == "continuous":  # an affine mechanism may leave the range the data (and model) span
                     value = np.clip(value, *node.range)
             elif name in factual:
@@ -579,20 +657,25 @@ class CausalGraph:
             if mechanism.weights:
                 raise ValueError(f"Root node {node.name!r} has mechanism weights for parents it does not have.")
             return
-        if node.type == "categorical":
-            raise ValueError(f"Categorical node {node.name!r} with parents has no invertible mechanism here.")
+        kinds = ("gumbel_max",) if node.type == "categorical" else ("affine", "logistic", "flow")
+        choice = "a gumbel_max" if node.type == "categorical" else "an affine, logistic or flow"
+        if mechanism.kind not in (*kinds, "identity", "auto"):
+            raise ValueError(f"Node {node.name!r} is {node.type}: give it {choice} mechanism, not {mechanism.kind!r}.")
         if not fitted and (mechanism.kind == "identity" or not mechanism.fitted):
             if mechanism.kind == "identity":
                 object.__setattr__(node, "mechanism", Mechanism("auto"))  # fitted from the data
             return
         if mechanism.kind in ("identity", "auto") or not mechanism.fitted:
             raise ValueError(
-                f"Node {node.name!r} has parents {list(node.parents)}: give it an affine or logistic "
-                "mechanism (or fit one with Mechanism.fit, or leave it to the training scripts in a graph file)."
+                f"Node {node.name!r} has parents {list(node.parents)}: give it {choice} mechanism (or fit one with "
+                "Mechanism.fit, or leave it to the training scripts in a graph file)."
             )
         if mechanism.kind == "flow":
             if set(mechanism.flow.get("context", {})) != set(node.parents):
                 raise ValueError(f"The flow of {node.name!r} is conditioned on other parents than {node.parents}.")
+            return
+        if mechanism.kind == "gumbel_max":
+            self._validate_gumbel_max(node)
             return
         if set(mechanism.weights) != set(node.parents):
             raise ValueError(
@@ -609,6 +692,25 @@ class CausalGraph:
             if classes is None and not isinstance(weight, int | float):
                 raise ValueError(
                     f"The mechanism of {node.name!r}: the weight of {parent!r} is a number, got {weight!r}."
+                )
+
+    def _validate_gumbel_max(self, node: Node):
+        mechanism, classes = node.mechanism, node.num_classes
+        if set(mechanism.weights) != set(node.parents):
+            raise ValueError(
+                f"The mechanism of {node.name!r} weighs {sorted(mechanism.weights)}, but its parents are "
+                f"{sorted(node.parents)}."
+            )
+        if np.shape(mechanism.bias) != (classes,):
+            raise ValueError(f"The mechanism of {node.name!r}: its bias is {classes} logits, one per class.")
+        for parent, weight in mechanism.weights.items():
+            rows = self.nodes[parent].num_classes if self.nodes[parent].type == "categorical" else None
+            shape = (rows, classes) if rows else (classes,)
+            if np.shape(weight) != shape:
+                raise ValueError(
+                    f"The mechanism of {node.name!r}: the weight of {parent!r} is "
+                    f"{f'{rows} rows (its classes) of ' if rows else ''}{classes} logits (one per class of "
+                    f"{node.name!r}), got shape {np.shape(weight)}."
                 )
 
     def _topological_order(self) -> list[str]:
@@ -631,6 +733,13 @@ class CausalGraph:
 
     def __repr__(self) -> str:
         return f"CausalGraph({', '.join(self.edges)})"
+
+
+def _tuples(value):
+    """Lists (and arrays) of numbers, nested or not, as tuples of floats; a number as it is."""
+    if isinstance(value, list | tuple | np.ndarray):
+        return tuple(_tuples(v) for v in value)
+    return float(value) if isinstance(value, int | float | np.number) and not isinstance(value, bool) else value
 
 
 def _check_field(node: str, name: str, value, kind, description: str):

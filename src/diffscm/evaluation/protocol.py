@@ -61,7 +61,7 @@ def evaluate(
     """
     graph, guidance = pipe.causal_graph, options.pop("guidance_scale", None)
     specs = judges.config.parents
-    parents = {name: factual[name] for name in graph.image_parents}
+    parents = {name: graph.check_value(name, factual[name], observed=True) for name in graph.image_parents}
     abduction = pipe.abduct(images, parents, **options)
     factual_reading = judges.predict(images)
     result = {"judges on the factual images": judge_errors(factual_reading, factual, specs)}
