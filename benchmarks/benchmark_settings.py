@@ -121,10 +121,10 @@ def main():
 
     results = {}
     for name, setting in settings(pipe).items():
+        chain = {"num_inference_steps": setting["steps"], "abduction_refinement_steps": setting["refinement"]}
         metrics, _, _ = evaluate_counterfactuals(
-            pipe, oracle, images, labels, [setting["scale"]], setting["steps"], setting["refinement"],
-            strength=setting["strength"],
-        )  # fmt: skip
+            pipe, oracle, images, labels, [setting["scale"]], strength=setting["strength"], **chain
+        )
         (entry,) = metrics["scales"].values()
         results[name] = setting | {
             "flip_rate": entry["flip_rate"],

@@ -224,8 +224,7 @@ def evaluate(args: argparse.Namespace):
     check_output_dir(args.out)
     check_save_defaults(args, args.model or shipped_checkpoint(hub.DEFAULT_MODEL))
     device, dtype = device_and_dtype(args)
-    chosen = {"integrator": args.integrator} if args.integrator else {}  # the MNIST protocol runs on the config's
-    pipe = hub.load_pipeline(args.model, device, dtype, **chosen)
+    pipe = hub.load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     oracle_dir = args.oracle or shipped_checkpoint("mnist-oracle")
     oracle = DigitOracle.from_pretrained(oracle_dir).eval().to(device)
@@ -233,7 +232,7 @@ def evaluate(args: argparse.Namespace):
     images = (pipe.preprocess([row["image"] for row in digits]) + 1) / 2
     labels = torch.tensor([row["label"] for row in digits])
     options = pipeline_options(args)
-    scale = pipe.guidance_scales(options["guidance_scale"])[pipe.single_categorical_parent()]
+    scale = pipe.guidance_scales(options.pop("guidance_scale"))[pipe.single_categorical_parent()]
     if args.classifier:
         explained = load_explained_classifier(args.classifier).to(device)
         result = metrics.explanation_metrics(
@@ -244,17 +243,11 @@ def evaluate(args: argparse.Namespace):
             explained,
             args.classifier_scale or pipe.config.explained_classifier_scale,
             scale,
-            args.num_inference_steps,
-            args.abduction_refinement_steps,
             args.seed,
+            **options,
         )
         result["model"], result["classifier"] = str(pipe.config._name_or_path), args.classifier
         return write_report(args, "evaluate", result, metrics.explanation_table(result))
-    chain = {
-        "steps": args.num_inference_steps,
-        "refinement": args.abduction_refinement_steps,
-        "cfg_scale": options["cfg_scale"],
-    }
     settings = [tuple(int(n) for n in pair.split(":")) for pair in args.abduction_settings]
     result = mnist.evaluate(
         pipe,
@@ -262,7 +255,7 @@ def evaluate(args: argparse.Namespace):
         images,
         labels,
         scale,
-        chain,
+        options,
         load_vae(args.vae, pipe),
         args.seed,
         args.guidance_scales,

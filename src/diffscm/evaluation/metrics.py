@@ -57,39 +57,37 @@ def explanation_metrics(
     explained,
     scale: float,
     noise_aware_scale: float,
-    steps=None,
-    refinement=None,
     seed=0,
+    **options,
 ) -> dict:
     """
     Counterfactual explanations of a clean classifier `explained` (an `ExplainedClassifier`) to a random other digit,
     with its cheap and its full gradient, beside the pipeline's own noise-aware guidance from the same abduction:
     the flip rate by the explained classifier and by the independent oracle (a change the oracle does not see is
     adversarial), L1 and oracle-feature distance to the factual, FD, and the UNet evaluations and classifier
-    gradients per counterfactual.
+    gradients per counterfactual. `options`: the abduction's (`num_inference_steps`, `abduction_refinement_steps`,
+    `integrator`, ...).
     """
     parent = pipe.single_categorical_parent()
     targets = random_other_targets(labels, pipe.causal_graph.nodes[parent].num_classes, seed)
     count = len(images)
     with count_calls(pipe.unet) as abduction_calls:
-        abduction = pipe.abduct(
-            images, {parent: labels}, num_inference_steps=steps, abduction_refinement_steps=refinement
-        )
+        abduction = pipe.abduct(images, {parent: labels}, **options)
     result = {
         "num_images": count,
         "explained_accuracy_on_factuals": _accuracy(explained.predict(images * 2 - 1), labels),
     }
     variants = {"noise-aware predictor": ({"guidance_scale": noise_aware_scale}, pipe.classifier)}
     for gradient in ("cheap", "full"):
-        options = {"guidance_scale": scale, "explained_classifier": explained, "explained_gradient": gradient}
-        variants[f"explained, {gradient} gradient"] = (options, explained.model)
-    for name, (options, guide) in variants.items():
+        guidance = {"guidance_scale": scale, "explained_classifier": explained, "explained_gradient": gradient}
+        variants[f"explained, {gradient} gradient"] = (guidance, explained.model)
+    for name, (guidance, guide) in variants.items():
         with count_calls(pipe.unet) as unet_calls, count_calls(guide) as guide_calls:
             started = time.perf_counter()
-            counterfactuals = pipe.intervene(abduction, targets, **options)
+            counterfactuals = pipe.intervene(abduction, targets, **guidance)
             seconds = time.perf_counter() - started
         result[name] = {
-            "guidance_scale": options["guidance_scale"],
+            "guidance_scale": guidance["guidance_scale"],
             "explained_flip_rate": _accuracy(explained.predict(counterfactuals * 2 - 1), targets),
             "oracle_flip_rate": _accuracy(oracle_predictions(oracle, counterfactuals), targets),
             "l1_grey_levels_to_factual": grey_level_l1(counterfactuals, images),
@@ -158,14 +156,13 @@ def grey_level_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().cpu().float() - b.detach().cpu().float()).abs().mean().item() * 255
 
 
-def evaluate_counterfactuals(
-    pipe, oracle, images, labels, scales, steps=None, refinement=None, seed=0, strength=1.0, vae=None, cfg_scale=None
-):
+def evaluate_counterfactuals(pipe, oracle, images, labels, scales, seed=0, vae=None, **options):
     """
     Effectiveness (oracle flip rate to a random other target) and realism per guidance scale, and the null
     intervention (oracle keeps the label; L1 in grey levels), all from one abduction per image; plus the UNet and
-    classifier-gradient evaluations and seconds per counterfactual. Returns the metrics, the targets and the
-    counterfactuals of each scale.
+    classifier-gradient evaluations and seconds per counterfactual. `options`: the abduction's and prediction's
+    chain (`num_inference_steps`, `strength`, `abduction_refinement_steps`, `cfg_scale`, `integrator`). Returns the
+    metrics, the targets and the counterfactuals of each scale.
     """
     parent = pipe.single_categorical_parent()
     targets = random_other_targets(labels, pipe.causal_graph.nodes[parent].num_classes, seed)
@@ -173,14 +170,7 @@ def evaluate_counterfactuals(
 
     with count_calls(pipe.unet) as unet_calls:
         started = time.perf_counter()
-        abduction = pipe.abduct(
-            images,
-            {parent: labels},
-            num_inference_steps=steps,
-            strength=strength,
-            abduction_refinement_steps=refinement,
-            cfg_scale=cfg_scale,
-        )
+        abduction = pipe.abduct(images, {parent: labels}, **options)
         abduction_seconds = time.perf_counter() - started
     abduction_nfe = unet_calls["samples"] / count
 
@@ -303,14 +293,18 @@ def oracle_distances(oracle):
 
 
 @torch.no_grad()
-def reversibility(
-    pipe, oracle, images, counterfactuals, labels, targets, scale, steps=None, refinement=None, cfg_scale=None
-) -> dict:
+def undone(pipe, counterfactuals: torch.Tensor, values: dict, factual: dict, guidance_scale=None, **options):
+    """do(v*) undone: the counterfactuals abducted under their own `values`, then predicted under the `factual`
+    parents, with the chain `options` (reversibility, in every protocol)."""
+    abduction = pipe.abduct(counterfactuals, values, **options)
+    return pipe.intervene(abduction, factual, guidance_scale=guidance_scale)
+
+
+@torch.no_grad()
+def reversibility(pipe, oracle, images, counterfactuals, labels, targets, scale, **options) -> dict:
     """x -> do(target) -> do(original label): L1 to x and the oracle's accuracy on the original label."""
     parent = pipe.single_categorical_parent()
-    chain = {"num_inference_steps": steps, "abduction_refinement_steps": refinement, "cfg_scale": cfg_scale}
-    abduction = pipe.abduct(counterfactuals, {parent: targets}, **chain)
-    reversed_images = pipe.intervene(abduction, labels, guidance_scale=scale)
+    reversed_images = undone(pipe, counterfactuals, {parent: targets}, {parent: labels}, scale, **options)
     return {
         "guidance_scale": scale,
         "l1_grey_levels": grey_level_l1(reversed_images, images),

@@ -14,7 +14,7 @@ def evaluate(
     images: torch.Tensor,
     labels: torch.Tensor,
     scale: float,
-    chain: dict,
+    options: dict,
     vae=None,
     seed: int = 0,
     sweep_scales=(),
@@ -28,17 +28,18 @@ def evaluate(
     on every image and the costlier ones on the first `sweep_samples` / `composition_samples`.
 
     Args:
-        chain: `steps`, `refinement` and `cfg_scale` of the abduction and prediction.
+        options: the chain of the abduction and prediction, by the pipeline's names (`num_inference_steps`,
+            `abduction_refinement_steps`, `cfg_scale`, `integrator`; None or absent: the pipeline's default).
         sweep_scales: guidance scales of the sweep (none: no sweep); abduction_settings: (steps, K) pairs of the
             abduction curve (none: no curve); composition_cycles: 0 skips composition.
     """
     result, targets, counterfactuals = metrics.evaluate_counterfactuals(
-        pipe, oracle, images, labels, [scale], seed=seed, vae=vae, **chain
+        pipe, oracle, images, labels, [scale], seed=seed, vae=vae, **options
     )
     few, fewest = slice(0, sweep_samples), slice(0, composition_samples)
     if sweep_scales:
         sweep, _, _ = metrics.evaluate_counterfactuals(
-            pipe, oracle, images[few], labels[few], sorted(set(sweep_scales) | {scale}), seed=seed, vae=vae, **chain
+            pipe, oracle, images[few], labels[few], sorted(set(sweep_scales) | {scale}), seed=seed, vae=vae, **options
         )
         result["sweep"] = {
             "num_images": sweep["num_images"],
@@ -46,24 +47,17 @@ def evaluate(
             "knee": metrics.knee(sweep["scales"]),
         }
     result["reversibility"] = metrics.reversibility(
-        pipe, oracle, images[few], counterfactuals[scale][few], labels[few], targets[few], scale, **chain
+        pipe, oracle, images[few], counterfactuals[scale][few], labels[few], targets[few], scale, **options
     )
     factual = {pipe.single_categorical_parent(): labels[fewest]}
     if composition_cycles:
-        options = {"num_inference_steps": chain["steps"], "abduction_refinement_steps": chain["refinement"]}
+        distance = metrics.oracle_distances(oracle)
         result["composition"] = metrics.composition(
-            pipe,
-            images[fewest],
-            factual,
-            composition_cycles,
-            metrics.oracle_distances(oracle),
-            cfg_scale=chain["cfg_scale"],
-            **options,
+            pipe, images[fewest], factual, composition_cycles, distance, **options
         )
-    result["abduction_curve"] = metrics.abduction_curve(
-        pipe, images[fewest], list(abduction_settings), factual, chain["cfg_scale"]
-    )
-    result["generation_fidelity"] = generation_fidelity(pipe, oracle, labels, (1.0, chain["cfg_scale"]), seed=seed)
+    cfg_scale, settings = options.get("cfg_scale"), list(abduction_settings)
+    result["abduction_curve"] = metrics.abduction_curve(pipe, images[fewest], settings, factual, cfg_scale)
+    result["generation_fidelity"] = generation_fidelity(pipe, oracle, labels, (1.0, cfg_scale), seed=seed)
     return result
 
 

@@ -21,7 +21,7 @@ from ..tables import markdown_table
 from .benchmark_judges import benchmark_intervention_values, composition_l1
 from .metrics import composition as metrics_composition
 from .metrics import generation_fidelity as generation_fidelity_of
-from .metrics import grey_level_l1, minimality, oracle_predictions, realism
+from .metrics import grey_level_l1, minimality, oracle_predictions, realism, undone
 
 PARENTS = ("thickness", "intensity", "digit")
 GROUND_TRUTH = ("thickness", "intensity")  # the do()s whose true counterfactual the data's own process redraws
@@ -99,7 +99,7 @@ def evaluate_interventions(
         entry = judge(counterfactuals, expected, oracle, judges, pipe)
         entry["unchanged image"] = judge(images, expected, oracle, judges)
         entry["realism"] = realism(oracle, counterfactuals, images)
-        back = pipe.intervene(pipe.abduct(counterfactuals, values, **options), parents, guidance_scale=guidance)
+        back = undone(pipe, counterfactuals, values, parents, guidance, **options)
         entry["reversibility"] = {
             "benchmark_l1": float(composition_l1(back, images).mean()),
             "l1_grey_levels": grey_level_l1(back, images),

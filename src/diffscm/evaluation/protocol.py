@@ -19,7 +19,7 @@ import torch
 
 from ..tables import markdown_table
 from .judges import judge_errors
-from .metrics import composition, grey_level_l1, realism
+from .metrics import composition, grey_level_l1, realism, undone
 
 
 def intervention_values(graph, factual: dict, seed: int = 0) -> dict[str, dict]:
@@ -74,7 +74,7 @@ def evaluate(
             "unchanged image": _scores(factual_reading, specs, measures, images, expected),
             "realism": realism(judges, counterfactuals, images),
         }
-        back = pipe.intervene(pipe.abduct(counterfactuals, values, **options), parents, guidance_scale=guidance)
+        back = undone(pipe, counterfactuals, values, parents, guidance, **options)
         entry["reversibility_l1"] = grey_level_l1(back, images)
         if ground_truth and variable in ground_truth:
             truth = ground_truth[variable](images, expected)
