@@ -119,6 +119,14 @@ class ParentValuesMixin:
             target = _class_indices(node, target)
         return class_targets(target, batch_size, node.num_classes)
 
+    def parent_tensors(self, values: dict) -> dict[str, torch.Tensor]:
+        """Values of the image's parents already checked at the public entry (one per sample) as tensors on the
+        execution device."""
+        return {
+            name: torch.as_tensor(values[name], device=self._execution_device)
+            for name in self.causal_graph.image_parents
+        }
+
     def prepare_parent_values(self, values: TargetInput | ValuesInput, batch_size: int) -> dict[str, torch.Tensor]:
         """Validated values of every parent of the image, one per sample, as tensors on the execution device."""
         parents = self.causal_graph.image_parents

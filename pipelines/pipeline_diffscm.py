@@ -280,9 +280,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         every parent of the image, one per sample), and the prediction's chain, walked backwards. DDIM: each step the
         fixed point of x_t = step^-1(x_next, eps(x_t, t)). BDIA: the first step as DDIM, then each state from the two
         below it at one noise estimate, exactly what the prediction undoes."""
-        parents = self.prepare_parent_values(
-            {name: factual[name] for name in self.causal_graph.image_parents}, sample.shape[0]
-        )
+        parents = self.parent_tensors(factual)
         alphas = chain.alphas
         eps, below = torch.zeros_like(sample), None  # each step starts from the previous step's noise estimate
         for k in self.progress_bar(range(len(chain) - 1, -1, -1)):  # x at alphas[k + 1] -> x at alphas[k]
@@ -500,9 +498,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         counterfactual = self.act(factual, intervention, repeats)
         # 3. Prediction: DDIM from the same u under the counterfactual values of the image's parents.
         repeated = abduction.repeat_interleave(repeats)
-        parents = self.causal_graph.image_parents
-        factual_parents = self.prepare_parent_values(repeated.factual_values, repeated.batch_size)
-        values = self.prepare_parent_values({name: counterfactual[name] for name in parents}, repeated.batch_size)
+        factual_parents, values = self.parent_tensors(repeated.factual_values), self.parent_tensors(counterfactual)
         guidance = self.prepare_guidance(
             scales, cfg_scales, factual_parents, values, explained, explained_gradient, guides
         )
@@ -519,7 +515,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
         )
         if return_reconstruction:
-            unchanged = self.prepare_parent_values(abduction.factual_values, abduction.batch_size)
+            unchanged = self.parent_tensors(abduction.factual_values)
             reconstructions = self.postprocess(
                 self._predict(abduction.noise, chain, unchanged, Guidance(cfg_scales), integrator, abduction.previous),
                 output_type,
