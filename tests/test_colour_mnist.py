@@ -82,3 +82,13 @@ def test_extra_training_colourings_leave_out_the_held_out_digits(tmp_path):
     assert len(drawn) == 16 and not drawn & heldout, "no held-out digit in the extra training data"
     hues = np.array([float(row["hue"]) for row in rows])
     assert hues.std() > 0.2, "independent of the digit: spread over the wheel"
+
+
+def test_the_hue_shift_benchmark_bins_by_how_far_the_two_colours_lie_apart():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from colour_hue_shift import rgb_cosine
+
+    cosine = rgb_cosine(np.array([0.0, 0.0, 0.0, 1 / 6]), np.array([0.0, 0.5, 1 / 3, 0.0]))
+    assert np.allclose(cosine, [1.0, 0.0, 0.0, np.sqrt(0.5)])  # red with red, cyan, green; yellow with red
