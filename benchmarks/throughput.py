@@ -11,7 +11,10 @@ independent oracle:
    (STEPS:K[:TARGETS[:SCALE]], TARGETS other digits per image, all 9 for "9") and the guidance scale, against UNet
    evaluations, seconds, flip rate and the null intervention's L1 (how exactly the factual comes back);
 3. in the same run, the official Diff-SCM code's setting (100 steps, abduction to 0.75 of the chain, scale 1) and
-   the paper's (1000 + 1000 steps), for the ratios.
+   the paper's (1000 + 1000 steps), for the ratios;
+4. the physical limit: a UNet pass's GFLOP per image (`torch.utils.flop_counter`) times each chain's passes per
+   counterfactual, against this machine's measured matrix-multiply peak (GFLOP/s, float32 and bfloat16): the most
+   counterfactuals per second that chain could reach, and how much of it the measured rate is.
 """
 
 import argparse
@@ -94,6 +97,30 @@ def run(pipe, images, labels, targets, steps, refinement, batch_size, strength=1
         "targets": targets.flatten(),
         "null_l1": grey_level_l1(null, images),
     }
+
+
+def gflop_per_pass(pipe, image: torch.Tensor, label: torch.Tensor) -> float:
+    """GFLOP of one UNet pass (with the parent embedding) on one image, counted over a 2-step abduction."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, count_calls(pipe.unet) as calls:
+        pipe.abduct(image, {pipe.single_categorical_parent(): label}, num_inference_steps=2,
+                    abduction_refinement_steps=0, integrator="ddim")  # fmt: skip
+    return counter.get_total_flops() / calls["samples"] / 1e9
+
+
+def peak_gflops(dtype: str, device: torch.device, size: int = 2048, seconds: float = 3.0) -> float:
+    """The machine's matrix-multiply rate in `dtype` (GFLOP/s): square products of `size` for about `seconds`."""
+    a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    b, count = torch.randn_like(a), 0
+    torch.mm(a, b)  # warm-up
+    _synchronize(device)
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.mm(a, b)
+        count += 1
+        _synchronize(device)
+    return 2 * size**3 * count / (time.perf_counter() - started) / 1e9
 
 
 def other_targets(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
@@ -203,10 +230,18 @@ def main(args: argparse.Namespace):
         }
         print(name, json.dumps(result["reference"][name]), flush=True)
 
+    result["gflop_per_pass"] = gflop_per_pass(base, images[:1], labels[:1])
+    result["peak_gflops"] = {dtype: peak_gflops(dtype, base.device) for dtype in args.dtypes}
+    print("limit", json.dumps({k: result[k] for k in ("gflop_per_pass", "peak_gflops")}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     Path(args.out).write_text(markdown(result))
     print(Path(args.out).read_text())
+
+
+def chain_limit(result: dict, passes: float) -> float:
+    """The most counterfactuals per second a chain of `passes` UNet passes each could reach at the float32 peak."""
+    return result["peak_gflops"]["float32"] / (passes * result["gflop_per_pass"])
 
 
 def markdown(result: dict) -> str:
@@ -235,17 +270,28 @@ def markdown(result: dict) -> str:
         f"The chain (float32, batches of {result['chain_batch_size']} images, the fastest above):",
         "",
         "| integrator | steps | refinement K | targets per abduction | guidance | UNet NFE / cf | s / cf | cf / s "
-        "| flip rate | null L1 |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| limit cf / s | of the limit | flip rate | null L1 |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["chains"]:
         scales = ", ".join(f"{name} {scale:g}" for name, scale in row["guidance_scale"].items())
+        rate, limit = 1 / row["seconds_per_counterfactual"], chain_limit(result, row["nfe"])
         lines.append(
             f"| {row.get('integrator', 'ddim')} | {row['steps']} | {row['refinement']} | "
             f"{row['targets_per_abduction']} | {scales} | {row['nfe']:.1f} | "
-            f"{row['seconds_per_counterfactual']:.4f} | {1 / row['seconds_per_counterfactual']:.1f} | "
+            f"{row['seconds_per_counterfactual']:.4f} | {rate:.1f} | {limit:.1f} | {rate / limit:.0%} | "
             f"{row['flip_rate']:.3f} | {row['null_l1']:.2f} |"
         )
+    peaks = ", ".join(f"{gflops:.0f} GFLOP/s in {dtype}" for dtype, gflops in result["peak_gflops"].items())
+    lines += [
+        "",
+        f"The physical limit: a UNet pass costs {result['gflop_per_pass']:.3f} GFLOP per image (its parent embedding "
+        f"included), and this machine multiplies square 2048 matrices at {peaks} in the same run. A chain of n "
+        "passes per counterfactual can reach at most peak / (n x GFLOP per pass) counterfactuals per second "
+        "(float32 peak; the anti-causal predictor's gradients and the oracle are not counted, so the true ceiling "
+        "is lower still). Convolutions at 28 x 28 reach a fraction of a matrix product's rate: `of the limit` says "
+        "how much.",
+    ]
     lines += ["", "In the same run:", ""]
     for name, row in result["reference"].items():
         ratio = default["counterfactuals_per_second"] / row["counterfactuals_per_second"]

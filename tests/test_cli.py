@@ -229,3 +229,5 @@ def test_throughput_benchmark_reports_rates_and_the_chain(model_dirs, tmp_path):
     assert "official code" in out.read_text() and all(
         row["counterfactuals_per_second"] > 0 for row in data["throughput"]
     )
+    assert 0 < data["gflop_per_pass"] < 0.378 and data["peak_gflops"]["float32"] > 0  # tinier than MNIST's UNet
+    assert "The physical limit" in out.read_text() and "| limit cf / s |" in out.read_text()
