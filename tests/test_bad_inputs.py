@@ -394,14 +394,17 @@ def test_an_input_that_an_output_would_overwrite_is_refused_before_any_work(mode
 
 def test_an_exif_rotated_photo_is_read_upright_and_an_image_bomb_is_refused(tmp_path):
     from diffscm.cli.counterfactual import read_image
+    from diffscm.image_processing import unit_images
 
     upright = np.zeros((28, 20), np.uint8)
     upright[:4] = 255  # a bar at the top
     exif = PIL.Image.Exif()
     exif[0x112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
     PIL.Image.fromarray(upright).transpose(PIL.Image.Transpose.ROTATE_90).save(tmp_path / "up.jpg", exif=exif)
-    shown = np.asarray(read_image(str(tmp_path / "up.jpg")), float)
-    assert shown.shape == (28, 20) and shown[:4].mean() > shown[4:].mean() + 100, "the bar is at the top"
+    shown = (
+        unit_images(read_image(str(tmp_path / "up.jpg")), 1, 28)[0, 0, :, 4:24].numpy() * 255
+    )  # the pipeline's view
+    assert shown[:4].mean() > shown[4:].mean() + 100, "the bar is at the top, in the CLI and in Python"
     bomb = tmp_path / "bomb.png"
     PIL.Image.new("1", (20000, 20000)).save(bomb)
     with pytest.raises(ValueError, match="too large an image"):

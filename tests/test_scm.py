@@ -231,7 +231,11 @@ def test_fit_takes_the_range_from_the_data_and_chooses_the_mechanism_by_held_out
         ({"name": "a", "type": "continuous", "range": [0, 1, 2]}, "Node 'a': \"range\" is \\[low, high\\]"),
         (
             {"name": "a", "type": "continuous", "range": [0, 1], "mechanism": {"kind": "affine", "slope": 2}},
-            "Node 'a': \"mechanism\"",
+            "Node 'a': \"mechanism\" has unknown fields \\['slope'\\]; it takes \\['kind', 'weights'",
+        ),
+        (
+            {"name": "a", "type": "continuous", "range": [0, 1], "mechanism": {"kind": "affine", "weights": "b"}},
+            "Node 'a': 'mechanism weights' must be",
         ),
         ({"name": "a", "type": "categorical", "num_classes": 2, "parents": "b"}, "Node 'a': 'parents' must be"),
         ({"name": "a", "type": "continuous", "range": [0, 1], "mechanism": "affine"}, "Node 'a': 'mechanism'"),

@@ -560,6 +560,7 @@ def test_a_hostile_pickle_in_a_checkpoint_never_runs_and_the_checkpoint_is_named
     result = launch("train_unet.py", *run_args(run, steps=4), "--resume_from_checkpoint", "latest")
     assert not marker.exists(), "the checkpoint's pickle ran"
     assert f"Cannot resume from {run / 'checkpoint-4'}" in result.stderr and "checkpoint-2 at step 2" in result.stderr
+    assert "weights_only` set to `False`" not in result.stderr, "torch's advice to unpickle it is not passed on"
 
 
 @pytest.mark.parametrize("flag", [["--prediction_type", "v_prediction"], ["--learning_rate", "0.1"]])

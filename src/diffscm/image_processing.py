@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
@@ -22,8 +23,8 @@ def preprocess_images(image: PipelineImageInput, num_channels: int, sample_size:
     Accepted: a PIL image (any mode), a numpy array channels-last `(H, W)`, `(H, W, C)` or `(B, H, W, C)`, a torch
     tensor channels-first `(C, H, W)` or `(B, C, H, W)`, or a list of any of these. Floats must lie in [0, 1],
     uint16 in [0, 65535] (16-bit images, also PIL's), other integers in [0, 255]; transparency is composited over
-    black. RGB is converted to grey for a 1-channel model (luma) and grey repeated for a 3-channel one;
-    images of another size are resized (bilinear, antialiased) with a warning.
+    black, and a photo's EXIF orientation applied. RGB is converted to grey for a 1-channel model (luma) and grey
+    repeated for a 3-channel one; images of another size are resized (bilinear, antialiased) with a warning.
     """
     return unit_images(image, num_channels, sample_size).mul(2).sub(1)
 
@@ -41,7 +42,7 @@ def _to_unit_tensor(image, num_channels: int) -> torch.Tensor:
     kind = "numpy" if isinstance(image, np.ndarray) else "torch"
     if isinstance(image, PIL.Image.Image):
         kind = f"PIL mode {image.mode!r}"
-        image = _pil_to_array(image, num_channels)
+        image = _pil_to_array(PIL.ImageOps.exif_transpose(image), num_channels)  # upright, as viewers show it
     if isinstance(image, np.ndarray):
         tensor = _numpy_to_channels_first(image)
     elif isinstance(image, torch.Tensor):

@@ -288,11 +288,16 @@ class Node:
             raise ValueError(f'Node {name!r}: "num_classes" is an integer, got {spec["num_classes"]!r}.')
         if (spec.get("num_classes") or 0) > MAX_CLASSES:
             raise ValueError(f'Node {name!r}: "num_classes" {spec["num_classes"]} is more than {MAX_CLASSES}.')
+        unknown = sorted(set(mechanism) - set(Mechanism.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f'Node {name!r}: "mechanism" has unknown fields {unknown}; it takes '
+                f"{list(Mechanism.__dataclass_fields__)} (kind one of {MECHANISMS})."
+            )
+        _check_field(name, "mechanism weights", mechanism.get("weights", {}), dict, "{parent: weight}")
         try:
             mechanism = Mechanism(**mechanism)
-        except TypeError as error:
-            raise ValueError(f'Node {name!r}: "mechanism" {mechanism}: {error}') from None
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             raise ValueError(f'Node {name!r}: "mechanism": {error}') from None
         return cls(**spec | {"parents": tuple(spec.get("parents", ())), "mechanism": mechanism})
 

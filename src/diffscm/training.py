@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -90,7 +91,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     train.add_argument(
         "--report_to",
         default="tensorboard" if importlib.util.find_spec("tensorboard") else None,
-        help="A tracker (tensorboard, wandb, ...) or none (default: tensorboard where installed).",
+        help='Where to log: a tracker (tensorboard, wandb, ...), or "none" for no logging (default: tensorboard '
+        "where installed, else none).",
     )
     train.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir.")
     train.add_argument("--adam_beta1", type=float, default=0.9)
@@ -363,8 +365,8 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, ema: EMAMod
         try:
             load_checkpoint(accelerator, path, ema)
         except Exception as error:  # torch, safetensors and accelerate raise many kinds for one broken file
-            problems.append(f"{path}: {error}")
-            logger.warning(f"Cannot resume from {path} ({error}); trying the checkpoint before it.")
+            problems.append(f"{path}: {unreadable(error)}")
+            logger.warning(f"Cannot resume from {path} ({unreadable(error)}); trying the checkpoint before it.")
             continue
         step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
         logger.info(f"Resumed from {path} at step {step}")
@@ -419,6 +421,17 @@ def check_resumed_flags(args: argparse.Namespace):
         )
 
 
+def unreadable(error: Exception) -> str:
+    """Why a checkpoint file could not be read, without torch's advice to retry with weights_only=False (which would
+    run whatever a hostile pickle holds)."""
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+        return (
+            "it holds objects outside torch's weights-only allow-list, which diffscm never unpickles: delete this "
+            "checkpoint unless you wrote it"
+        )
+    return str(error)
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMAModel | None):
     """accelerate's state (weights, optimizer, schedule, RNG) and the EMA weights of one checkpoint folder."""
     if ema is not None and not (path / EMA_FILE).is_file():
@@ -430,7 +443,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMAModel | None):
     try:
         load_allow_listed(random_states)
     except Exception as error:  # a missing, truncated, foreign or hostile file raises many kinds
-        raise ValueError(f"{random_states} cannot be read ({error!r})") from error
+        raise ValueError(f"{random_states} cannot be read ({unreadable(error)})") from error
     unexpected = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
     if unexpected:  # accelerate unpickles registered objects' files with weights_only=False; we register none
         raise ValueError(f"{path} holds {unexpected}, which no diffscm run writes; refusing to unpickle them")

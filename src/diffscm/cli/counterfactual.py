@@ -144,14 +144,14 @@ def unique_stems(paths: list[str]) -> list[str]:
 
 
 def read_image(path: str) -> PIL.Image.Image:
-    """An image file as every viewer shows it (its EXIF orientation applied), refused from its header when it is
-    not an image or has more pixels than PIL's decompression-bomb limit."""
+    """An image file (the pipeline applies its EXIF orientation), refused from its header when it is not an image or
+    has more pixels than PIL's decompression-bomb limit."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such image file: {path}")
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return PIL.ImageOps.exif_transpose(image)
+            return image
     except PIL.Image.DecompressionBombError as error:
         raise ValueError(f"{path} is too large an image to read ({error}).") from None
     except (PIL.UnidentifiedImageError, OSError) as error:
