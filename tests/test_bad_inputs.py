@@ -392,6 +392,18 @@ def test_an_input_that_an_output_would_overwrite_is_refused_before_any_work(mode
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x.png", "x_do3.png"]
 
 
+def test_a_file_an_earlier_run_left_is_replaced_only_with_overwrite(model_dir, tmp_path):
+    digit, out = digit_file(tmp_path, "seven.png"), tmp_path / "o"
+    out.mkdir()
+    (out / "seven_do3.png").write_text("keep")
+    command = ["counterfactual", digit, "--target", "3", "--model", str(model_dir), "--out", str(out), "--steps", "2"]
+    with pytest.raises(SystemExit, match="already holds seven_do3.png.*--overwrite"):
+        main(command)
+    assert (out / "seven_do3.png").read_text() == "keep", "refused before anything was written"
+    main([*command, "--overwrite"])
+    assert PIL.Image.open(out / "seven_do3.png").size == (28, 28), "replaced by the counterfactual"
+
+
 def test_an_exif_rotated_photo_is_read_upright_and_an_image_bomb_is_refused(tmp_path):
     from diffscm.cli.counterfactual import read_image
     from diffscm.image_processing import unit_images

@@ -72,6 +72,7 @@ def test_counterfactual_command_writes_one_file_per_target(model_dirs, tmp_path)
             "--out",
             str(out),
             "--reconstruction",
+            "--overwrite",  # one_do3.png is the first run's
         ]
     )
     assert PIL.Image.open(out / "one_do3.png").size == (28, 28) and (out / "one_null.png").is_file()

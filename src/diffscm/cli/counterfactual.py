@@ -2,6 +2,7 @@
 metadata; `accelerate launch -m diffscm.cli counterfactual --data-dir ...` shares it out over processes)."""
 
 import argparse
+import glob
 import os
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def add_commands(commands):
     parser.add_argument("--factual", nargs="+", help="Known factual values NAME=VALUE (others are predicted).")
     parser.add_argument("--reconstruction", action="store_true", help="Also write the null intervention.")
     parser.add_argument("--out", default="counterfactuals")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the files an earlier run wrote in --out.")
     add_pipeline_options(parser)
     parser.set_defaults(func=counterfactual)
 
@@ -52,7 +54,7 @@ def counterfactual(args: argparse.Namespace):
     check_output_dir(args.out)
     images = [read_image(path) for path in args.images]
     names = unique_stems(args.images)
-    check_no_input_in(Path(args.out), args.images, names)
+    check_outputs_free(Path(args.out), args.images, names, args.overwrite)
     pipe = hub.load_pipeline(args.model, *device_and_dtype(args))
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     request = {"factual_values": parse_assignments(args.factual, "--factual")}
@@ -119,15 +121,22 @@ def dataset_counterfactuals(args: argparse.Namespace):
     )
 
 
-def check_no_input_in(out: Path, paths: list[str], stems: list[str]):
+def check_outputs_free(out: Path, paths: list[str], stems: list[str], overwrite: bool = False):
     """Outputs go to `OUT/{stem}_do....png` and `OUT/{stem}_null.png`: an input there with such a name would be
-    overwritten, so it is refused before any work."""
+    overwritten, so it is refused before any work, and so is a file of that name an earlier run left (unless
+    `overwrite`)."""
     for path in paths:
         source = Path(path).resolve()
         if source.parent == out.resolve() and any(source.name.startswith(f"{stem}_") for stem in stems):
             raise ValueError(
                 f"{path} is an input, and an output in --out {out} could take its name: use another --out."
             )
+    earlier = sorted(path.name for stem in stems for path in out.glob(f"{glob.escape(stem)}_*.png"))
+    if earlier and not overwrite:
+        shown = ", ".join(earlier[:5]) + (" ..." if len(earlier) > 5 else "")
+        raise FileExistsError(
+            f"--out {out} already holds {shown}, which this run could replace: use another --out, or --overwrite."
+        )
 
 
 def unique_stems(paths: list[str]) -> list[str]:
