@@ -257,3 +257,36 @@ def test_serve_takes_the_shared_pipeline_options_for_every_request(tiny_model, m
     demo.counterfactuals(name, image, {"label": "3"})
     pipe = demo.pipeline(name)
     assert pipe.num_timesteps == 3 and pipe.unet.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_serve_leaves_no_file_behind_when_stopped_by_sigterm(tiny_model, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gradio_client import Client
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    temp, cache = tmp_path / "tmp", tmp_path / "gradio"
+    temp.mkdir(), cache.mkdir()
+    env = os.environ | {"TMPDIR": str(temp), "GRADIO_TEMP_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "diffscm.cli", "serve", "--model", tiny_model["tiny MNIST"], "--device", "cpu",
+               "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(240):
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # not up yet
+                time.sleep(0.5)
+        client.predict("pipeline", 1, api_name="/pick")  # a held-out digit, written to Gradio's cache
+        assert any(path.is_file() for path in cache.rglob("*")), "the request left a file in the cache"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        stderr = server.communicate(timeout=60)[1]
+    assert server.returncode is not None and not list(cache.iterdir()) and not list(temp.iterdir()), stderr[-2000:]

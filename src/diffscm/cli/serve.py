@@ -7,7 +7,9 @@ predictor's reading; download the grid.
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import tempfile
 import uuid
 from functools import cache
@@ -66,9 +68,14 @@ def add_commands(commands):
 def serve(args: argparse.Namespace):
     models = model_names(args.model) if args.model else None
     device, dtype = device_and_dtype(args)
-    app = build_app(models, device, dtype, pipeline_options(args))
-    app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
-    launch(app, server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
+    # Gradio's cache of uploads and results goes in a folder of this server's, removed when it stops: on Ctrl-C, and
+    # on SIGTERM, which takes the same way out.
+    with tempfile.TemporaryDirectory(prefix="diffscm-gradio-", dir=os.environ.get("GRADIO_TEMP_DIR")) as cache:
+        os.environ["GRADIO_TEMP_DIR"] = cache
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        app = build_app(models, device, dtype, pipeline_options(args))
+        app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
+        launch(app, server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
 
 
 def model_names(models: list[str]) -> dict[str, str]:
