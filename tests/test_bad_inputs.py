@@ -153,7 +153,7 @@ def digit_file(folder, name="x.png"):
         (["counterfactual", "{text}", "--target", "1"], "Cannot read"),
         (["counterfactual", "{image}", "--target", "12"], "class in 0..9"),
         (["counterfactual", "{image}", "--intervention", "label"], "NAME=VALUE"),
-        (["counterfactual", "{image}", "--intervention", "label=3", "label=5"], "gives 'label' twice"),
+        (["counterfactual", "{image}", "--intervention", "label=3", "label=5"], "'label' twice (label=3 and label=5)"),
         (["counterfactual", "{image}", "--target", "3", "--factual", "label=7", "label=1"], "gives 'label' twice"),
         (["counterfactual", "{image}", "--intervention", "label=three"], "no \"classes\""),
         (["counterfactual", "{image}", "--target", "1", "--steps", "0"], "num_inference_steps"),

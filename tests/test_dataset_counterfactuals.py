@@ -55,6 +55,19 @@ def test_a_data_set_becomes_an_imagefolder_with_its_values(model_dir, tmp_path):
     assert ds[0]["image"].size == (28, 28) and set(ds[0]["predictor_reading"]) == {"label"}
 
 
+def test_class_folders_the_graph_cannot_name_are_refused_before_anything_is_written(model_dir, tmp_path):
+    import PIL.Image
+
+    for name in ("three", "seven"):
+        (tmp_path / "digits" / name).mkdir(parents=True)
+        PIL.Image.new("L", (28, 28)).save(tmp_path / "digits" / name / "0.png")
+    argv = ["counterfactual", "--data-dir", str(tmp_path / "digits"), "--target", "3", "--model", str(model_dir),
+            "--out", str(tmp_path / "cf"), "--quiet"]  # fmt: skip
+    with pytest.raises(SystemExit, match="got the class name 'seven'.*\"classes\""):
+        main(argv)
+    assert not list((tmp_path / "cf").iterdir()), "no request.json or shard left behind"
+
+
 @pytest.mark.slow
 def test_two_processes_share_the_work_and_a_killed_run_resumes(model_dir, tmp_path):
     reference = tmp_path / "reference"

@@ -126,6 +126,9 @@ def write_counterfactuals(
     (`{"intervention": {name: value}}` or `{"random": categorical name, "seed": s}`), into `out_dir`. Returns the
     number of shards this process wrote (those it skipped as done are not counted) and its index.
     """
+    for node in pipe.causal_graph.nodes.values():  # a value the graph cannot read: refused before anything is written
+        if node.type != "image" and node.data_column in dataset.column_names:
+            node.encode(dataset[node.data_column])
     state = PartialState(cpu=not torch.accelerator.is_available())  # without a GPU, gloo processes on the CPU
     out = Path(out_dir)
     if state.is_main_process:

@@ -12,13 +12,14 @@ from .folder_format import INTEGRATORS
 def parse_assignments(pairs: list[str] | None, flag: str, numbers_only: bool = False) -> dict[str, float | str]:
     """`["thickness=4", "color=blue"]` -> `{"thickness": 4.0, "color": "blue"}` (a class name stays a name, for the
     causal graph to map); a variable given twice is refused."""
-    values = {}
+    values, given = {}, {}
     for pair in pairs or []:
         name, equals, text = pair.partition("=")
         if not name or not equals or not text:
             raise ValueError(f"{flag} takes NAME=VALUE pairs, got {pair!r}.")
         if name in values:
-            raise ValueError(f"{flag} gives {name!r} twice ({name}={values[name]} and {pair}); give it once.")
+            raise ValueError(f"{flag} gives {name!r} twice ({given[name]} and {pair}); give it once.")
+        given[name] = pair
         try:
             values[name] = float(text)
         except ValueError:
