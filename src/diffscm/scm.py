@@ -178,6 +178,10 @@ class Mechanism:
 
     @classmethod
     def _fit_gumbel_max(cls, design, value, names, blocks, classes: int) -> "Mechanism":
+        """Multinomial logistic regression of `value` on the parents' `design` matrix (their blocks, then a column
+        of ones), by L-BFGS with a small ridge on the weights (not the bias)."""
+        if not classes or classes < 2 or np.any(value < 0) or np.any(value >= classes):
+            raise ValueError(f"A gumbel_max mechanism needs classes >= 2 and class indices below it, got {classes}.")
         from scipy.optimize import minimize
         from scipy.special import log_softmax
 
