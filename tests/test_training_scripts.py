@@ -312,7 +312,7 @@ def test_causal_graph_pipeline_trains_intervenes_and_evaluates(tmp_path):
     )
     assert (out / "digit_do_thickness4.png").is_file()
     with pytest.raises(SystemExit, match="use `intervention="):
-        main(["counterfactual", str(image), "--model", str(pipeline_dir), "--target", "3", "--out", str(out)])
+        main(["counterfactual", str(image), "--model", str(pipeline_dir), "--target", "3", "--out", str(out) + "2"])
 
     demo = tmp_path / "demo"
     main(["demo", "--model", str(pipeline_dir), "--data-dir", str(data), "--num-digits", "2", "--out", str(demo)])
@@ -427,7 +427,8 @@ def test_digit_conditional_pipeline_fine_tunes_a_classifier_guided_ones_classifi
     }, "the guided pipeline's label classifier now predicts the graph's digit"
     commands = json.loads((pipeline_dir / "training.json").read_text())["commands"]
     runs = [next(c.split()[i + 1] for i, w in enumerate(c.split()) if w == "--output_dir") for c in commands]
-    assert runs == [str(unet), str(unet_run), str(tmp_path / "c1"), str(tmp_path / "c2")], "every run that remakes it"
+    in_order = [str(unet_run), str(tmp_path / "c1"), str(unet), str(tmp_path / "c2")]  # the base pipeline's runs first
+    assert runs == in_order, "every run that remakes it, in the order they ran"
     out = pipe(torch.zeros(1, 16, 16), target=3, output_type="pt")
     assert out.counterfactual_values["digit"].tolist() == [3] and out.images.shape == (1, 1, 16, 16)
 
