@@ -24,9 +24,9 @@ from diffscm.folder_format import (
 )
 from diffscm.folder_format import causal_graph as folder_causal_graph
 from diffscm.image_processing import PipelineImageInput, preprocess_images
-from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor  # noqa: F401  (as for flows)
+from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor  # noqa: F401  (remote code copies direct imports)
 from diffscm.models.explained_classifier import ExplainedClassifier
-from diffscm.models.parent_embedding import ParentEmbedding  # noqa: F401  (as for flows)
+from diffscm.models.parent_embedding import ParentEmbedding  # noqa: F401  (remote code copies direct imports)
 from diffscm.scm import CausalGraph
 
 from .checks import (

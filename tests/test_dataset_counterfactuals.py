@@ -117,3 +117,13 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(model_
     (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{dead.pid}")
     main(command(model_dir, out))
     assert len(load(out)) == 12 and not (out / LOCK_FILE).exists()
+
+
+def test_a_random_other_class_needs_the_column_it_is_drawn_from(model_dir, tmp_path):
+    from diffscm import DiffSCMPipeline
+    from diffscm.dataset_counterfactuals import write_counterfactuals
+
+    images = datasets.Dataset.from_dict({"image": load_bundled_mnist().select(range(2))["image"]})
+    with pytest.raises(ValueError, match="random other label per row needs the data's column 'label'"):
+        write_counterfactuals(DiffSCMPipeline.from_pretrained(model_dir), images, {"random": "label"}, tmp_path / "o")
+    assert not (tmp_path / "o").exists(), "refused before anything was written"

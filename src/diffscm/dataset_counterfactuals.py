@@ -106,15 +106,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def interventions_for(pipe, rows: dict, request: dict, start: int) -> dict:
-    """The intervention of each row: fixed values, or for `{"random": name}` a seeded random other class."""
+def interventions_for(pipe, factual: dict, request: dict, rows: range) -> dict:
+    """The intervention of each of `rows`: fixed values, or for `{"random": name}` a seeded random other class than
+    its `factual` one."""
     if "random" in request:
         name = request["random"]
-        node = pipe.causal_graph.nodes[name]
-        factual = node.encode(rows[node.data_column])
-        generator = np.random.default_rng(request.get("seed", 0) + start)
-        return {name: (factual + generator.integers(1, node.num_classes, len(factual))) % node.num_classes}
-    return {name: np.full(len(next(iter(rows.values()))), value) for name, value in request["intervention"].items()}
+        classes = pipe.causal_graph.nodes[name].num_classes
+        generator = np.random.default_rng(request.get("seed", 0) + rows.start)
+        return {name: (factual[name] + generator.integers(1, classes, len(rows))) % classes}
+    return {name: np.full(len(rows), value) for name, value in request["intervention"].items()}
 
 
 @torch.no_grad()
@@ -126,9 +126,10 @@ def write_counterfactuals(
     (`{"intervention": {name: value}}` or `{"random": categorical name, "seed": s}`), into `out_dir`. Returns the
     number of shards this process wrote (those it skipped as done are not counted) and its index.
     """
-    for node in pipe.causal_graph.nodes.values():  # a value the graph cannot read: refused before anything is written
-        if node.type != "image" and node.data_column in dataset.column_names:
-            node.encode(dataset[node.data_column])
+    factual = data_values(pipe.causal_graph, dataset)  # a value the graph cannot read: refused before any writing
+    if "random" in request and request["random"] not in factual:
+        node = pipe.causal_graph.nodes[request["random"]]
+        raise ValueError(f"A random other {node.name} per row needs the data's column {node.data_column!r}.")
     state = PartialState(cpu=not torch.accelerator.is_available())  # without a GPU, gloo processes on the CPU
     out = Path(out_dir)
     if state.is_main_process:
@@ -141,14 +142,24 @@ def write_counterfactuals(
                 request | {"num_rows": len(dataset), "shard_size": shard_size} | settings | model_fingerprint(pipe),
             )
         state.wait_for_everyone()
-        written = _write_shards(pipe, dataset, request, out, shard_size, options, state)
+        written = _write_shards(pipe, dataset, factual, request, out, shard_size, options, state)
     return written, state.process_index
 
 
-def _write_shards(pipe, dataset, request: dict, out: Path, shard_size: int, options: dict | None, state) -> int:
+def data_values(graph, dataset) -> dict[str, np.ndarray]:
+    """The values of every variable whose column the data set has, read once, class names encoded."""
+    return {
+        name: node.encode(dataset[node.data_column])
+        for name, node in graph.nodes.items()
+        if node.type != "image" and node.data_column in dataset.column_names
+    }
+
+
+def _write_shards(
+    pipe, dataset, values: dict, request: dict, out: Path, shard_size: int, options: dict | None, state
+) -> int:
     """This process's shards, each written into a `.partial` folder and renamed when complete."""
     graph = pipe.causal_graph
-    columns = {name: node.data_column for name, node in graph.nodes.items() if node.type != "image"}
     shards = list(enumerate(shard_ranges(len(dataset), shard_size)))[state.process_index :: state.num_processes]
     written = 0
     for index, rows_range in tqdm(shards, desc="shards", disable=not state.is_local_main_process):
@@ -158,10 +169,10 @@ def _write_shards(pipe, dataset, request: dict, out: Path, shard_size: int, opti
         partial = out / f".shard-{index:05d}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
-        rows = dataset.select(rows_range)[:]
-        factual = {name: graph.nodes[name].encode(rows[column]) for name, column in columns.items() if column in rows}
-        intervention = interventions_for(pipe, rows, request, rows_range.start)
-        result = pipe(rows["image"], intervention=intervention, factual_values=factual, **(options or {}))
+        factual = {name: column[rows_range.start : rows_range.stop] for name, column in values.items()}
+        intervention = interventions_for(pipe, factual, request, rows_range)
+        images = list(dataset.select(rows_range)["image"])
+        result = pipe(images, intervention=intervention, factual_values=factual, **(options or {}))
         with open(partial / "metadata.jsonl", "w") as f:
             for i, image in enumerate(result.images):
                 name = f"{rows_range.start + i:07d}.png"

@@ -365,8 +365,9 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, ema: EMAMod
         try:
             load_checkpoint(accelerator, path, ema)
         except Exception as error:  # torch, safetensors and accelerate raise many kinds for one broken file
-            problems.append(f"{path}: {unreadable(error)}")
-            logger.warning(f"Cannot resume from {path} ({unreadable(error)}); trying the checkpoint before it.")
+            reason = unreadable(error)
+            problems.append(f"{path}: {reason}")
+            logger.warning(f"Cannot resume from {path} ({reason}); trying the checkpoint before it.")
             continue
         step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
         logger.info(f"Resumed from {path} at step {step}")
