@@ -89,6 +89,20 @@ def check_noise(noise, channels: int, size: int):
         raise ValueError("`noise` contains NaN or infinite values.")
 
 
+def check_semantic_latent(latent, encoder, batch_size: int):
+    """An abduction's semantic latent fits the pipeline: one z per sample with an encoder, none without."""
+    if encoder is None:
+        if latent is not None:
+            raise ValueError("The abduction carries a semantic latent, but this pipeline has no `semantic_encoder`.")
+        return
+    expected = (batch_size, encoder.config.latent_dim)
+    if not isinstance(latent, torch.Tensor) or tuple(latent.shape) != expected:
+        shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+        raise ValueError(f"`semantic_latent` must be a tensor {expected} from this pipeline's `abduct`; got {shape}.")
+    if not torch.isfinite(latent).all():
+        raise ValueError("`semantic_latent` contains NaN or infinite values.")
+
+
 def check_callback(tensor_inputs, allowed: list[str]):
     if not set(tensor_inputs) <= set(allowed):
         raise ValueError(f"`callback_on_step_end_tensor_inputs` must be within {allowed}.")
@@ -128,10 +142,23 @@ def class_targets(target, batch_size: int, num_classes: int) -> torch.Tensor:
     return targets.reshape(batch_size, -1)
 
 
+def check_semantic_encoder(encoder, unet, parent_embedding):
+    """A semantic encoder conditions a conditional UNet beside its parents, on the UNet's images."""
+    if parent_embedding is None:
+        raise ValueError("A `semantic_encoder` conditions the UNet beside the parents: it needs a `parent_embedding`.")
+    width = parent_embedding.config.embedding_dim
+    if (encoder.config.in_channels, encoder.config.embedding_dim) != (unet.config.in_channels, width):
+        raise ValueError(
+            f"The semantic encoder reads {encoder.config.in_channels}-channel images into a "
+            f"{encoder.config.embedding_dim}-wide embedding; the UNet takes {unet.config.in_channels} channels and a "
+            f"{width}-wide one."
+        )
+
+
 MAX_SAMPLE_SIZE = 4096  # larger: an input resized to it would take gigabytes before the first UNet pass
 
 
-def check_components(unet, scheduler, classifier, parent_embedding, graph):
+def check_components(unet, scheduler, classifier, parent_embedding, graph, semantic_encoder=None):
     """The components fit each other and the causal graph."""
     size = unet.config.sample_size
     if not isinstance(size, int) or not 1 <= size <= MAX_SAMPLE_SIZE:
@@ -162,6 +189,8 @@ def check_components(unet, scheduler, classifier, parent_embedding, graph):
                 f"The parent embedding embeds {parent_embedding.parents}, but the image's parents in the causal "
                 f"graph are {graph.parent_specs()}."
             )
+    if semantic_encoder is not None:
+        check_semantic_encoder(semantic_encoder, unet, parent_embedding)
     if classifier is None:
         return
     for name in ("in_channels", "sample_size"):

@@ -20,9 +20,14 @@ from huggingface_hub import snapshot_download
 from diffscm.folder_format import COMPONENTS, RECORDS, SETTINGS, recorded
 from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor
 from diffscm.models.parent_embedding import ParentEmbedding
+from diffscm.models.semantic_encoder import SemanticEncoder
 
 PREDICTORS = {cls.__name__: cls for cls in (AntiCausalClassifier, AntiCausalPredictor)}
-MODELS = {"unet": UNet2DModel, "parent_embedding": ParentEmbedding}  # the classifier's class is recorded
+MODELS = {
+    "unet": UNet2DModel,
+    "parent_embedding": ParentEmbedding,
+    "semantic_encoder": SemanticEncoder,
+}  # the classifier's class is recorded
 SCHEDULER = "scheduler"
 DOWNLOAD_KEYWORDS = ("revision", "cache_dir", "token", "local_files_only")
 _IMPORT = re.compile(r"^from\s+(diffscm(?:\.\w+)*|\.+\w*(?:\.\w+)*)\s+import", re.MULTILINE)

@@ -27,6 +27,7 @@ from diffscm.image_processing import PipelineImageInput, preprocess_images
 from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor  # noqa: F401  (remote code copies direct imports)
 from diffscm.models.explained_classifier import ExplainedClassifier
 from diffscm.models.parent_embedding import ParentEmbedding  # noqa: F401  (remote code copies direct imports)
+from diffscm.models.semantic_encoder import SemanticEncoder  # noqa: F401  (remote code copies direct imports)
 from diffscm.scm import CausalGraph
 
 from .checks import (
@@ -40,6 +41,7 @@ from .checks import (
     check_noise,
     check_output_type,
     check_scale,
+    check_semantic_latent,
     check_strength,
     explained_keywords,
     renamed_keyword,
@@ -94,13 +96,15 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         classifier ([`AntiCausalClassifier`] or [`AntiCausalPredictor`], *optional* when conditional): noise-aware
             predictors of the image's parents on the same schedule; they guide and read factual values not given.
         parent_embedding ([`ParentEmbedding`], *optional*): the parents as the UNet's class conditioning.
+        semantic_encoder ([`SemanticEncoder`], *optional*, conditional only): semantic abduction, z = e(x) read from
+            the factual image and added to the parents' conditioning both ways (z ~ N(0, I) for `generate`).
         causal_graph (`dict`): the [`~diffscm.scm.CausalGraph`] config (default: one categorical parent -> image).
         guidance_scale, cfg_scale (`float` or `{parent: float}`), num_inference_steps, abduction_refinement_steps,
             explained_classifier_scale: the defaults of every call (anti-causal s: 1 with a predictor, else 0).
     """
 
-    model_cpu_offload_seq = "classifier->parent_embedding->unet"
-    _optional_components = ["classifier", "parent_embedding"]
+    model_cpu_offload_seq = "classifier->semantic_encoder->parent_embedding->unet"
+    _optional_components = ["classifier", "parent_embedding", "semantic_encoder"]
     _callback_tensor_inputs = ["sample"]
 
     def __init__(
@@ -109,6 +113,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         scheduler: DDIMScheduler,
         classifier: ModelMixin | None = None,  # ModelMixin: plain diffusers loads a component's remote code twice
         parent_embedding: ModelMixin | None = None,
+        semantic_encoder: ModelMixin | None = None,
         causal_graph: dict | None = None,
         guidance_scale: ScaleInput | None = None,
         cfg_scale: ScaleInput = DEFAULTS["cfg_scale"],
@@ -124,8 +129,14 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             # DDIM (abduction inverts it), never clipped: a clipped step cannot be inverted.
             scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
         self.causal_graph = pipeline_causal_graph(causal_graph, classifier, parent_embedding)
-        check_components(unet, scheduler, classifier, parent_embedding, self.causal_graph)
-        self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier, parent_embedding=parent_embedding)
+        check_components(unet, scheduler, classifier, parent_embedding, self.causal_graph, semantic_encoder)
+        self.register_modules(
+            unet=unet,
+            scheduler=scheduler,
+            classifier=classifier,
+            parent_embedding=parent_embedding,
+            semantic_encoder=semantic_encoder,
+        )
         self.register_to_config(
             causal_graph=self.causal_graph.to_config(),
             guidance_scale=guidance_scale,
@@ -280,18 +291,18 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         every parent of the image, one per sample), and the prediction's chain, walked backwards. DDIM: each step the
         fixed point of x_t = step^-1(x_next, eps(x_t, t)). BDIA: the first step as DDIM, then each state from the two
         below it at one noise estimate, exactly what the prediction undoes."""
-        parents = self.parent_tensors(factual)
+        parents, latent = self.parent_tensors(factual), self.semantic_latent(sample)
         alphas = chain.alphas
         eps, below = torch.zeros_like(sample), None  # each step starts from the previous step's noise estimate
         for k in self.progress_bar(range(len(chain) - 1, -1, -1)):  # x at alphas[k + 1] -> x at alphas[k]
             t, alpha_t, alpha_next = chain[k]
             if integrator == "bdia" and below is not None:
-                eps = self.predict_noise(sample, chain[k + 1][0], parents, cfg_scales)
+                eps = self.predict_noise(sample, chain[k + 1][0], parents, cfg_scales, latent)
                 sample, below = bdia_step(sample, below, eps, alphas[k + 2], alpha_next, alpha_t), sample
                 continue
             guess, tried, mapped = ddim_step(sample, eps, alpha_next, alpha_t), [], []
             for _ in range(1 + refinements):
-                eps = self.predict_noise(guess, t, parents, cfg_scales)
+                eps = self.predict_noise(guess, t, parents, cfg_scales, latent)
                 tried.append(guess), mapped.append(ddim_step(sample, eps, alpha_next, alpha_t))
                 guess = anderson_mix(tried, mapped)
             sample, below = guess, sample
@@ -308,7 +319,12 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             chain=chain,
             integrator=integrator,
             previous=previous,
+            semantic_latent=latent,
         )
+
+    def semantic_latent(self, sample: torch.Tensor) -> torch.Tensor | None:
+        """Semantic abduction: the posterior mean of z for each factual image (None without a semantic encoder)."""
+        return None if self.semantic_encoder is None else self.semantic_encoder(sample)[0].float()
 
     @torch.no_grad()
     def intervene(
@@ -362,6 +378,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         for state in (abduction.noise, abduction.previous):
             if state is not None:
                 check_noise(state, self.unet.config.in_channels, self.unet.config.sample_size)
+        check_semantic_latent(abduction.semantic_latent, self.semantic_encoder, abduction.batch_size)
         chain = abduction.chain or self.get_chain(abduction.num_inference_steps, abduction.strength)
         integrator = self.check_integrator(abduction.integrator, chain, eta)
         scales = self.guidance_scales(guidance_scale, explained=explained is not None)
@@ -381,6 +398,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             generator,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            abduction.semantic_latent,
         )
         return self.postprocess(sample, output_type)
 
@@ -396,6 +414,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         generator=None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs=("sample",),
+        latent: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The prediction of [`intervene`] from checked values: down `chain` from `noise` under `values` by DDIM steps;
         with BDIA, the samples whose parents stay take BDIA's steps instead, the first landing on `previous` (the
@@ -411,7 +430,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             if integrator == "bdia" and i == 0 and previous is not None and changed is None:
                 sample, above = previous.to(sample), sample
                 continue
-            eps = self.guided_noise(sample, t, alpha_t, values, guidance)
+            eps = self.guided_noise(sample, t, alpha_t, values, guidance, latent)
             moved = ddim_step(sample, eps, alpha_t, alpha_next, eta, generator)
             if integrator == "bdia" and (i > 0 or previous is not None):  # the samples that stay come back exactly
                 if i == 0:
@@ -513,13 +532,17 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             generator,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            repeated.semantic_latent,
         )
         if return_reconstruction:
             unchanged = self.parent_tensors(abduction.factual_values)
             reconstructions = self.postprocess(
-                self._predict(abduction.noise, chain, unchanged, Guidance(cfg_scales), integrator, abduction.previous),
+                self._predict(
+                    abduction.noise, chain, unchanged, Guidance(cfg_scales), integrator, abduction.previous,
+                    latent=abduction.semantic_latent,
+                ),
                 output_type,
-            )
+            )  # fmt: skip
         output = DiffSCMPipelineOutput(
             images=self.postprocess(counterfactuals, output_type),
             counterfactual_values=counterfactual,
@@ -583,19 +606,30 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         integrator = self.check_integrator(None, chain)
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
         noise = randn_tensor((num_images, channels, size, size), generator, self._execution_device, torch.float32)
-        sample = self._predict(noise, chain, values, Guidance(self.cfg_scales(cfg_scale)), integrator)
+        latent = None
+        if self.semantic_encoder is not None:  # z from its prior, drawn after the noise from the same generator
+            latent_shape = (num_images, self.semantic_encoder.config.latent_dim)
+            latent = randn_tensor(latent_shape, generator, self._execution_device, torch.float32)
+        guidance = Guidance(self.cfg_scales(cfg_scale))
+        sample = self._predict(noise, chain, values, guidance, integrator, latent=latent)
         return self.postprocess(sample, output_type)
 
     def guided_noise(
-        self, sample: torch.Tensor, timestep: int, alpha: float, values: dict, guidance: Guidance
+        self,
+        sample: torch.Tensor,
+        timestep: int,
+        alpha: float,
+        values: dict,
+        guidance: Guidance,
+        latent: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """eps_hat of one prediction step: the noise estimate under the counterfactual parents (with classifier-free
-        guidance), minus sqrt(1 - alpha_bar_t) times each guide's gradient towards them; computed differentiably in
-        the sample where a guide needs the noise model's gradient."""
+        guidance) and the semantic `latent`, minus sqrt(1 - alpha_bar_t) times each guide's gradient towards them;
+        computed differentiably in the sample where a guide needs the noise model's gradient."""
         differentiable = any(getattr(guide, "needs_noise_gradient", False) for guide in guidance.guides)
         with torch.set_grad_enabled(differentiable):
             sample = sample.detach().requires_grad_(differentiable)
-            eps = self.predict_noise(sample, timestep, values, guidance.cfg_scale)
+            eps = self.predict_noise(sample, timestep, values, guidance.cfg_scale, latent)
         steered = eps.detach()
         for guide in guidance.guides:
             steered = steered - math.sqrt(1 - alpha) * guide.gradient(sample, timestep, alpha, values, eps)
@@ -639,15 +673,22 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         return Chain(num_inference_steps, strength, tuple(zip(timesteps, alphas[:-1], alphas[1:], strict=True)))
 
     def predict_noise(
-        self, sample: torch.Tensor, timestep: int, parents: dict[str, torch.Tensor], cfg_scales: dict[str, float]
+        self,
+        sample: torch.Tensor,
+        timestep: int,
+        parents: dict[str, torch.Tensor],
+        cfg_scales: dict[str, float],
+        latent: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """eps_theta(x_t, t) in float32 whatever the UNet's dtype; for a conditional mechanism eps_theta(x_t, t, pa)
-        with per-parent classifier-free guidance, all its passes in one batched UNet call."""
+        (or eps_theta(x_t, t, pa, z) with a semantic `latent` z) with per-parent classifier-free guidance, all its
+        passes in one batched UNet call."""
         if self.parent_embedding is None:
             return self.as_noise(self.unet(sample.to(self.unet.dtype), timestep).sample.float(), sample, timestep)
         guided = [name for name, scale in cfg_scales.items() if scale != 1]
         dropped = [{}] + [{name: True} for name in guided]
-        labels = torch.cat([self.parent_embedding(parents, drop) for drop in dropped])
+        semantic = 0 if latent is None else self.semantic_encoder.embed(latent.to(self._execution_device))
+        labels = torch.cat([self.parent_embedding(parents, drop) + semantic for drop in dropped])
         batch = sample.to(self.unet.dtype).repeat(len(dropped), 1, 1, 1)
         full, *without = self.unet(batch, timestep, class_labels=labels).sample.float().chunk(len(dropped))
         output = full + sum((cfg_scales[n] - 1) * (full - out) for n, out in zip(guided, without, strict=True))

@@ -83,6 +83,7 @@ class Abduction(BaseOutput):
         chain (`Chain`): the chain itself, which the prediction walks down (None: built from the settings above).
         integrator (`str`): "ddim" or "bdia"; previous (`torch.Tensor`): BDIA's abducted state one step below u,
             from which the prediction continues (None for DDIM).
+        semantic_latent (`torch.Tensor` `(B, latent_dim)`): semantic abduction's z = e(x) (None without an encoder).
     """
 
     noise: torch.Tensor
@@ -94,6 +95,7 @@ class Abduction(BaseOutput):
     chain: Chain | None = None
     integrator: str = "ddim"
     previous: torch.Tensor | None = None
+    semantic_latent: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -102,10 +104,15 @@ class Abduction(BaseOutput):
     def repeat_interleave(self, repeats: int) -> "Abduction":
         """Every sample repeated `repeats` times in a row, for several interventions from one abduction."""
         values = {name: np.repeat(value, repeats) for name, value in self.factual_values.items()}
-        previous = None if self.previous is None else self.previous.repeat_interleave(repeats, dim=0)
-        return replace(
-            self, noise=self.noise.repeat_interleave(repeats, dim=0), factual_values=values, previous=previous
-        )
+        tensors = {
+            name: None if tensor is None else tensor.repeat_interleave(repeats, dim=0)
+            for name, tensor in (
+                ("noise", self.noise),
+                ("previous", self.previous),
+                ("semantic_latent", self.semantic_latent),
+            )
+        }
+        return replace(self, factual_values=values, **tensors)
 
 
 @dataclass

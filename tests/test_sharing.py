@@ -14,13 +14,14 @@ from diffusers import DDIMScheduler
 from huggingface_hub import HfApi
 from test_hub import hub_cache_with, run_python
 
-from diffscm import DiffSCMPipeline, hub, model_cards
+from diffscm import DiffSCMPipeline, SemanticEncoder, hub, model_cards
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 MNIST = CHECKPOINTS / "diffscm-mnist"
 REQUESTS = {
     "guided": {"target": [0, 1]},
     "conditional": {"intervention": {"position": 1}, "factual_values": {"position": [0, 1], "brightness": 0.7}},
+    "semantic": {"intervention": {"position": 1}, "factual_values": {"position": [0, 1], "brightness": 0.7}},
     "mnist": {"target": 3, "num_inference_steps": 2, "abduction_refinement_steps": 0},
 }
 PLAIN_DIFFUSERS = """
@@ -39,7 +40,8 @@ for source, request, image, out, resave in {jobs!r}:
 
 
 def hand_built(mechanism: str) -> DiffSCMPipeline:
-    """A classifier-guided pipeline, or a conditional one without a classifier, as a user builds them by hand."""
+    """A classifier-guided pipeline, or a conditional one without a classifier (with a semantic encoder too), as a
+    user builds them by hand."""
     if mechanism == "guided":
         return tiny_pipeline(guidance_scale=2.0, num_inference_steps=3)
     torch.manual_seed(0)
@@ -47,9 +49,13 @@ def hand_built(mechanism: str) -> DiffSCMPipeline:
     with torch.no_grad():  # not the zero start of training: the conditioning shows in the outputs
         for parameter in embedding.parameters():
             parameter.normal_(0, 0.5)
+    encoder = None
+    if mechanism == "semantic":
+        encoder = SemanticEncoder(in_channels=1, latent_dim=3, embedding_dim=32, block_out_channels=(4,))
+        torch.nn.init.normal_(encoder.embedding.weight, 0, 0.5)
     pipe = DiffSCMPipeline(
         tiny_unet(class_embed_type="identity"), DDIMScheduler(clip_sample=False), parent_embedding=embedding,
-        causal_graph=TINY_GRAPH, cfg_scale={"position": 2.0}, num_inference_steps=3,
+        semantic_encoder=encoder, causal_graph=TINY_GRAPH, cfg_scale={"position": 2.0}, num_inference_steps=3,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -69,7 +75,7 @@ def saved(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
     """{mechanism: (the folder `save_pretrained` wrote, the built pipeline's counterfactuals)}."""
     root = tmp_path_factory.mktemp("saved")
     folders = {}
-    for name in ("guided", "conditional"):
+    for name in ("guided", "conditional", "semantic"):
         pipe = hand_built(name)
         pipe.save_pretrained(root / f"diffscm-{name}")
         folders[name] = root / f"diffscm-{name}", run(pipe, name)
@@ -104,6 +110,9 @@ def test_hand_built_pipelines_come_back_through_both_loaders(saved, tmp_path):
 def test_the_card_of_a_hand_built_pipeline_names_its_mechanism_and_runs(saved, tmp_path, monkeypatch):
     guided = (saved["guided"][0] / "README.md").read_text()
     conditional = (saved["conditional"][0] / "README.md").read_text()
+    semantic = (saved["semantic"][0] / "README.md").read_text()
+    assert "**semantic_encoder**: semantic abduction" in semantic and "3-dimensional latent" in semantic
+    assert "semantic_encoder" not in conditional
     assert "Mechanism: **classifier-guided**" in guided and "- classifier-guidance" in guided
     assert "19,330 parameters" in guided and "`guidance_scale` 2.0: anti-causal guidance;" in guided
     assert "Mechanism: **conditional**" in conditional and "- classifier-free-guidance" in conditional

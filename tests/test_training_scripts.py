@@ -173,6 +173,8 @@ def test_the_repositorys_morphomnist_folder_loads():
         (["--dataset", "cifar-bundled"], "unknown --dataset"),
         (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
         (["--save_images_steps", "0"], "--save_images_steps must be >= 1"),
+        (["--semantic_latent_dim", "4"], "--semantic_latent_dim conditions the noise model beside the parents"),
+        (["--semantic_kl_weight", "-1"], "must be >= 0"),
     ],
 )
 def test_bad_arguments_fail_fast(tmp_path, args, message):
@@ -571,3 +573,27 @@ def test_a_resume_with_another_objective_or_learning_rate_is_refused_by_name(une
     result = launch("train_unet.py", *run_args(run, steps=6), *flag, "--resume_from_checkpoint", "latest", check=False)
     assert result.returncode != 0 and f"{flag[0]} " in result.stderr and "trained with other flags" in result.stderr
     assert not (run / "checkpoint-6").exists(), "refused before training"
+
+
+def test_a_semantic_encoder_trains_is_kept_by_fine_tuning_and_ships_in_the_pipeline(tmp_path):
+    unet, tuned, pipeline_dir = tmp_path / "unet", tmp_path / "tuned", tmp_path / "pipeline"
+    common = ["--causal_graph", "digit", "--max_train_steps", "2", *TINY_UNET]
+    result = launch("train_unet.py", "--output_dir", str(unet), "--semantic_latent_dim", "3", *common)
+    assert "kl=" in result.stderr, "the latent's KL is logged beside the loss"
+    assert json.loads((unet / "semantic_encoder" / "config.json").read_text())["latent_dim"] == 3
+    refused = launch(
+        "train_unet.py", "--output_dir", str(tmp_path / "x"), "--pretrained_model_name_or_path", str(unet),
+        "--semantic_latent_dim", "5", *common, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "reads a latent of 3, not --semantic_latent_dim 5" in refused.stderr
+    launch("train_unet.py", "--output_dir", str(tuned), "--pretrained_model_name_or_path", str(unet), *common)
+    assert (tuned / "semantic_encoder").is_dir(), "fine-tuning without the flag keeps the encoder"
+    launch(
+        "train_classifier.py", "--unet_model_name_or_path", str(tuned), "--output_dir", str(tmp_path / "c"),
+        "--pipeline_output_dir", str(pipeline_dir), "--causal_graph", "digit", "--max_train_steps", "2",
+        "--num_inference_steps", "2", *TINY_CLASSIFIER,
+    )  # fmt: skip
+    pipe = DiffSCMPipeline.from_pretrained(pipeline_dir)
+    assert pipe.semantic_encoder.config.latent_dim == 3
+    out = pipe(torch.zeros(2, 1, 16, 16), target=3, output_type="pt", return_reconstruction=True)
+    assert out.images.shape == (2, 1, 16, 16) and torch.isfinite(out.reconstructions).all()

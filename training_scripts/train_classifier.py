@@ -30,6 +30,7 @@ from diffscm import (
     CausalGraph,
     DiffSCMPipeline,
     ParentEmbedding,
+    SemanticEncoder,
     hub,
     model_cards,
     training,
@@ -278,11 +279,13 @@ def export_pipeline(
         )
         return
     embedding_dir = os.path.join(args.unet_model_name_or_path, "parent_embedding")
+    encoder_dir = os.path.join(args.unet_model_name_or_path, "semantic_encoder")
     pipe = DiffSCMPipeline(
         unet=UNet2DModel.from_pretrained(unet_dir),
         scheduler=scheduler,
         classifier=classifier,
         parent_embedding=ParentEmbedding.from_pretrained(embedding_dir) if os.path.isdir(embedding_dir) else None,
+        semantic_encoder=SemanticEncoder.from_pretrained(encoder_dir) if os.path.isdir(encoder_dir) else None,
         causal_graph=graph.to_config() if graph is not None else None,
         guidance_scale=args.guidance_scale,
         cfg_scale=args.cfg_scale,

@@ -6,9 +6,12 @@ With --causal_graph (`morphomnist`, `digit`, or a JSON file) the noise model is 
 eps_theta(x_t, t, pa): the image's structural mechanism x = f(pa, u). The parents enter through diffusers' own class
 conditioning (`class_embed_type="identity"`) from a `ParentEmbedding`; every parent is dropped independently with
 probability --parent_dropout, which gives classifier-free guidance per parent. An unconditional UNet given by
---pretrained_model_name_or_path is fine-tuned into a conditional one (the embedding starts at zero).
+--pretrained_model_name_or_path is fine-tuned into a conditional one (the embedding starts at zero). With
+--semantic_latent_dim a `SemanticEncoder` reads a latent z from the clean image that conditions the noise model too
+(semantic abduction, Rasal et al. 2025), its KL to N(0, I) weighted by --semantic_kl_weight.
 
-Writes `unet/` (EMA weights when --use_ema), `parent_embedding/` (conditional only), `scheduler/` (DDIM, no
+Writes `unet/` (EMA weights when --use_ema), `parent_embedding/` and `semantic_encoder/` (conditional only),
+`scheduler/` (DDIM, no
 clipping), `split.json`, `training_args.json`, sample grids under `samples/` and resumable `checkpoint-N/` folders.
 """
 
@@ -23,7 +26,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
 
-from diffscm import CausalGraph, ParentEmbedding, training
+from diffscm import CausalGraph, ParentEmbedding, SemanticEncoder, training
 
 logger = logging.getLogger(__name__)
 SCRIPT = "train_unet.py"
@@ -64,6 +67,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument(
         "--parent_dropout", type=float, default=0.15, help="Probability of dropping each parent (conditional)."
     )
+    model.add_argument(
+        "--semantic_latent_dim",
+        type=int,
+        default=0,
+        help="Semantic abduction: a SemanticEncoder reads a latent of this size from the clean image, which "
+        "conditions the noise model beside the parents (with --causal_graph); 0: none, or the fine-tuned pipeline's "
+        "own encoder.",
+    )
+    model.add_argument(
+        "--semantic_kl_weight",
+        type=float,
+        default=1e-6,
+        help="Weight of the semantic latent's KL to N(0, I) (nats per image) against the noise loss (a mean per "
+        "pixel); it keeps in z only what the parents do not say. It acts after --semantic_kl_warmup_steps.",
+    )
+    model.add_argument(
+        "--semantic_kl_warmup_steps",
+        type=int,
+        default=1000,
+        help="Steps without the KL term, so that the noise model learns to read z before the KL term can empty it "
+        "(posterior collapse: Adam scales even a tiny KL gradient up to full steps while z is not yet read).",
+    )
     parser.add_argument(
         "--snr_gamma",
         type=float,
@@ -80,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--snr_gamma must be >= 0, got {args.snr_gamma}.")
     if not 0 <= args.parent_dropout < 1:
         parser.error(f"--parent_dropout must be in [0, 1), got {args.parent_dropout}.")
+    if args.semantic_latent_dim < 0 or args.semantic_kl_weight < 0 or args.semantic_kl_warmup_steps < 0:
+        parser.error("--semantic_latent_dim, --semantic_kl_weight and --semantic_kl_warmup_steps must be >= 0.")
+    if args.semantic_latent_dim and args.causal_graph is None:
+        parser.error("--semantic_latent_dim conditions the noise model beside the parents: give --causal_graph too.")
     try:
         if args.causal_graph is not None:
             CausalGraph.load(args.causal_graph)
@@ -89,14 +118,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class ConditionalNoiseModel(torch.nn.Module):
-    """eps_theta(x_t, t, pa) for training: the UNet conditioned through the parent embedding."""
+    """eps_theta(x_t, t, pa) for training: the UNet conditioned through the parent embedding, and with a semantic
+    encoder eps_theta(x_t, t, pa, z), z drawn from q(z | x_0)."""
 
-    def __init__(self, unet: UNet2DModel, parent_embedding: ParentEmbedding):
+    def __init__(self, unet: UNet2DModel, parent_embedding: ParentEmbedding, semantic_encoder=None):
         super().__init__()
-        self.unet, self.parent_embedding = unet, parent_embedding
+        self.unet, self.parent_embedding, self.semantic_encoder = unet, parent_embedding, semantic_encoder
 
-    def forward(self, sample, timesteps, values: dict, dropped: dict) -> torch.Tensor:
-        return self.unet(sample, timesteps, class_labels=self.parent_embedding(values, dropped)).sample
+    def forward(self, sample, timesteps, values: dict, dropped: dict, clean=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prediction and each image's KL of its semantic latent (0 without an encoder); without `clean`
+        images, z is the prior's mean."""
+        labels, kl = self.parent_embedding(values, dropped), torch.zeros(len(sample), device=sample.device)
+        if self.semantic_encoder is not None:
+            latent = torch.zeros(len(sample), self.semantic_encoder.config.latent_dim, device=sample.device)
+            if clean is not None:
+                mean, log_variance = self.semantic_encoder(clean)
+                latent = mean + (0.5 * log_variance).exp() * torch.randn_like(mean)
+                kl = SemanticEncoder.kl(mean.float(), log_variance.float())
+            labels = labels + self.semantic_encoder.embed(latent)
+        return self.unet(sample, timesteps, class_labels=labels).sample, kl
 
 
 def build_unet(args: argparse.Namespace) -> UNet2DModel:
@@ -155,7 +195,23 @@ def noise_model(args: argparse.Namespace, graph: CausalGraph | None) -> torch.nn
             embedding_dim=4 * unet.config.block_out_channels[0],
             zero_init=args.pretrained_model_name_or_path is not None,
         )
-    return ConditionalNoiseModel(unet, embedding)
+    return ConditionalNoiseModel(unet, embedding, semantic_encoder(args, embedding.config.embedding_dim))
+
+
+def semantic_encoder(args: argparse.Namespace, embedding_dim: int) -> SemanticEncoder | None:
+    """The fine-tuned pipeline's semantic encoder, a new one of --semantic_latent_dim, or None."""
+    encoder_dir = os.path.join(args.pretrained_model_name_or_path or "", "semantic_encoder")
+    if os.path.isdir(encoder_dir):
+        encoder = SemanticEncoder.from_pretrained(encoder_dir)
+        if args.semantic_latent_dim not in (0, encoder.config.latent_dim):
+            raise ValueError(
+                f"{encoder_dir} reads a latent of {encoder.config.latent_dim}, not --semantic_latent_dim "
+                f"{args.semantic_latent_dim}: leave the flag out to fine-tune it."
+            )
+        return encoder
+    if not args.semantic_latent_dim:
+        return None
+    return SemanticEncoder(args.num_channels, args.semantic_latent_dim, embedding_dim)
 
 
 def weighted_loss(predicted, clean, noise, noise_scheduler, timesteps, snr_gamma: float) -> torch.Tensor:
@@ -187,7 +243,7 @@ def save_samples(model, scheduler, args, step: int, values: dict | None = None):
         sample = torch.randn(count, args.num_channels, size, size, generator=torch.Generator().manual_seed(0))
         scheduler.set_timesteps(50)
         for t in scheduler.timesteps:
-            sample = scheduler.step(model(sample, t, values, {}), t, sample).prev_sample
+            sample = scheduler.step(model(sample, t, values, {})[0], t, sample).prev_sample
         images = DDIMPipeline.numpy_to_pil(((sample.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
     path = os.path.join(args.output_dir, "samples", f"step-{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -218,6 +274,8 @@ def main(args: argparse.Namespace):
         )
     training.start_run(accelerator, args, "train_unet", split_record)
 
+    semantic = graph is not None and accelerator.unwrap_model(unet).semantic_encoder is not None
+
     def compute_loss(model, batch):
         clean = batch["pixel_values"]
         noise = torch.randn_like(clean)
@@ -228,8 +286,13 @@ def main(args: argparse.Namespace):
         else:
             values = training.batch_values(batch)
             dropped = {name: torch.rand(len(clean), device=clean.device) < args.parent_dropout for name in values}
-            predicted = model(noisy, timesteps, values, dropped)
-        return weighted_loss(predicted, clean, noise, noise_scheduler, timesteps, args.snr_gamma)
+            predicted, kl = model(noisy, timesteps, values, dropped, clean)
+        loss = weighted_loss(predicted, clean, noise, noise_scheduler, timesteps, args.snr_gamma)
+        if not semantic:
+            return loss
+        step = lr_scheduler.scheduler.last_epoch // accelerator.num_processes  # the optimizer's steps, resumed too
+        weight = args.semantic_kl_weight if step >= args.semantic_kl_warmup_steps else 0.0
+        return loss + weight * kl.mean(), {"kl": kl.mean().item()}
 
     def write_samples(step):
         if accelerator.is_main_process and (step % args.save_images_steps == 0 or step == args.max_train_steps):
@@ -248,6 +311,8 @@ def main(args: argparse.Namespace):
         else:
             model.unet.save_pretrained(os.path.join(args.output_dir, "unet"))
             model.parent_embedding.save_pretrained(os.path.join(args.output_dir, "parent_embedding"))
+            if model.semantic_encoder is not None:
+                model.semantic_encoder.save_pretrained(os.path.join(args.output_dir, "semantic_encoder"))
             training.write_json(os.path.join(args.output_dir, "causal_graph.json"), graph.to_config())
             training.write_json(os.path.join(args.output_dir, "mechanism_fit.json"), mechanism_fit)
         seconds_per_step = training.record_run(

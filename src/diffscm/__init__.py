@@ -14,6 +14,7 @@ _EXPORTS = {
     "AntiCausalPredictorOutput": ".models",
     "ExplainedClassifier": ".models",
     "ParentEmbedding": ".models",
+    "SemanticEncoder": ".models",
     "DiffSCMPipeline": ".pipelines",
     "DiffSCMPipelineOutput": ".pipelines",
     "CausalGraph": ".scm",

@@ -481,7 +481,7 @@ def train(
     optimizer,
     lr_scheduler,
     dataloader: DataLoader,
-    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor],
+    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor | tuple[torch.Tensor, dict]],
     ema: EMAModel | None = None,
     after_step: Callable[[int], None] | None = None,
     script: str | None = None,
@@ -489,6 +489,8 @@ def train(
 ) -> tuple[int, float]:
     """The training loop every script shares: resume, accumulate, clip, EMA, log, checkpoint (and with `script`,
     the run's record at each checkpoint: `record_run`, counting `images_before` seen by the weights it started from).
+
+    `compute_loss` returns the loss, or the loss and more values to log.
 
     Returns the number of steps this run made and the seconds they took."""
     first_step = maybe_resume(accelerator, args, ema)
@@ -499,7 +501,7 @@ def train(
     for step in progress:
         for _ in range(args.gradient_accumulation_steps):
             with accelerator.accumulate(model):
-                loss = compute_loss(model, next(batches))
+                loss, extra = _with_logs(compute_loss(model, next(batches)))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -511,7 +513,7 @@ def train(
         if ema is not None:
             ema.step(model.parameters())
         done = step + 1
-        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], **extra}
         progress.set_postfix(**logs)
         accelerator.log(logs, step=done)
         stopping = stop.requested()
@@ -528,6 +530,10 @@ def train(
     stop.restore()
     accelerator.wait_for_everyone()
     return max(0, args.max_train_steps - first_step), time.perf_counter() - started
+
+
+def _with_logs(returned) -> tuple[torch.Tensor, dict]:
+    return returned if isinstance(returned, tuple) else (returned, {})
 
 
 class StopRequest:

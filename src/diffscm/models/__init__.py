@@ -6,6 +6,7 @@ from .anticausal import (
 )
 from .explained_classifier import ExplainedClassifier
 from .parent_embedding import ParentEmbedding
+from .semantic_encoder import SemanticEncoder
 
 __all__ = [
     "AntiCausalClassifier",
@@ -14,4 +15,5 @@ __all__ = [
     "AntiCausalPredictorOutput",
     "ExplainedClassifier",
     "ParentEmbedding",
+    "SemanticEncoder",
 ]
