@@ -19,6 +19,7 @@ from diffscm.folder_format import (
     causal_graph,
     installed_code_shims,
     missing_remote_code,
+    per_parent,
     read_json,
     recorded,
     settings,
@@ -68,7 +69,7 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
     defaults = settings(index)
     guidance, cfg = defaults["guidance_scale"], defaults["cfg_scale"]
     steps, refinements = defaults["num_inference_steps"], defaults["abduction_refinement_steps"]
-    cfg_passes = sum(scale != 1 for scale in _scales(cfg, parents, 1.0).values()) if conditional else 0
+    cfg_passes = sum(scale != 1 for scale in per_parent("cfg_scale", parents, cfg, None, 1.0).values())
     record = read_json(folder, "training.json") if (folder / "training.json").is_file() else None
     split = (record or {}).get("split")
     card_data = ModelCardData(
@@ -105,7 +106,7 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
         num_inference_steps=steps,
         abduction_refinement_steps=refinements,
         integrator=defaults["integrator"],
-        unet_evaluations=unet_passes(steps, refinements, defaults["integrator"], cfg_passes),
+        unet_evaluations=unet_passes(steps, refinements, defaults["integrator"], cfg_passes if conditional else 0),
         missing_code=missing_remote_code(folder),
         shims=installed_code_shims(folder),
         training=record,
@@ -303,17 +304,10 @@ def _class_example(node: Node, index: int) -> str:
     return f'"{node.classes[index]}"' if node.classes else str(index)
 
 
-def _scales(scale, parents: tuple[str, ...], fill: float) -> dict[str, float]:
-    """{parent: scale} from a recorded scale or per-parent dict, as the pipeline reads it."""
-    if not isinstance(scale, dict):
-        return dict.fromkeys(parents, float(scale))
-    return {parent: float(scale.get(parent, fill)) for parent in parents}
-
-
 def _format_scale(scale, parents: tuple[str, ...], fill: float) -> str:
     if not isinstance(scale, dict):
         return str(float(scale))
-    return ", ".join(f"{parent} {value}" for parent, value in _scales(scale, parents, fill).items())
+    return ", ".join(f"{parent} {value}" for parent, value in per_parent("scale", parents, scale, None, fill).items())
 
 
 def _predictor_metrics(record: dict) -> dict[str, dict] | None:

@@ -47,24 +47,6 @@ def check_output_type(output_type: str):
         raise ValueError(f"`output_type` must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}.")
 
 
-def per_parent(
-    name: str, parents: tuple[str, ...], default: ScaleInput, given: ScaleInput | None, fill: float
-) -> dict[str, float]:
-    """{parent: scale} from a scale or a per-parent dict, the given one(s) over the defaults (`fill` for parents
-    named by neither); finite, >= 0 and at most `MAX_GUIDANCE_SCALE`."""
-    scales = {}
-    for scale in (default, given):
-        if scale is None:
-            continue
-        if not isinstance(scale, dict):
-            scale = dict.fromkeys(parents, scale)
-        unknown = set(scale) - set(parents)
-        if unknown:
-            raise ValueError(f"`{name}` names {sorted(unknown)}, not parents of the image {list(parents)}.")
-        scales |= {parent: check_scale(name, value) for parent, value in scale.items()}
-    return {parent: scales.get(parent, fill) for parent in parents}
-
-
 def check_scale(name: str, value) -> float:
     """A guidance scale: a finite number in [0, `MAX_GUIDANCE_SCALE`]."""
     if not is_real(value) or not math.isfinite(float(value)) or not 0 <= float(value) <= MAX_GUIDANCE_SCALE:

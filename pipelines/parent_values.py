@@ -4,7 +4,9 @@ anti-causal predictor, or class targets) and the guidance scales of each parent.
 import numpy as np
 import torch
 
-from .checks import ScaleInput, class_targets, per_parent
+from diffscm.folder_format import per_parent
+
+from .checks import ScaleInput, check_scale, class_targets
 
 TargetInput = int | str | list | np.ndarray | torch.Tensor
 ValuesInput = dict[str, float | int | list | np.ndarray | torch.Tensor]
@@ -98,7 +100,7 @@ class ParentValuesMixin:
         if explained:
             parent = self.single_categorical_parent()
             default = {parent: self.config.explained_classifier_scale}
-        scales = per_parent("guidance_scale", parents, default, guidance_scale, fill=0.0)
+        scales = per_parent("guidance_scale", parents, default, guidance_scale, 0.0, check_scale)
         unguided = {k: v for k, v in scales.items() if not (explained and k == self.single_categorical_parent())}
         if self.classifier is None and any(unguided.values()):
             raise ValueError("This pipeline has no anti-causal predictor: `guidance_scale` must be 0.")
@@ -107,7 +109,7 @@ class ParentValuesMixin:
     def cfg_scales(self, cfg_scale: ScaleInput | None = None) -> dict[str, float]:
         """The classifier-free guidance scale of every parent of the image: the given one(s) over the defaults."""
         parents = self.causal_graph.image_parents
-        scales = per_parent("cfg_scale", parents, self.config.cfg_scale, cfg_scale, fill=1.0)
+        scales = per_parent("cfg_scale", parents, self.config.cfg_scale, cfg_scale, 1.0, check_scale)
         if self.parent_embedding is None and any(scale != 1 for scale in scales.values()):
             raise ValueError("`cfg_scale` needs a conditional mechanism (a `parent_embedding`); this one has none.")
         return scales

@@ -688,7 +688,9 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         guided = [name for name, scale in cfg_scales.items() if scale != 1]
         dropped = [{}] + [{name: True} for name in guided]
         semantic = 0 if latent is None else self.semantic_encoder.embed(latent.to(self._execution_device))
-        labels = torch.cat([self.parent_embedding(parents, drop) + semantic for drop in dropped])
+        # z is kept only with every parent, as in training: a pass that drops a parent takes z's prior mean
+        zero = 0 if latent is None else self.semantic_encoder.embed(torch.zeros_like(latent))
+        labels = torch.cat([self.parent_embedding(parents, drop) + (zero if drop else semantic) for drop in dropped])
         batch = sample.to(self.unet.dtype).repeat(len(dropped), 1, 1, 1)
         full, *without = self.unet(batch, timestep, class_labels=labels).sample.float().chunk(len(dropped))
         output = full + sum((cfg_scales[n] - 1) * (full - out) for n, out in zip(guided, without, strict=True))

@@ -47,14 +47,14 @@ def semantic_pipeline() -> DiffSCMPipeline:
     return pipe
 
 
-@pytest.mark.parametrize("integrator, refinements", [("bdia", 0), ("ddim", 2)])
+@pytest.mark.parametrize("integrator, refinements, cfg_scale", [("bdia", 0, 1.0), ("ddim", 2, {"position": 2.0})])
 def test_the_null_intervention_returns_the_input_and_the_abduction_carries_z(
-    semantic_pipeline, factual_images, integrator, refinements
+    semantic_pipeline, factual_images, integrator, refinements, cfg_scale
 ):
     images, labels = factual_images
     factual = {"position": labels, "brightness": 0.75}
     abduction = semantic_pipeline.abduct(
-        images, factual, integrator=integrator, abduction_refinement_steps=refinements
+        images, factual, integrator=integrator, abduction_refinement_steps=refinements, cfg_scale=cfg_scale
     )
     assert abduction.semantic_latent.shape == (6, 4)
     torch.testing.assert_close(abduction.semantic_latent, semantic_pipeline.semantic_encoder(images * 2 - 1)[0])

@@ -35,6 +35,7 @@ from diffscm import (
     model_cards,
     training,
 )
+from diffscm.folder_format import per_parent
 from diffscm.options import parse_scale
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def check_pipeline_defaults(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error("--num_inference_steps must be >= 1 and --abduction_refinement_steps >= 0.")
     for name in ("guidance_scale", "cfg_scale"):
         try:
-            checks.per_parent(name, parents, getattr(args, name), None, fill=0.0)
+            per_parent(name, parents, getattr(args, name), None, 0.0, checks.check_scale)
         except ValueError as error:
             parser.error(f"--{name}: {error}")
     unet_config = Path(args.unet_model_name_or_path) / "unet" / "config.json"

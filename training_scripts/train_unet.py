@@ -126,17 +126,25 @@ class ConditionalNoiseModel(torch.nn.Module):
         self.unet, self.parent_embedding, self.semantic_encoder = unet, parent_embedding, semantic_encoder
 
     def forward(self, sample, timesteps, values: dict, dropped: dict, clean=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prediction and each image's KL of its semantic latent (0 without an encoder); without `clean`
-        images, z is the prior's mean."""
+        """The prediction and each image's KL of its semantic latent (0 without an encoder). z is the prior's mean
+        without `clean` images, and wherever a parent is dropped: z never stands in for a parent, so it has no
+        reason to carry one."""
         labels, kl = self.parent_embedding(values, dropped), torch.zeros(len(sample), device=sample.device)
         if self.semantic_encoder is not None:
             latent = torch.zeros(len(sample), self.semantic_encoder.config.latent_dim, device=sample.device)
             if clean is not None:
                 mean, log_variance = self.semantic_encoder(clean)
                 latent = mean + (0.5 * log_variance).exp() * torch.randn_like(mean)
+                latent = torch.where(any_dropped(dropped, len(sample), sample.device)[:, None], 0.0, latent)
                 kl = SemanticEncoder.kl(mean.float(), log_variance.float())
             labels = labels + self.semantic_encoder.embed(latent)
         return self.unet(sample, timesteps, class_labels=labels).sample, kl
+
+
+def any_dropped(dropped: dict, size: int, device) -> torch.Tensor:
+    """`(size,)` bools: is any parent dropped for the sample."""
+    flags = [torch.as_tensor(drop, device=device).reshape(-1).expand(size) for drop in dropped.values()]
+    return torch.stack(flags).any(0) if flags else torch.zeros(size, dtype=torch.bool, device=device)
 
 
 def build_unet(args: argparse.Namespace) -> UNet2DModel:

@@ -31,6 +31,22 @@ RECORDS = ("training.json", "evaluation.md")  # a folder's own records of how it
 CODE_LIBRARIES = ("diffusers", "transformers")  # components whose code plain diffusers already has
 
 
+def per_parent(name: str, parents, default, given, fill: float, check=lambda name, value: float(value)) -> dict:
+    """{parent: scale} from a scale or a per-parent dict, the `given` one(s) over the `default` (`fill` for parents
+    named by neither), each value through `check(name, value)`; a name that is not a parent is refused."""
+    scales = {}
+    for scale in (default, given):
+        if scale is None:
+            continue
+        if not isinstance(scale, dict):
+            scale = dict.fromkeys(parents, scale)
+        unknown = set(scale) - set(parents)
+        if unknown:
+            raise ValueError(f"`{name}` names {sorted(unknown)}, not parents of the image {list(parents)}.")
+        scales |= {parent: check(name, value) for parent, value in scale.items()}
+    return {parent: scales.get(parent, fill) for parent in parents}
+
+
 def default_guidance_scale(has_predictor: bool) -> float:
     """The anti-causal guidance scale where none is recorded: 1 with a predictor to guide, else 0."""
     return 1.0 if has_predictor else 0.0
