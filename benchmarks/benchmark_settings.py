@@ -22,6 +22,7 @@ from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.metrics import count_calls, evaluate_counterfactuals
 from diffscm.options import describe_machine
 from diffscm.paths import shipped_checkpoint
+from diffscm.tables import markdown_table
 
 
 def parse_args():
@@ -84,17 +85,37 @@ def markdown(results: dict, reuse: dict, args, device: str) -> str:
         f"--out {args.out}` ({args.num_samples} held-out bundled MNIST digits, each with a random target digit "
         "different from its label; the oracle is the shipped independent judge).",
         "",
-        "| setting | steps | strength | refinement | scale | oracle flip rate | UNet NFE / cf | classifier grads / cf "
-        "| s / cf | time vs (c) | NFE vs (c) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, entry in results.items():
-        lines.append(
-            f"| {name} | {entry['steps']} | {entry['strength']} | {entry['refinement']} | {entry['scale']:g} | "
-            f"{entry['flip_rate']:.3f} | {entry['nfe']:.0f} | {entry['classifier_gradients']:.0f} | "
-            f"{entry['seconds']:.3f} | {entry['seconds'] / default['seconds']:.1f}x | "
-            f"{entry['nfe'] / default['nfe']:.1f}x |"
-        )
+    rows = [
+        [
+            name,
+            entry["steps"],
+            entry["strength"],
+            entry["refinement"],
+            f"{entry['scale']:g}",
+            f"{entry['flip_rate']:.3f}",
+            f"{entry['nfe']:.0f}",
+            f"{entry['classifier_gradients']:.0f}",
+            f"{entry['seconds']:.3f}",
+            f"{entry['seconds'] / default['seconds']:.1f}x",
+            f"{entry['nfe'] / default['nfe']:.1f}x",
+        ]
+        for name, entry in results.items()
+    ]
+    header = [
+        "setting",
+        "steps",
+        "strength",
+        "refinement",
+        "scale",
+        "oracle flip rate",
+        "UNet NFE / cf",
+        "classifier grads / cf",
+        "s / cf",
+        "time vs (c)",
+        "NFE vs (c)",
+    ]
+    lines.append(markdown_table(header, rows))
     lines += [
         "",
         f"(d) All 10 targets of {args.reuse_samples} digits at the defaults: one abduction shared by the 10 targets "

@@ -33,6 +33,7 @@ from diffscm.evaluation.metrics import count_calls, grey_level_l1, oracle_predic
 from diffscm.folder_format import INTEGRATORS
 from diffscm.options import describe_machine
 from diffscm.paths import shipped_checkpoint
+from diffscm.tables import markdown_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -257,31 +258,56 @@ def markdown(result: dict) -> str:
         "bundled MNIST digits, each with a random other target digit; flip rate by the independent oracle; null L1 in "
         "grey levels (0-255).",
         "",
-        "| weights | torch.compile | batch | counterfactuals / s | flip rate | null L1 |",
-        "|---|---|---:|---:|---:|---:|",
     ]
-    for row in result["throughput"]:
-        lines.append(
-            f"| {row['dtype']} | {'yes' if row['compiled'] else 'no'} | {row['batch_size']} | "
-            f"{row['counterfactuals_per_second']:.1f} | {row['flip_rate']:.3f} | {row['null_l1']:.2f} |"
-        )
-    lines += [
-        "",
-        f"The chain (float32, batches of {result['chain_batch_size']} images, the fastest above):",
-        "",
-        "| integrator | steps | refinement K | targets per abduction | guidance | UNet NFE / cf | s / cf | cf / s "
-        "| limit cf / s | of the limit | flip rate | null L1 |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    rows = [
+        [
+            row["dtype"],
+            "yes" if row["compiled"] else "no",
+            row["batch_size"],
+            f"{row['counterfactuals_per_second']:.1f}",
+            f"{row['flip_rate']:.3f}",
+            f"{row['null_l1']:.2f}",
+        ]
+        for row in result["throughput"]
     ]
+    header = ["weights", "torch.compile", "batch", "counterfactuals / s", "flip rate", "null L1"]
+    lines.append(markdown_table(header, rows, [False, False] + [True] * 4))
+    lines += ["", f"The chain (float32, batches of {result['chain_batch_size']} images, the fastest above):", ""]
+    rows = []
     for row in result["chains"]:
         scales = ", ".join(f"{name} {scale:g}" for name, scale in row["guidance_scale"].items())
         rate, limit = 1 / row["seconds_per_counterfactual"], chain_limit(result, row["nfe"])
-        lines.append(
-            f"| {row.get('integrator', 'ddim')} | {row['steps']} | {row['refinement']} | "
-            f"{row['targets_per_abduction']} | {scales} | {row['nfe']:.1f} | "
-            f"{row['seconds_per_counterfactual']:.4f} | {rate:.1f} | {limit:.1f} | {rate / limit:.0%} | "
-            f"{row['flip_rate']:.3f} | {row['null_l1']:.2f} |"
+        rows.append(
+            [
+                row.get("integrator", "ddim"),
+                row["steps"],
+                row["refinement"],
+                row["targets_per_abduction"],
+                scales,
+                f"{row['nfe']:.1f}",
+                f"{row['seconds_per_counterfactual']:.4f}",
+                f"{rate:.1f}",
+                f"{limit:.1f}",
+                f"{rate / limit:.0%}",
+                f"{row['flip_rate']:.3f}",
+                f"{row['null_l1']:.2f}",
+            ]
         )
+    header = [
+        "integrator",
+        "steps",
+        "refinement K",
+        "targets per abduction",
+        "guidance",
+        "UNet NFE / cf",
+        "s / cf",
+        "cf / s",
+        "limit cf / s",
+        "of the limit",
+        "flip rate",
+        "null L1",
+    ]
+    lines.append(markdown_table(header, rows, [False, True, True, True, False] + [True] * 7))
     peaks = ", ".join(f"{gflops:.0f} GFLOP/s in {dtype}" for dtype, gflops in result["peak_gflops"].items())
     lines += [
         "",

@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler
 from diffscm import DiffSCMPipeline
 from diffscm.data import heldout_rows, load_bundled_mnist
 from diffscm.paths import shipped_checkpoint
+from diffscm.tables import markdown_table
 
 
 def main():
@@ -19,7 +20,7 @@ def main():
     rows = heldout_rows(folder, load_bundled_mnist(), 8)
     images, labels = [row["image"] for row in rows], [row["label"] for row in rows]
     factual = (base.preprocess(images) + 1) / 2
-    print("| timestep_spacing | null L1, 15 steps | null L1, 30 steps |\n|---|---:|---:|")
+    rows = []
     for spacing in ("leading", "linspace", "trailing"):
         scheduler = DDIMScheduler.from_config(base.scheduler.config, timestep_spacing=spacing)
         pipe = DiffSCMPipeline(
@@ -31,7 +32,8 @@ def main():
         for steps in (15, 30):
             null = pipe.intervene(pipe.abduct(images, {"label": labels}, num_inference_steps=steps))
             errors.append((null - factual).abs().mean().item() * 255)
-        print(f"| {spacing} | {errors[0]:.2f} | {errors[1]:.2f} |")
+        rows.append([spacing, f"{errors[0]:.2f}", f"{errors[1]:.2f}"])
+    print(markdown_table(["timestep_spacing", "null L1, 15 steps", "null L1, 30 steps"], rows))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.benchmark_judges import BenchmarkJudges
 from diffscm.evaluation.morphomnist import PARENTS, intervention_requests, judge
 from diffscm.paths import shipped_checkpoint, shipped_data
+from diffscm.tables import markdown_table
 
 TARGETS = {"t": 0.08, "i": 3.0, "digit error": 0.02, "t moved by do(i)": 0.15, "i moved by do(digit)": 4.0}
 
@@ -82,14 +83,22 @@ def markdown(results: list[dict], num_images: int) -> str:
         f"Measured with `{this_command()}` on the first {num_images} images of the held-out split, benchmark judges "
         "(eval mode); objective = mean of the last five columns, each divided by its target; best first.",
         "",
-        "| classifier-free w | anti-causal s | thickness MAE under do(t) | intensity MAE under do(i) | digit error "
-        "under do(digit) | thickness moved by do(i) | intensity moved by do(digit) | objective |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    header = [
+        "classifier-free w",
+        "anti-causal s",
+        "thickness MAE under do(t)",
+        "intensity MAE under do(i)",
+        "digit error under do(digit)",
+        "thickness moved by do(i)",
+        "intensity moved by do(digit)",
+        "objective",
+    ]
+    rows = []
     for entry in results:
         scales = [", ".join(f"{k} {v:g}" for k, v in entry[key].items()) for key in ("cfg_scale", "guidance_scale")]
-        values = " | ".join(f"{value:.3f}" for value in entry["summary"].values())
-        lines.append(f"| {scales[0]} | {scales[1]} | {values} | {entry['objective']:.2f} |")
+        rows.append([*scales, *(f"{value:.3f}" for value in entry["summary"].values()), f"{entry['objective']:.2f}"])
+    lines.append(markdown_table(header, rows, [False, False] + [True] * 6))
     return "\n".join(lines) + "\n"
 
 
