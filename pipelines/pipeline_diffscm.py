@@ -416,11 +416,12 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs=("sample",),
         latent: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The prediction of [`intervene`] from checked values: down `chain` from `noise` under `values` by DDIM steps;
-        with BDIA, the samples whose parents stay take BDIA's steps instead, the first landing on `previous` (the
-        abducted state after u), so that they come back exactly, one UNet pass per step either way. Measured on the
-        shipped MNIST pipeline, 64 held-out digits: BDIA steps for the changed samples too flipped 0.922 / 0.828 /
-        0.344 of them at 25 / 15 / 10 steps (their pair carries the factual trajectory), DDIM steps 1.000 at each."""
+        """The prediction of [`intervene`] from checked values: down `chain` from `noise` under `values` (and the
+        semantic `latent`, if any) by DDIM steps; with BDIA, the samples whose parents stay take BDIA's steps instead,
+        the first landing on `previous` (the abducted state after u), so that they come back exactly, one UNet pass
+        per step either way. Measured on the shipped MNIST pipeline, 64 held-out digits: BDIA steps for the changed
+        samples too flipped 0.922 / 0.828 / 0.344 of them at 25 / 15 / 10 steps (their pair carries the factual
+        trajectory), DDIM steps 1.000 at each."""
         sample, above = noise.to(self._execution_device, torch.float32), None
         changed = guidance.changed.view(-1, 1, 1, 1) > 0 if guidance.any_changed else None
         self._num_timesteps, self._interrupt = len(chain), False
@@ -538,11 +539,16 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             unchanged = self.parent_tensors(abduction.factual_values)
             reconstructions = self.postprocess(
                 self._predict(
-                    abduction.noise, chain, unchanged, Guidance(cfg_scales), integrator, abduction.previous,
+                    abduction.noise,
+                    chain,
+                    unchanged,
+                    Guidance(cfg_scales),
+                    integrator,
+                    abduction.previous,
                     latent=abduction.semantic_latent,
                 ),
                 output_type,
-            )  # fmt: skip
+            )
         output = DiffSCMPipelineOutput(
             images=self.postprocess(counterfactuals, output_type),
             counterfactual_values=counterfactual,
