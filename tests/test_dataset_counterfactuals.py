@@ -127,3 +127,23 @@ def test_a_random_other_class_needs_the_column_it_is_drawn_from(model_dir, tmp_p
     with pytest.raises(ValueError, match="random other label per row needs the data's column 'label'"):
         write_counterfactuals(DiffSCMPipeline.from_pretrained(model_dir), images, {"random": "label"}, tmp_path / "o")
     assert not (tmp_path / "o").exists(), "refused before anything was written"
+
+
+def test_every_class_of_each_row_comes_from_one_abduction_of_its_image(model_dir, tmp_path):
+    from diffscm import DiffSCMPipeline
+    from diffscm.dataset_counterfactuals import write_counterfactuals
+    from diffscm.evaluation.metrics import count_calls
+
+    pipe = DiffSCMPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    rows = load_bundled_mnist().select(range(3))
+    with count_calls(pipe.unet) as calls:
+        write_counterfactuals(pipe, rows, {"all": "label"}, tmp_path / "all", shard_size=2)
+    ds = load(tmp_path / "all")
+    assert ds["source_index"] == [i for i in range(3) for _ in range(10)]
+    assert [row["intervention"]["label"] for row in ds] == list(range(10)) * 3
+    assert all(row["factual"]["label"] == rows[row["source_index"]]["label"] for row in ds)
+    steps = pipe.config.num_inference_steps
+    assert calls["samples"] == 3 * steps + 30 * steps, "one abduction per image (no refinement), one chain per class"
+    main(command(model_dir, tmp_path / "cli", "--target", "all", "--num-images", "2"))
+    assert len(load(tmp_path / "cli")) == 20

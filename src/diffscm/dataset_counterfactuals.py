@@ -123,8 +123,9 @@ def write_counterfactuals(
 ) -> tuple[int, int]:
     """
     Counterfactuals of every row of `dataset` (columns `image` and the image parents' data columns) under `request`
-    (`{"intervention": {name: value}}` or `{"random": categorical name, "seed": s}`), into `out_dir`. Returns the
-    number of shards this process wrote (those it skipped as done are not counted) and its index.
+    (`{"intervention": {name: value}}`, `{"random": categorical name, "seed": s}`, or `{"all": categorical name}`:
+    every class of it, one counterfactual each from one abduction per image), into `out_dir`. Returns the number of
+    shards this process wrote (those it skipped as done are not counted) and its index.
     """
     factual = data_values(pipe.causal_graph, dataset)  # a value the graph cannot read: refused before any writing
     if "random" in request and request["random"] not in factual:
@@ -170,17 +171,23 @@ def _write_shards(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         factual = {name: column[rows_range.start : rows_range.stop] for name, column in values.items()}
-        intervention = interventions_for(pipe, factual, request, rows_range)
         images = list(dataset.select(rows_range)["image"])
-        result = pipe(images, intervention=intervention, factual_values=factual, **(options or {}))
+        if "all" in request:  # one abduction per image, shared by every class: the pipeline's own target="all"
+            result = pipe(images, target="all", factual_values=factual, **(options or {}))
+            intervention = {request["all"]: result.counterfactual_values[request["all"]]}
+        else:
+            intervention = interventions_for(pipe, factual, request, rows_range)
+            result = pipe(images, intervention=intervention, factual_values=factual, **(options or {}))
+        per_row = len(result.images) // len(images)
         with open(partial / "metadata.jsonl", "w") as f:
             for i, image in enumerate(result.images):
-                name = f"{rows_range.start + i:07d}.png"
+                row = rows_range.start + i // per_row
+                name = f"{row:07d}.png" if per_row == 1 else f"{row:07d}-{i % per_row:03d}.png"
                 image.save(partial / name)
                 record = {
                     "file_name": name,
-                    "source_index": rows_range.start + i,
-                    "factual": {k: _named(graph, k, v[i]) for k, v in result.factual_values.items()},
+                    "source_index": row,
+                    "factual": {k: _named(graph, k, v[i // per_row]) for k, v in result.factual_values.items()},
                     "intervention": {k: _named(graph, k, v[i]) for k, v in intervention.items()},
                     "counterfactual": {k: _named(graph, k, v[i]) for k, v in result.counterfactual_values.items()},
                     "predictor_reading": {k: _named(graph, k, v[i]) for k, v in result.predicted_values.items()},

@@ -34,7 +34,9 @@ def add_commands(commands):
     data.add_argument("--seed", type=int, default=0, help="Seed of --target random.")
     request = parser.add_mutually_exclusive_group(required=True)
     request.add_argument(
-        "--target", help="The intervened class, 'all', or for a data set 'random' (another class per image)."
+        "--target",
+        help="The intervened class, 'all' (every class, from one abduction per image), or for a data set 'random' "
+        "(another class per image).",
     )
     request.add_argument("--intervention", nargs="+", help="do() on any variables: NAME=VALUE ... (thickness=4).")
     parser.add_argument("--factual", nargs="+", help="Known factual values NAME=VALUE (others are predicted).")
@@ -104,13 +106,10 @@ def dataset_counterfactuals(args: argparse.Namespace):
     pipe.set_progress_bar_config(disable=True)
     if args.target is not None:
         parent = pipe.single_categorical_parent()
-        if args.target == "all":
-            raise ValueError("--target all is for image files; for a data set use a class or 'random'.")
-        request = (
-            {"random": parent, "seed": args.seed}
-            if args.target == "random"
-            else {"intervention": {parent: parse_target(args.target, pipe.causal_graph.nodes[parent])}}
-        )
+        if args.target in ("random", "all"):
+            request = {args.target: parent} | ({"seed": args.seed} if args.target == "random" else {})
+        else:
+            request = {"intervention": {parent: parse_target(args.target, pipe.causal_graph.nodes[parent])}}
     else:
         assigned = parse_assignments(args.intervention, "--intervention")
         request = {"intervention": {k: pipe.causal_graph.check_value(k, v).item() for k, v in assigned.items()}}
