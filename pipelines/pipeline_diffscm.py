@@ -693,14 +693,20 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             return self.as_noise(self.unet(sample.to(self.unet.dtype), timestep).sample.float(), sample, timestep)
         guided = [name for name, scale in cfg_scales.items() if scale != 1]
         dropped = [{}] + [{name: True} for name in guided]
-        semantic = 0 if latent is None else self.semantic_encoder.embed(latent.to(self._execution_device))
-        # z is kept only with every parent, as in training: a pass that drops a parent takes z's prior mean
-        zero = 0 if latent is None else self.semantic_encoder.embed(torch.zeros_like(latent))
-        labels = torch.cat([self.parent_embedding(parents, drop) + (zero if drop else semantic) for drop in dropped])
+        labels = torch.cat([self.parent_embedding(parents, drop) for drop in dropped])
+        labels = labels + self.semantic_embedding(latent, len(guided))
         batch = sample.to(self.unet.dtype).repeat(len(dropped), 1, 1, 1)
         full, *without = self.unet(batch, timestep, class_labels=labels).sample.float().chunk(len(dropped))
         output = full + sum((cfg_scales[n] - 1) * (full - out) for n, out in zip(guided, without, strict=True))
         return self.as_noise(output, sample, timestep)
+
+    def semantic_embedding(self, latent: torch.Tensor | None, dropping_passes: int) -> torch.Tensor | int:
+        """z's part of the conditioning of each batched pass: z itself in the pass with every parent, and, as in
+        training, z's prior mean in each of the `dropping_passes` that drop a parent; 0 without a semantic latent."""
+        if latent is None:
+            return 0
+        latent = latent.to(self._execution_device)
+        return self.semantic_encoder.embed(torch.cat([latent, torch.zeros_like(latent).repeat(dropping_passes, 1)]))
 
     def as_noise(self, output: torch.Tensor, sample: torch.Tensor, timestep: int) -> torch.Tensor:
         """The UNet's output as eps: itself, or from a velocity v, eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t)
