@@ -227,8 +227,12 @@ def test_judges_and_the_evaluation_of_any_graph_write_a_report_with_every_do(sha
     assert {"do(color)", "do(size)", "do(shape)"} <= set(metrics)
     assert set(metrics["composition"]) == {"cycles_1", "cycles_2"}
     assert metrics["do(color)"]["descendants"] == ["shape", "size"] and metrics["do(size)"]["descendants"] == []
+    fidelity = metrics["generation_fidelity"]["cfg 1"]
+    assert set(fidelity) == {"color_accuracy", "size_mae", "shape_accuracy"}, "the judges read the mechanism alone"
+    assert 0 <= fidelity["color_accuracy"] <= 1 and fidelity["size_mae"] >= 0
     report = (out / "report.md").read_text()
     assert "size mae (follows)" in report and "color accuracy (kept)" in report and "unchanged image" in report
+    assert "The mechanism alone" in report
 
 
 def test_evaluating_your_own_data_set_needs_judges(shapes_pipeline, tmp_path):

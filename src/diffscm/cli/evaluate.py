@@ -131,11 +131,7 @@ def evaluate_scm(args: argparse.Namespace):
 
     if args.num_samples < 2 or args.skip < 0 or args.composition_samples < 1 or args.composition_cycles < 1:
         raise ValueError("--num-samples >= 2, --skip >= 0, --composition-samples/-cycles >= 1 are required.")
-    check_output_dir(args.out)
-    check_save_defaults(args, args.model or shipped_checkpoint(DEFAULT_SCM_MODEL))
-    device, dtype = device_and_dtype(args)
-    pipe = hub.load_pipeline(args.model or shipped_checkpoint(DEFAULT_SCM_MODEL), device, dtype)
-    pipe.set_progress_bar_config(leave=False, disable=args.quiet)
+    pipe, device = load_for_evaluation(args, args.model or shipped_checkpoint(DEFAULT_SCM_MODEL))
     if set(pipe.causal_graph.image_parents) != set(morphomnist.PARENTS):
         raise ValueError(
             f"{args.model}: its image's parents are {pipe.causal_graph.image_parents}, not thickness, "
@@ -221,11 +217,7 @@ def evaluate(args: argparse.Namespace):
         raise ValueError("--composition-cycles must be >= 0.")
     if not all(re.fullmatch(r"\d+:\d+", pair) for pair in args.abduction_settings):
         raise ValueError(f"--abduction-settings takes STEPS:REFINEMENT pairs, got {args.abduction_settings}.")
-    check_output_dir(args.out)
-    check_save_defaults(args, args.model or shipped_checkpoint(hub.DEFAULT_MODEL))
-    device, dtype = device_and_dtype(args)
-    pipe = hub.load_pipeline(args.model, device, dtype)
-    pipe.set_progress_bar_config(leave=False, disable=args.quiet)
+    pipe, device = load_for_evaluation(args, args.model or shipped_checkpoint(hub.DEFAULT_MODEL))
     oracle_dir = args.oracle or shipped_checkpoint("mnist-oracle")
     oracle = DigitOracle.from_pretrained(oracle_dir).eval().to(device)
     digits = evaluation_digits(pipe, args)
@@ -293,11 +285,7 @@ def evaluate_graph(args: argparse.Namespace):
         raise ValueError("--num-samples must be >= 2, --composition-cycles and --composition-samples >= 1.")
     if not os.path.isdir(args.judges):
         raise FileNotFoundError(f"--judges {args.judges!r} is not a folder (train_judges.py --export_dir).")
-    check_output_dir(args.out)
-    check_save_defaults(args, args.model or shipped_checkpoint(hub.DEFAULT_MODEL))
-    device, dtype = device_and_dtype(args)
-    pipe = hub.load_pipeline(args.model, device, dtype)
-    pipe.set_progress_bar_config(leave=False, disable=args.quiet)
+    pipe, device = load_for_evaluation(args, args.model or shipped_checkpoint(hub.DEFAULT_MODEL))
     judges = GraphJudges.from_pretrained(args.judges).eval().to(device)
     if set(judges.config.parents) != set(pipe.causal_graph.image_parents):
         raise ValueError(
@@ -343,6 +331,16 @@ def write_report(args: argparse.Namespace, command: str, result: dict, report: s
         chosen = {key: value for key, value in pipeline_options(args).items() if value is not None}
         hub.write_defaults(model, _command_line(command), **chosen)
         print(f"Made {chosen} the defaults of {model}")
+
+
+def load_for_evaluation(args: argparse.Namespace, model: str):
+    """The pipeline `model` on --device in --dtype, once --out and --save-defaults are checked: (pipe, device)."""
+    check_output_dir(args.out)
+    check_save_defaults(args, model)
+    device, dtype = device_and_dtype(args)
+    pipe = hub.load_pipeline(model, device, dtype)
+    pipe.set_progress_bar_config(leave=False, disable=args.quiet)
+    return pipe, device
 
 
 def check_save_defaults(args: argparse.Namespace, model: str):

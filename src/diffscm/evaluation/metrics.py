@@ -270,6 +270,10 @@ def generation_fidelity(pipe, parents: dict, score, cfg_scales=(1.0, None), num_
         return {}
     result = {}
     for cfg_scale in cfg_scales:
+        scales = pipe.cfg_scales(cfg_scale)
+        shown = f"{next(iter(scales.values())):g}" if len(set(scales.values())) == 1 else str(scales)
+        if f"cfg {shown}" in result:  # the pipeline's default is a scale already measured
+            continue
         generator = torch.Generator(pipe.device).manual_seed(seed)
         images = pipe.generate(
             parents,
@@ -278,9 +282,7 @@ def generation_fidelity(pipe, parents: dict, score, cfg_scales=(1.0, None), num_
             generator=generator,
             output_type="pt",
         )
-        scales = pipe.cfg_scales(cfg_scale)
-        shown = f"{next(iter(scales.values())):g}" if len(scales) == 1 else str(scales)
-        result["cfg 1" if cfg_scale == 1 else f"cfg {shown}"] = score(images)
+        result[f"cfg {shown}"] = score(images)
     return result
 
 
@@ -290,6 +292,25 @@ def oracle_distances(oracle):
         "l1_grey_levels": grey_level_l1(current, images),
         "perceptual_distance": perceptual_distance(oracle, current, images),
     }
+
+
+@torch.no_grad()
+def counterfactuals_by_request(pipe, images: torch.Tensor, parents: dict, requests: dict[str, dict], **options):
+    """
+    The skeleton of every protocol with a causal graph: one abduction of the factual `images` under their `parents`,
+    then for each request `{variable: the expected values of every variable under do(variable)}`, yields
+    `(variable, expected, counterfactuals, undone)`: the counterfactuals, and do() undone from their own abduction
+    (reversibility). Each protocol scores them with its own judges.
+
+    Args:
+        options: `guidance_scale` (the prediction's) and the chain (`num_inference_steps`, `cfg_scale`, ...).
+    """
+    guidance = options.pop("guidance_scale", None)
+    abduction = pipe.abduct(images, parents, **options)
+    for variable, expected in requests.items():
+        values = {name: expected[name] for name in pipe.causal_graph.image_parents}
+        counterfactuals = pipe.intervene(abduction, values, guidance_scale=guidance)
+        yield variable, expected, counterfactuals, undone(pipe, counterfactuals, values, parents, guidance, **options)
 
 
 @torch.no_grad()

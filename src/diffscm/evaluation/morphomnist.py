@@ -20,8 +20,8 @@ from .. import morphometrics
 from ..tables import markdown_table
 from .benchmark_judges import benchmark_intervention_values, composition_l1
 from .metrics import composition as metrics_composition
+from .metrics import counterfactuals_by_request, grey_level_l1, minimality, oracle_predictions, realism
 from .metrics import generation_fidelity as generation_fidelity_of
-from .metrics import grey_level_l1, minimality, oracle_predictions, realism, undone
 
 PARENTS = ("thickness", "intensity", "digit")
 GROUND_TRUTH = ("thickness", "intensity")  # the do()s whose true counterfactual the data's own process redraws
@@ -89,17 +89,15 @@ def evaluate_interventions(
         pool: the data set's `thickness` and `intensity` values, from which interventions are drawn.
         options: `guidance_scale`, `cfg_scale`, `num_inference_steps`, `abduction_refinement_steps`.
     """
-    graph, guidance = pipe.causal_graph, options.pop("guidance_scale", None)
-    parents = {name: factual[name] for name in graph.image_parents}
-    abduction = pipe.abduct(images, parents, **options)
+    parents = {name: factual[name] for name in pipe.causal_graph.image_parents}
+    requests = intervention_requests(pipe.causal_graph, factual, pool, seed)
     result = {"factual": judge(images, factual, oracle, judges, pipe)}
-    for variable, expected in intervention_requests(graph, factual, pool, seed).items():
-        values = {name: expected[name] for name in graph.image_parents}
-        counterfactuals = pipe.intervene(abduction, values, guidance_scale=guidance)
+    for variable, expected, counterfactuals, back in counterfactuals_by_request(
+        pipe, images, parents, requests, **options
+    ):
         entry = judge(counterfactuals, expected, oracle, judges, pipe)
         entry["unchanged image"] = judge(images, expected, oracle, judges)
         entry["realism"] = realism(oracle, counterfactuals, images)
-        back = undone(pipe, counterfactuals, values, parents, guidance, **options)
         entry["reversibility"] = {
             "benchmark_l1": float(composition_l1(back, images).mean()),
             "l1_grey_levels": grey_level_l1(back, images),

@@ -7,9 +7,9 @@ the judges and scored against the counterfactual values of all the image's paren
 effectiveness, its descendants whether they followed, the others the side effects. Beside each score stands the
 unchanged image's, against the same values (what doing nothing scores), and the judges' own error on real held-out
 images is reported once. Composition (the null intervention applied 1 and N times), reversibility (do(v*) then
-do(v = factual) from the counterfactual's own abduction) and realism (Frechet distance and KID in the judges'
-features) complete it. A data set whose do() has an exact ground truth passes `ground_truth` (Colour-MNIST: the same
-digit recoloured).
+do(v = factual) from the counterfactual's own abduction), realism (Frechet distance and KID in the judges'
+features) and the mechanism's own fidelity (images from fresh noise under the held-out parents) complete it. A data
+set whose do() has an exact ground truth passes `ground_truth` (Colour-MNIST: the same digit recoloured).
 """
 
 from collections.abc import Callable
@@ -19,7 +19,7 @@ import torch
 
 from ..tables import markdown_table
 from .judges import judge_errors
-from .metrics import composition, grey_level_l1, realism, undone
+from .metrics import composition, counterfactuals_by_request, generation_fidelity, grey_level_l1, realism
 
 
 def intervention_values(graph, factual: dict, seed: int = 0) -> dict[str, dict]:
@@ -59,31 +59,34 @@ def evaluate(
             the hue measured from the pixels); a name starts with the parent it measures (`hue_...`).
         options: `guidance_scale`, `cfg_scale`, `num_inference_steps`, `abduction_refinement_steps`.
     """
-    graph, guidance = pipe.causal_graph, options.pop("guidance_scale", None)
-    specs = judges.config.parents
+    graph, specs = pipe.causal_graph, judges.config.parents
     parents = {name: graph.check_value(name, factual[name], observed=True) for name in graph.image_parents}
-    abduction = pipe.abduct(images, parents, **options)
     factual_reading = judges.predict(images)
     result = {"judges on the factual images": judge_errors(factual_reading, factual, specs)}
-    for variable, expected in intervention_values(graph, factual, seed).items():
-        values = {name: expected[name] for name in graph.image_parents}
-        counterfactuals = pipe.intervene(abduction, values, guidance_scale=guidance)
+    requests = intervention_values(graph, factual, seed)
+    for variable, expected, counterfactuals, back in counterfactuals_by_request(
+        pipe, images, parents, requests, **options
+    ):
         entry = {
             "descendants": sorted(graph.descendants(variable) & set(graph.image_parents)),
             "counterfactual": _scores(judges.predict(counterfactuals), specs, measures, counterfactuals, expected),
             "unchanged image": _scores(factual_reading, specs, measures, images, expected),
             "realism": realism(judges, counterfactuals, images),
+            "reversibility_l1": grey_level_l1(back, images),
         }
-        back = undone(pipe, counterfactuals, values, parents, guidance, **options)
-        entry["reversibility_l1"] = grey_level_l1(back, images)
         if ground_truth and variable in ground_truth:
             truth = ground_truth[variable](images, expected)
             entry["ground_truth_l1"] = grey_level_l1(counterfactuals, truth)
             entry["unchanged image"]["ground_truth_l1"] = grey_level_l1(images, truth)
         result[f"do({variable})"] = entry
     count = composition_samples or len(images)
-    result["composition"] = composition(
-        pipe, images[:count], _first(parents, count), cycles, guidance_scale=guidance, **options
+    result["composition"] = composition(pipe, images[:count], _first(parents, count), cycles, **options)
+    result["generation_fidelity"] = generation_fidelity(
+        pipe,
+        parents,
+        lambda generated: _scores(judges.predict(generated), specs, measures, generated, factual),
+        (1.0, options.get("cfg_scale")),
+        seed=seed,
     )
     return result
 
@@ -144,7 +147,22 @@ def report(result: dict) -> str:
     ]
     lines += ["## Composition (null intervention, grey-level L1, 0-255)", ""]
     lines += [markdown_table(["cycles", "L1"], composition_rows), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _fidelity_lines(result.get("generation_fidelity"), own))
+
+
+def _fidelity_lines(fidelity: dict | None, own: dict) -> list[str]:
+    """The mechanism alone: images from fresh noise under the held-out images' parents, scored like the others."""
+    if not fidelity:
+        return []
+    scales = list(fidelity)
+    rows = [
+        [measure.replace("_", " "), *(f"{fidelity[scale][measure]:.4g}" for scale in scales)]
+        + [f"{own[measure]:.4g}" if measure in own else ""]
+        for measure in fidelity[scales[0]]
+    ]
+    header = ["measure (judged against the held-out images' values)", *scales, "judges on real held-out images"]
+    title = "## The mechanism alone (fresh noise under the held-out images' parents, 25 DDIM steps, no abduction)"
+    return [title, "", markdown_table(header, rows), ""]
 
 
 def _role(measure: str, variable: str, descendants: list[str]) -> str:
