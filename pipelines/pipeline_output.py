@@ -76,7 +76,7 @@ class Abduction(BaseOutput):
     follows these settings, so the prediction runs the very chain that the inversion ran.
 
     Args:
-        noise (`torch.Tensor` `(B, C, H, W)`, float32): u, at the intervention's first timestep.
+        noise (`torch.Tensor` `(B, C, H, W)`, float64 but on MPS): u, at the intervention's first timestep.
         factual_values (`dict[str, np.ndarray]`): the factual value of each parent of the image, one per sample.
         num_inference_steps (`int`), strength (`float`), abduction_refinement_steps (`int`): the DDIM chain.
         cfg_scale (`dict[str, float]`): the classifier-free guidance scale of each parent (conditional mechanism).

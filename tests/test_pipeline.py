@@ -99,7 +99,7 @@ def test_batch_matches_single_images(trained_pipeline, factual_images):
 def test_abduct_then_intervene_equals_call(trained_pipeline, factual_images):
     images, _ = factual_images
     abduction = trained_pipeline.abduct(images, num_inference_steps=6, strength=0.5)
-    assert abduction.noise.dtype == torch.float32 and abduction.noise.shape == images.shape
+    assert abduction.noise.dtype == trained_pipeline.state_dtype == torch.float64 and abduction.noise.shape == images.shape
     assert (abduction.num_inference_steps, abduction.strength, abduction.abduction_refinement_steps) == (6, 0.5, 0)
     manual = trained_pipeline.intervene(abduction, 1, guidance_scale=2)  # follows the abduction's chain
     called = trained_pipeline(images, 1, guidance_scale=2, num_inference_steps=6, strength=0.5, output_type="pt")
@@ -207,11 +207,11 @@ def test_rgb_16x16_model_takes_grey_and_rgb_input():
     assert out.images.shape == (2, 16, 16, 3) and np.isfinite(out.images).all()
 
 
-def test_low_precision_unet_keeps_abduction_in_float32(factual_images):
+def test_low_precision_unet_keeps_the_abduction_in_full_precision(factual_images):
     pipe = tiny_pipeline()
     pipe.unet.to(torch.bfloat16)
     noise = pipe.abduct(factual_images[0], num_inference_steps=3).noise
-    assert noise.dtype == torch.float32 and torch.isfinite(noise).all()
+    assert noise.dtype == pipe.state_dtype == torch.float64 and torch.isfinite(noise).all()
 
 
 def test_a_ddpm_scheduler_is_read_as_ddim():

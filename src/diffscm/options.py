@@ -85,7 +85,10 @@ def add_setting_options(parser: argparse.ArgumentParser):
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(
-        "--dtype", default="float32", choices=DTYPES, help="Weights' precision (the abduction stays in float32)."
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="Weights' precision (the chain's states stay in float64: BDIA stays exact).",
     )
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
 
