@@ -1,5 +1,6 @@
 """The `diffscm` command with tiny models: demo, counterfactual, evaluate, and their error messages."""
 
+import argparse
 import json
 import os
 import shutil
@@ -15,8 +16,10 @@ from conftest import tiny_pipeline
 
 from diffscm import DiffSCMPipeline
 from diffscm.cli import main
+from diffscm.cli.counterfactual import add_commands as add_counterfactual_commands
+from diffscm.cli.evaluate import add_commands as add_evaluate_commands
 from diffscm.evaluation import DigitOracle, DigitVAE
-from diffscm.options import describe_machine
+from diffscm.options import describe_machine, device_and_dtype
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +235,28 @@ def test_throughput_benchmark_reports_rates_and_the_chain(model_dirs, tmp_path):
     )
     assert 0 < data["gflop_per_pass"] < 0.378 and data["peak_gflops"]["float32"] > 0  # tinier than MNIST's UNet
     assert "The physical limit" in out.read_text() and "| limit cf / s |" in out.read_text()
+
+
+@pytest.mark.parametrize(
+    "device, amx, avx512_bf16, expected",
+    [("cpu", True, False, "bfloat16"), ("cpu", False, True, "bfloat16"), ("cpu", False, False, "float32")],
+)
+def test_dtype_auto_takes_bfloat16_only_where_the_cpu_computes_it_natively(device, amx, avx512_bf16, expected):
+    import torch
+
+    with (
+        mock.patch.object(torch.cpu, "_is_amx_tile_supported", lambda: amx),
+        mock.patch.object(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16),
+    ):
+        assert device_and_dtype(argparse.Namespace(device=device, dtype="auto")) == (device, expected)
+    assert device_and_dtype(argparse.Namespace(device="cpu", dtype="float16")) == ("cpu", "float16"), "given: kept"
+
+
+def test_the_counterfactual_command_defaults_to_the_native_dtype_and_the_measurements_to_float32():
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers()
+    add_counterfactual_commands(commands)
+    add_evaluate_commands(commands)
+    assert parser.parse_args(["counterfactual", "x.png", "--target", "1"]).dtype == "auto"
+    assert parser.parse_args(["evaluate"]).dtype == "float32"
+    assert parser.parse_args(["evaluate-scm"]).dtype == "float32"

@@ -52,14 +52,17 @@ def add_dataset_options(parser, use: str):
     parser.add_argument("--image-column", default="image", help="The --dataset's image column.")
 
 
-def add_pipeline_options(parser: argparse.ArgumentParser, model_help: str = "the shipped MNIST one"):
-    """--model and the settings of the pipeline's call, each defaulting to the checkpoint's own."""
+def add_pipeline_options(
+    parser: argparse.ArgumentParser, model_help: str = "the shipped MNIST one", dtype: str = "float32"
+):
+    """--model and the settings of the pipeline's call, each defaulting to the checkpoint's own (--dtype: `dtype`)."""
     parser.add_argument("--model", default=None, help=f"Pipeline folder or Hub id (default: {model_help}).")
-    add_setting_options(parser)
+    add_setting_options(parser, dtype)
 
 
-def add_setting_options(parser: argparse.ArgumentParser):
-    """The settings of the pipeline's call (each defaulting to the checkpoint's own), --device, --dtype, --quiet."""
+def add_setting_options(parser: argparse.ArgumentParser, dtype: str = "float32"):
+    """The settings of the pipeline's call (each defaulting to the checkpoint's own), --device, --dtype (default
+    `dtype`), --quiet."""
     parser.add_argument(
         "--guidance-scale", nargs="+", default=None, help="Anti-causal guidance: s, or NAME=s per parent."
     )
@@ -86,14 +89,16 @@ def add_setting_options(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(
         "--dtype",
-        default="float32",
+        default=dtype,
         choices=DTYPES,
-        help="Weights' precision (the chain's states stay in float64: BDIA stays exact).",
+        help="Weights' precision; auto: bfloat16 where the device computes it natively (a CPU with AVX512-BF16 or "
+        f"AMX, a GPU that supports it), else float32 (default: {dtype}; the chain's states stay in float64, so BDIA "
+        "stays exact).",
     )
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def describe_machine(device: str) -> str:
@@ -119,11 +124,12 @@ def describe_machine(device: str) -> str:
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
-    """--device (default: cuda when there is one), checked before any work, and --dtype."""
+    """--device (default: cuda when there is one), checked before any work, and --dtype (`auto` resolved)."""
     import torch
 
     if args.device is None:
-        return ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return device, native_dtype(device) if args.dtype == "auto" else args.dtype
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError) as error:
@@ -134,7 +140,24 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
         count = module.device_count() if available and hasattr(module, "device_count") else 1
         if not available or (device.index or 0) >= count:
             raise ValueError(f"--device {args.device!r}: this machine has no such device.")
-    return args.device, args.dtype
+    return args.device, native_dtype(args.device) if args.dtype == "auto" else args.dtype
+
+
+def native_dtype(device: str) -> str:
+    """bfloat16 where `device` computes it natively (a CPU with AVX512-BF16 or AMX, where it is 1.1-1.4x faster at
+    the same counterfactuals; a CUDA GPU that supports it), else float32 (a CPU without it runs bfloat16 10x
+    slower)."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    elif kind == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        native = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    else:
+        native = False
+    return "bfloat16" if native else "float32"
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:

@@ -43,7 +43,7 @@ def add_commands(commands):
     parser.add_argument("--reconstruction", action="store_true", help="Also write the null intervention.")
     parser.add_argument("--out", default="counterfactuals")
     parser.add_argument("--overwrite", action="store_true", help="Replace the files an earlier run wrote in --out.")
-    add_pipeline_options(parser)
+    add_pipeline_options(parser, dtype="auto")
     parser.set_defaults(func=counterfactual)
 
 
