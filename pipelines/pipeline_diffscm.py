@@ -172,7 +172,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiffSCMPipeline":
         """Load a DiffSCMPipeline folder or Hub id ([`~diffscm.pipelines.folder`]). `torch_dtype` / `dtype`: a dtype,
         its name or `{component: dtype, "default": dtype}` (the chain's states stay in [`state_dtype`]); diffusers'
-        download and loading keywords as in diffusers; any other keyword overrides a recorded setting or a component."""
+        download and loading keywords as in diffusers; any other keyword overrides a recorded setting or a
+        component."""
         download, model_options, dtype = loading_options(kwargs)
         path = resolve(str(pretrained_model_name_or_path), **download)
         index = read_index(path)
@@ -339,6 +340,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         self,
         abduction: Abduction,
         parent_values: TargetInput | ValuesInput | None = None,
+        *,
         guidance_scale: ScaleInput | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -596,6 +598,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         self,
         parent_values: TargetInput | ValuesInput,
         num_images: int | None = None,
+        *,
         num_inference_steps: int | None = None,
         cfg_scale: ScaleInput | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,

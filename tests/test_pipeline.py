@@ -99,7 +99,10 @@ def test_batch_matches_single_images(trained_pipeline, factual_images):
 def test_abduct_then_intervene_equals_call(trained_pipeline, factual_images):
     images, _ = factual_images
     abduction = trained_pipeline.abduct(images, num_inference_steps=6, strength=0.5)
-    assert abduction.noise.dtype == trained_pipeline.state_dtype == torch.float64 and abduction.noise.shape == images.shape
+    assert (
+        abduction.noise.dtype == trained_pipeline.state_dtype == torch.float64
+        and abduction.noise.shape == images.shape
+    )
     assert (abduction.num_inference_steps, abduction.strength, abduction.abduction_refinement_steps) == (6, 0.5, 0)
     manual = trained_pipeline.intervene(abduction, 1, guidance_scale=2)  # follows the abduction's chain
     called = trained_pipeline(images, 1, guidance_scale=2, num_inference_steps=6, strength=0.5, output_type="pt")
@@ -156,7 +159,9 @@ def test_latent_output_is_the_raw_sample_on_every_entry_point(trained_pipeline, 
     pt = trained_pipeline(images, labels, output_type="pt", **options).images
     torch.testing.assert_close(((latent + 1) / 2).clamp(0, 1), pt)
     abduction = trained_pipeline.abduct(images, {"label": labels}, num_inference_steps=5)
-    torch.testing.assert_close(trained_pipeline.intervene(abduction, labels, 0, output_type="latent"), latent)
+    torch.testing.assert_close(
+        trained_pipeline.intervene(abduction, labels, guidance_scale=0, output_type="latent"), latent
+    )
 
 
 def test_interrupt_stops_the_prediction_and_num_timesteps_counts_it(trained_pipeline, factual_images):

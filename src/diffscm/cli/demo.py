@@ -129,7 +129,9 @@ def scm_demo(pipe, args: argparse.Namespace):
             ]
         for label, value in choices:
             expected = graph.counterfactual(factual, {name: value})
-            columns.append(pipe.intervene(abduction, {p: expected[p] for p in graph.image_parents}, scale))
+            columns.append(
+                pipe.intervene(abduction, {p: expected[p] for p in graph.image_parents}, guidance_scale=scale)
+            )
             headers.append(f"do({name}={label})")
             asked.append(expected)
 
