@@ -255,7 +255,7 @@ def test_the_pipelines_own_push_to_hub_uploads_the_project_card_and_code(tmp_pat
         pipe.push_to_hub("someone/x", safe_serialization=False)
 
 
-def test_torch_dtype_reaches_every_component_and_abduction_stays_float32(tmp_path, saved):
+def test_torch_dtype_reaches_every_component_and_abduction_stays_in_full_precision(tmp_path, saved):
     folder = tmp_path / "diffscm-all-components"
     torch.manual_seed(0)
     DiffSCMPipeline(
@@ -268,7 +268,7 @@ def test_torch_dtype_reaches_every_component_and_abduction_stays_float32(tmp_pat
         ("unet", "classifier", "parent_embedding"), torch.bfloat16
     )
     factual = {"brightness": 0.7, "position": [0, 1]}
-    assert pipe.abduct(images(), factual).noise.dtype == torch.float32
+    assert pipe.abduct(images(), factual).noise.dtype == pipe.state_dtype == torch.float64
     out = pipe(images(), intervention={"position": 1}, factual_values={"brightness": 0.7}, output_type="pt")
     assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
     guided = DiffSCMPipeline.from_pretrained(saved["guided"][0], torch_dtype=torch.bfloat16)

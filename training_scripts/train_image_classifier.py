@@ -21,7 +21,6 @@ from transformers import (
 )
 
 from diffscm import model_cards, training
-from diffscm.image_processing import random_affine
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,9 +68,7 @@ def main(args: argparse.Namespace):
     training.start_run(accelerator, args, "train_image_classifier", split_record)
 
     def compute_loss(model, batch):
-        images = batch["pixel_values"]
-        if args.augment_degrees > 0:
-            images = random_affine(images, degrees=args.augment_degrees)
+        images = training.augmented_images(batch, args.augment_degrees)
         return F.cross_entropy(model(pixel_values=images).logits.float(), batch["labels"])
 
     run = training.train(accelerator, args, classifier, optimizer, lr_scheduler, dataloader, compute_loss, ema)

@@ -19,7 +19,6 @@ from diffscm import CausalGraph, hub, model_cards, training
 from diffscm.data import images_to_tensor
 from diffscm.evaluation import GraphJudges
 from diffscm.evaluation.judges import judge_errors
-from diffscm.image_processing import random_affine
 
 SCRIPT = "train_judges.py"
 
@@ -55,9 +54,7 @@ def main(args: argparse.Namespace):
     training.start_run(accelerator, args, "train_judges", split_record)
 
     def compute_loss(model, batch):
-        images = batch["pixel_values"]
-        if args.augment_degrees > 0:
-            images = random_affine(images, degrees=args.augment_degrees)
+        images = training.augmented_images(batch, args.augment_degrees)
         return accelerator.unwrap_model(model).loss(model(images), training.batch_values(batch))
 
     run = training.train(accelerator, args, judges, optimizer, lr_scheduler, dataloader, compute_loss, ema)

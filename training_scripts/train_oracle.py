@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from diffscm import model_cards, training
 from diffscm.evaluation import DigitOracle
-from diffscm.image_processing import random_affine
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +43,7 @@ def main(args: argparse.Namespace):
     training.start_run(accelerator, args, "train_oracle", split_record)
 
     def compute_loss(model, batch):
-        images = batch["pixel_values"]
-        if args.augment_degrees > 0:
-            images = random_affine(images, degrees=args.augment_degrees)
+        images = training.augmented_images(batch, args.augment_degrees)
         return F.cross_entropy(model(images).float(), batch["labels"])
 
     run = training.train(accelerator, args, oracle, optimizer, lr_scheduler, dataloader, compute_loss, ema)

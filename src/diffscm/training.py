@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import BUNDLED_MNIST, images_to_tensor, load_image_dataset, split_dataset
+from .image_processing import random_affine
 from .scm import CausalGraph
 
 logger = logging.getLogger(__name__)
@@ -287,6 +288,13 @@ def load_graph(args: argparse.Namespace, split) -> tuple[CausalGraph | None, dic
 def batch_values(batch: dict) -> dict[str, torch.Tensor]:
     """The variables' values of a batch from `make_dataloader(..., values=...)`, keyed by variable."""
     return {key.removeprefix("value/"): value for key, value in batch.items() if key.startswith("value/")}
+
+
+def augmented_images(batch: dict, degrees: float) -> torch.Tensor:
+    """A batch's images, each randomly rotated by up to `degrees`, scaled and shifted (none for 0): the judges'
+    augmentation (`--augment_degrees`)."""
+    images = batch["pixel_values"]
+    return random_affine(images, degrees=degrees) if degrees > 0 else images
 
 
 def start_run(accelerator: Accelerator, args: argparse.Namespace, name: str, split_record: dict):
