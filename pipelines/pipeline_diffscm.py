@@ -298,12 +298,12 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         for k in self.progress_bar(range(len(chain) - 1, -1, -1)):  # x at alphas[k + 1] -> x at alphas[k]
             t, alpha_t, alpha_next = chain[k]
             if integrator == "bdia" and below is not None:
-                eps = self.predict_noise(sample.float(), chain[k + 1][0], parents, cfg_scales, latent)
+                eps = self.predict_noise(sample, chain[k + 1][0], parents, cfg_scales, latent)
                 sample, below = bdia_step(sample, below, eps, alphas[k + 2], alpha_next, alpha_t), sample
                 continue
             guess, tried, mapped = ddim_step(sample, eps, alpha_next, alpha_t), [], []
             for _ in range(1 + refinements):
-                eps = self.predict_noise(guess.float(), t, parents, cfg_scales, latent)
+                eps = self.predict_noise(guess, t, parents, cfg_scales, latent)
                 tried.append(guess), mapped.append(ddim_step(sample, eps, alpha_next, alpha_t))
                 guess = anderson_mix(tried, mapped)
             sample, below = guess, sample
@@ -699,7 +699,9 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
     ) -> torch.Tensor:
         """eps_theta(x_t, t) in float32 whatever the UNet's dtype; for a conditional mechanism eps_theta(x_t, t, pa)
         (or eps_theta(x_t, t, pa, z) with a semantic `latent` z) with per-parent classifier-free guidance, all its
-        passes in one batched UNet call."""
+        passes in one batched UNet call. The UNet reads the state in float32 (a float64 one rounded once, the same
+        way in abduction and prediction)."""
+        sample = sample.float()
         if self.parent_embedding is None:
             return self.as_noise(self.unet(sample.to(self.unet.dtype), timestep).sample.float(), sample, timestep)
         guided = [name for name, scale in cfg_scales.items() if scale != 1]

@@ -11,8 +11,8 @@ probability --parent_dropout, which gives classifier-free guidance per parent. A
 (semantic abduction, Rasal et al. 2025), its KL to N(0, I) weighted by --semantic_kl_weight.
 
 Writes `unet/` (EMA weights when --use_ema), `parent_embedding/` and `semantic_encoder/` (conditional only),
-`scheduler/` (DDIM, no
-clipping), `split.json`, `training_args.json`, sample grids under `samples/` and resumable `checkpoint-N/` folders.
+`scheduler/` (DDIM, no clipping), `split.json`, `training_args.json`, sample grids under `samples/` and resumable
+`checkpoint-N/` folders.
 """
 
 import argparse
