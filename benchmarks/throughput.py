@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=["10:0", "10:1", "15:1", "20:1", "25:1", "25:3", "10:1:9", "25:1:9", "bdia/10:0", "bdia/25:0"],
         help="[INTEGRATOR/]STEPS:K[:TARGETS[:SCALE]] settings of the chain (TARGETS counterfactuals share one "
-        "abduction; INTEGRATOR ddim or bdia, default ddim).",
+        "abduction; INTEGRATOR ddim, bdia or residual, default ddim).",
     )
     parser.add_argument("--paper", action="store_true", help="Also run the paper's 1000 + 1000 steps (slow).")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")

@@ -71,6 +71,20 @@ def check_noise(noise, channels: int, size: int):
         raise ValueError("`noise` contains NaN or infinite values.")
 
 
+def check_residuals(residuals, integrator: str, batch_size: int, steps: int, channels: int, size: int):
+    """The residual integrator's abduction carries one residual per sample and step of its chain; others carry none."""
+    if integrator != "residual":
+        if residuals is not None:
+            raise ValueError(f"The abduction carries residuals, but its integrator is {integrator!r}, not 'residual'.")
+        return
+    expected = (batch_size, steps, channels, size, size)
+    if not isinstance(residuals, torch.Tensor) or tuple(residuals.shape) != expected:
+        shape = tuple(residuals.shape) if isinstance(residuals, torch.Tensor) else type(residuals).__name__
+        raise ValueError(f"`residuals` must be a tensor {expected} from the residual integrator; got {shape}.")
+    if not torch.isfinite(residuals).all():
+        raise ValueError("`residuals` contains NaN or infinite values.")
+
+
 def check_semantic_latent(latent, encoder, batch_size: int):
     """An abduction's semantic latent fits the pipeline: one z per sample with an encoder, none without."""
     if encoder is None:

@@ -40,6 +40,7 @@ from .checks import (
     check_generator,
     check_noise,
     check_output_type,
+    check_residuals,
     check_scale,
     check_semantic_latent,
     check_strength,
@@ -64,6 +65,14 @@ def ddim_step(sample: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
         moved = moved + sigma * noise
     return moved
+
+
+def fixed_point_passes(integrator: str, refinements: int, first: bool) -> int:
+    """UNet passes of one abduction step's fixed-point iteration: 1 + K for DDIM; K for the residual integrator,
+    whose step starts from the noise of the state below (at least 1 on the first step, where no noise is known)."""
+    if integrator == "residual":
+        return max(refinements, 1) if first else refinements
+    return 1 + refinements
 
 
 def bdia_step(
@@ -244,8 +253,11 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             abduction_refinement_steps: K extra UNet passes per step, solving x_t = step^-1(x_next, eps(x_t, t)) by
                 Anderson-accelerated fixed-point iteration, so that the generation step from x_t lands back on x_next.
             cfg_scale: classifier-free guidance per parent, kept for the prediction.
-            integrator: "ddim" (with the refinement above) or "bdia", BDIA-DDIM (Zhang et al. 2024): exactly
-                invertible at one UNet pass per step, so the null intervention returns the input to float error.
+            integrator: "ddim" (with the refinement above); "bdia", BDIA-DDIM (Zhang et al. 2024), exactly
+                invertible at one UNet pass per step; or "residual": DDIM inversion (refined K times) that also
+                records each step's residual, the gap between the abducted state below and the DDIM step down to it,
+                at one more UNet pass per step (the first step's counts for the next), which the prediction adds back.
+                With either of the last two the null intervention returns the input to float error.
 
         Returns:
             The [`Abduction`] that [`intervene`] follows.
@@ -260,18 +272,19 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
 
     def preprocess(self, image: PipelineImageInput) -> torch.Tensor:
         """Factual image(s) as a float32 `(B, C, H, W)` tensor in [-1, 1] of the model's size, on its device."""
-        sample = preprocess_images(image, self.unet.config.in_channels, self.unet.config.sample_size)
+        sample = preprocess_images(image, *self.unet_sample_shape)
         return sample.to(self._execution_device)
 
     def check_integrator(self, integrator: str | None = None, chain: Chain | None = None, eta: float = 0.0) -> str:
-        """The checked integrator (default: the config's): BDIA needs two steps or more, and is deterministic."""
+        """The checked integrator (default: the config's): BDIA needs two steps or more; BDIA and the residual
+        integrator are deterministic."""
         integrator = self.config.integrator if integrator is None else integrator
         if integrator not in INTEGRATORS:
             raise ValueError(f"`integrator` must be one of {INTEGRATORS}, got {integrator!r}.")
         if integrator == "bdia" and chain is not None and len(chain) < 2:
             raise ValueError("The BDIA integrator needs at least 2 steps (num_inference_steps x strength).")
-        if integrator == "bdia" and eta:
-            raise ValueError("The BDIA integrator is deterministic: `eta` must be 0.")
+        if integrator != "ddim" and eta:
+            raise ValueError(f"The {integrator!r} integrator is deterministic: `eta` must be 0.")
         return integrator
 
     def refinement_steps(self, abduction_refinement_steps: int | None) -> int:
@@ -291,10 +304,13 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         """The inversion of [`abduct`] from checked values: a preprocessed `sample` in [-1, 1], the factual values (of
         every parent of the image, one per sample), and the prediction's chain, walked backwards. DDIM: each step the
         fixed point of x_t = step^-1(x_next, eps(x_t, t)). BDIA: the first step as DDIM, then each state from the two
-        below it at one noise estimate, exactly what the prediction undoes."""
+        below it at one noise estimate, exactly what the prediction undoes. Residual: each step from the noise of the
+        state below (refined K times), then the residual x_next - DDIM(x_t -> x_next) at the noise of the state
+        reached, which is also where the next step starts."""
         parents, latent = self.parent_tensors(factual), self.semantic_latent(sample)
         sample, alphas = sample.to(self.state_dtype), chain.alphas
         eps, below = torch.zeros_like(sample), None  # each step starts from the previous step's noise estimate
+        residuals = [None] * len(chain) if integrator == "residual" else None
         for k in self.progress_bar(range(len(chain) - 1, -1, -1)):  # x at alphas[k + 1] -> x at alphas[k]
             t, alpha_t, alpha_next = chain[k]
             if integrator == "bdia" and below is not None:
@@ -302,10 +318,13 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                 sample, below = bdia_step(sample, below, eps, alphas[k + 2], alpha_next, alpha_t), sample
                 continue
             guess, tried, mapped = ddim_step(sample, eps, alpha_next, alpha_t), [], []
-            for _ in range(1 + refinements):
+            for _ in range(fixed_point_passes(integrator, refinements, first=below is None)):
                 eps = self.predict_noise(guess, t, parents, cfg_scales, latent)
                 tried.append(guess), mapped.append(ddim_step(sample, eps, alpha_next, alpha_t))
                 guess = anderson_mix(tried, mapped)
+            if residuals is not None:  # the noise of the state reached, which the next step also starts from
+                eps = self.predict_noise(guess, t, parents, cfg_scales, latent)
+                residuals[k] = sample - ddim_step(guess, eps, alpha_t, alpha_next)
             sample, below = guess, sample
         check_finite(sample, "The abducted noise", cfg_scales)
         values = {name: value.cpu().numpy() for name, value in parents.items()}
@@ -320,8 +339,14 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             chain=chain,
             integrator=integrator,
             previous=previous,
+            residuals=None if residuals is None else torch.stack(residuals, dim=1),
             semantic_latent=latent,
         )
+
+    @property
+    def unet_sample_shape(self) -> tuple[int, int]:
+        """The UNet's channels and square size."""
+        return self.unet.config.in_channels, self.unet.config.sample_size
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -387,10 +412,11 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         check_generator(generator, abduction.batch_size)
         for state in (abduction.noise, abduction.previous):
             if state is not None:
-                check_noise(state, self.unet.config.in_channels, self.unet.config.sample_size)
+                check_noise(state, *self.unet_sample_shape)
         check_semantic_latent(abduction.semantic_latent, self.semantic_encoder, abduction.batch_size)
         chain = abduction.chain or self.get_chain(abduction.num_inference_steps, abduction.strength)
         integrator = self.check_integrator(abduction.integrator, chain, eta)
+        check_residuals(abduction.residuals, integrator, abduction.batch_size, len(chain), *self.unet_sample_shape)
         scales = self.guidance_scales(guidance_scale, explained=explained is not None)
         factual = self.prepare_parent_values(abduction.factual_values, abduction.batch_size)
         values = factual if parent_values is None else self.prepare_parent_values(parent_values, abduction.batch_size)
@@ -409,6 +435,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
             abduction.semantic_latent,
+            abduction.residuals,
         )
         return self.postprocess(sample, output_type)
 
@@ -425,13 +452,15 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs=("sample",),
         latent: torch.Tensor | None = None,
+        residuals: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The prediction of [`intervene`] from checked values: down `chain` from `noise` under `values` (and the
         semantic `latent`, if any) by DDIM steps; with BDIA, the samples whose parents stay take BDIA's steps instead,
         the first landing on `previous` (the abducted state after u), so that they come back exactly, one UNet pass
         per step either way. Measured on the shipped MNIST pipeline, 64 held-out digits: BDIA steps for the changed
         samples too flipped 0.922 / 0.828 / 0.344 of them at 25 / 15 / 10 steps (their pair carries the factual
-        trajectory), DDIM steps 1.000 at each."""
+        trajectory), DDIM steps 1.000 at each. With the residual integrator every sample's DDIM step adds the
+        abducted `residuals` of that step, so that those whose parents stay land on their abducted states."""
         sample, above = noise.to(self._execution_device, self.state_dtype), None
         changed = guidance.changed.view(-1, 1, 1, 1) > 0 if guidance.any_changed else None
         self._num_timesteps, self._interrupt = len(chain), False
@@ -443,6 +472,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                 continue
             eps = self.guided_noise(sample, t, alpha_t, values, guidance, latent)
             moved = ddim_step(sample, eps, alpha_t, alpha_next, eta, generator)
+            if residuals is not None:  # every sample: those whose parents stay land on their abducted states
+                moved = moved + residuals[:, i].to(moved)
             if integrator == "bdia" and (i > 0 or previous is not None):  # the samples that stay come back exactly
                 if i == 0:
                     stay = previous.to(moved)
@@ -544,6 +575,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
             repeated.semantic_latent,
+            repeated.residuals,
         )
         if return_reconstruction:
             unchanged = self.parent_tensors(abduction.factual_values)
@@ -556,6 +588,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                     integrator,
                     abduction.previous,
                     latent=abduction.semantic_latent,
+                    residuals=abduction.residuals,
                 ),
                 output_type,
             )

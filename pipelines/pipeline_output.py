@@ -81,8 +81,10 @@ class Abduction(BaseOutput):
         num_inference_steps (`int`), strength (`float`), abduction_refinement_steps (`int`): the DDIM chain.
         cfg_scale (`dict[str, float]`): the classifier-free guidance scale of each parent (conditional mechanism).
         chain (`Chain`): the chain itself, which the prediction walks down (None: built from the settings above).
-        integrator (`str`): "ddim" or "bdia"; previous (`torch.Tensor`): BDIA's abducted state one step below u,
-            from which the prediction continues (None for DDIM).
+        integrator (`str`): "ddim", "bdia" or "residual"; previous (`torch.Tensor`): BDIA's abducted state one step
+            below u, from which the prediction continues (None otherwise).
+        residuals (`torch.Tensor` `(B, steps, C, H, W)`): the residual integrator's abducted gap of each step, the
+            abducted state below minus the DDIM step down to it, which the prediction adds back (None otherwise).
         semantic_latent (`torch.Tensor` `(B, latent_dim)`): semantic abduction's z = e(x) (None without an encoder).
     """
 
@@ -95,6 +97,7 @@ class Abduction(BaseOutput):
     chain: Chain | None = None
     integrator: str = "ddim"
     previous: torch.Tensor | None = None
+    residuals: torch.Tensor | None = None
     semantic_latent: torch.Tensor | None = None
 
     @property
@@ -109,6 +112,7 @@ class Abduction(BaseOutput):
             for name, tensor in (
                 ("noise", self.noise),
                 ("previous", self.previous),
+                ("residuals", self.residuals),
                 ("semantic_latent", self.semantic_latent),
             )
         }

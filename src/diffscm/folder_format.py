@@ -25,7 +25,7 @@ DEFAULTS = {  # every call's settings where a folder records none (guidance_scal
     "explained_classifier_scale": EXPLAINED_CLASSIFIER_SCALE,
     "integrator": "ddim",
 }
-INTEGRATORS = ("ddim", "bdia")  # DDIM with fixed-point refinement; BDIA-DDIM, exactly invertible
+INTEGRATORS = ("ddim", "bdia", "residual")  # DDIM refined by fixed point; BDIA-DDIM; DDIM with abducted residuals
 SETTINGS = tuple(DEFAULTS)
 RECORDS = ("training.json", "evaluation.md")  # a folder's own records of how its pipeline was made and measured
 CODE_LIBRARIES = ("diffusers", "transformers")  # components whose code plain diffusers already has
@@ -54,8 +54,12 @@ def default_guidance_scale(has_predictor: bool) -> float:
 
 def unet_passes(num_inference_steps: int, refinements: int, integrator: str, cfg_passes: int = 0) -> int:
     """UNet evaluations of one counterfactual (abduction and prediction): DDIM refines every inversion step, BDIA
-    only its first (then one pass per step each way)."""
-    abduction = num_inference_steps * (1 + refinements) if integrator == "ddim" else num_inference_steps + refinements
+    only its first (then one pass per step each way), the residual integrator every step and reads the noise of the
+    state reached (one more pass in all where K = 0, whose first step takes one fixed-point pass)."""
+    if integrator == "bdia":
+        abduction = num_inference_steps + refinements
+    else:
+        abduction = num_inference_steps * (1 + refinements) + (integrator == "residual" and refinements == 0)
     return (abduction + num_inference_steps) * (1 + cfg_passes)
 
 

@@ -83,8 +83,8 @@ def add_setting_options(parser: argparse.ArgumentParser, dtype: str = "float32")
         "--integrator",
         default=None,
         choices=INTEGRATORS,
-        help="ddim (with the refinement passes) or bdia (exactly invertible, one UNet pass per step; default: the "
-        "model's).",
+        help="ddim (with the refinement passes), bdia (exactly invertible, one UNet pass per step) or residual (DDIM "
+        "that abducts each step's residual too: exact, one more pass per step up; default: the model's).",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda when available).")
     parser.add_argument(
