@@ -27,6 +27,7 @@ from diffscm.data import heldout_rows, load_image_dataset
 from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.benchmark_judges import BenchmarkJudges
 from diffscm.evaluation.morphomnist import PARENTS, intervention_requests, judge
+from diffscm.folder_format import INTEGRATORS
 from diffscm.paths import shipped_checkpoint, shipped_data
 from diffscm.tables import markdown_table
 
@@ -43,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", nargs="*", default=[], help="NAME=v1,v2,... anti-causal values to try.")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--refinement", type=int, default=None)
+    parser.add_argument("--integrator", default=None, choices=INTEGRATORS, help="Default: the model's.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--save-defaults", action="store_true", help="Write the best setting into the --model folder.")
@@ -120,13 +122,20 @@ def main(args: argparse.Namespace):
     results = []
     for cfg in grid(args.cfg_scale):
         abduction = pipe.abduct(
-            images, factual, num_inference_steps=args.steps, abduction_refinement_steps=args.refinement, cfg_scale=cfg
+            images,
+            factual,
+            num_inference_steps=args.steps,
+            abduction_refinement_steps=args.refinement,
+            cfg_scale=cfg,
+            integrator=args.integrator,
         )
         for guidance in grid(args.guidance_scale):
             entry = {"cfg_scale": pipe.cfg_scales(cfg), "guidance_scale": pipe.guidance_scales(guidance)}
             for variable in PARENTS:
                 expected = requests[variable]
-                counterfactuals = pipe.intervene(abduction, {p: expected[p] for p in graph.image_parents}, guidance)
+                counterfactuals = pipe.intervene(
+                    abduction, {p: expected[p] for p in graph.image_parents}, guidance_scale=guidance
+                )
                 entry[f"do({variable})"] = judge(counterfactuals, expected, oracle, judges)
             entry["summary"] = summary(entry)
             entry["objective"] = float(np.mean([entry["summary"][k] / target for k, target in TARGETS.items()]))

@@ -256,7 +256,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             integrator: "ddim" (with the refinement above); "bdia", BDIA-DDIM (Zhang et al. 2024), exactly
                 invertible at one UNet pass per step; or "residual": DDIM inversion (refined K times) that also
                 records each step's residual, the gap between the abducted state below and the DDIM step down to it,
-                at one more UNet pass per step (the first step's counts for the next), which the prediction adds back.
+                which the prediction adds back (one more UNet pass per step, which also starts the next step: N + 1
+                passes in all at K = 0).
                 With either of the last two the null intervention returns the input to float error.
 
         Returns:

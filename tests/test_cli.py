@@ -222,13 +222,15 @@ def test_throughput_benchmark_reports_rates_and_the_chain(model_dirs, tmp_path):
     out = tmp_path / "throughput.md"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
     command = [sys.executable, str(script), "--model", str(pipeline_dir), "--num-samples", "2", "--batch-sizes", "1",
-               "2", "--dtypes", "float32", "--chains", "2:0", "2:1", "2:1:4:0", "bdia/3:0",
+               "2", "--dtypes", "float32", "--chains", "2:0", "2:1", "2:1:4:0", "bdia/3:0", "residual/3:0",
                "--out", str(out)]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
     data = json.loads(out.with_suffix(".json").read_text())
     assert [row["batch_size"] for row in data["throughput"]] == [1, 2]
-    assert [row["nfe"] for row in data["chains"]] == [4, 6, 3, 6]  # 2 + 2, 2 * (1 + 1) + 2, 4 / 4 + 2 (shared), 3 + 3
+    # 2 + 2, 2 * (1 + 1) + 2, 4 / 4 + 2 (shared), 3 + 3, (3 + 1) + 3
+    assert [row["nfe"] for row in data["chains"]] == [4, 6, 3, 6, 7]
     assert data["chains"][3]["integrator"] == "bdia" and data["chains"][3]["null_l1"] < 0.01
+    assert data["chains"][4]["integrator"] == "residual" and data["chains"][4]["null_l1"] < 0.01
     assert data["chains"][2]["targets_per_abduction"] == 4 and data["chains"][2]["guidance_scale"] == {"label": 0.0}
     assert "official code" in out.read_text() and all(
         row["counterfactuals_per_second"] > 0 for row in data["throughput"]

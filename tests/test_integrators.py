@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler
 
 from diffscm import DiffSCMPipeline
 from diffscm.evaluation.metrics import count_calls
+from diffscm.folder_format import unet_passes
 
 FLOAT_ERROR = 1e-4  # [0, 1] scale: 0.026 grey levels
 
@@ -71,9 +72,10 @@ def test_the_residual_integrator_takes_one_more_pass_per_step_up_and_carries_its
             )  # fmt: skip
         assert calls["samples"] / len(images) == steps * (1 + refinements) + (refinements == 0)
         assert abduction.residuals.shape == (len(images), steps, *images.shape[1:]) and abduction.previous is None
-        with count_calls(pipe.unet) as calls:
+        with count_calls(pipe.unet) as down:
             null = pipe.intervene(abduction)
-        assert calls["samples"] / len(images) == steps
+        assert down["samples"] / len(images) == steps
+        assert (calls["samples"] + down["samples"]) / len(images) == unet_passes(steps, refinements, "residual")
         assert l1(null, images) < FLOAT_ERROR
     ddim = pipe.abduct(images, {"label": labels}, num_inference_steps=steps, abduction_refinement_steps=0)
     assert l1(pipe.intervene(ddim), images) > 100 * FLOAT_ERROR, "without its residuals the chain does not come back"
@@ -81,6 +83,8 @@ def test_the_residual_integrator_takes_one_more_pass_per_step_up_and_carries_its
     assert torch.equal(repeated.residuals[::2], abduction.residuals)
     with pytest.raises(ValueError, match="`residuals` must be a tensor"):
         pipe.intervene(abduction.__class__(**(dict(abduction) | {"residuals": abduction.residuals[:, 1:]})))
+    with pytest.raises(ValueError, match="`residuals` contains NaN"):
+        pipe.intervene(abduction.__class__(**(dict(abduction) | {"residuals": abduction.residuals * float("nan")})))
     with pytest.raises(ValueError, match="carries residuals, but its integrator is 'ddim'"):
         pipe.intervene(ddim.__class__(**(dict(ddim) | {"residuals": abduction.residuals})))
 
