@@ -7,8 +7,11 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -97,6 +100,30 @@ def test_serve_takes_models_and_validates_the_device_before_loading(tiny_model, 
     assert build_app(tiny_model, device="cpu").delete_cache == CACHE_LIFETIME, "uploads and results do not pile up"
     with pytest.raises(SystemExit, match="--device 'cuda:7': this machine has no such device"):
         main(["serve", "--model", *tiny_model.values(), "--device", "cuda:7"])
+
+
+def test_the_server_loads_one_model_at_a_time(monkeypatch):
+    """Gradio serves requests in threads, and diffusers loads inside accelerate's init_empty_weights, which swaps
+    torch.nn.Module.register_parameter process-wide: overlapping loads once left it swapped (every module made after
+    got meta parameters)."""
+    inside, overlaps = [0], []
+
+    def slow_load(path, device, dtype):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        time.sleep(0.1)
+        inside[0] -= 1
+        return SimpleNamespace(set_progress_bar_config=lambda **kwargs: None, path=path)
+
+    monkeypatch.setattr("diffscm.hub.load_pipeline", slow_load)
+    demo = CounterfactualDemo({name: f"folder-{name}" for name in "abcd"}, device="cpu")
+    threads = [threading.Thread(target=demo.pipeline, args=(name,)) for name in "abcd" * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert max(overlaps) == 1 and len(overlaps) == 4, "each model loaded once, never two at a time"
+    assert demo.pipeline("c").path == "folder-c"
 
 
 def test_a_drawing_becomes_a_white_on_black_digit():

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import uuid
 from functools import cache
 from pathlib import Path
@@ -117,9 +118,21 @@ class CounterfactualDemo:
             raise FileNotFoundError("No pipeline to serve: none of the shipped checkpoints was found.")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype, self.options = dtype, {key: value for key, value in (options or {}).items() if value is not None}
-        self.pipeline = cache(self._load)
+        self._pipelines, self._oracles = cache(self._load), cache(self._load_oracle)
+        # One load at a time: diffusers loads inside accelerate's init_empty_weights, which swaps
+        # torch.nn.Module.register_parameter for the whole process; two of Gradio's worker threads loading at once
+        # could leave it swapped, and every module made afterwards in the process got meta parameters.
+        self._loading = threading.Lock()
         self.grids = tempfile.TemporaryDirectory(prefix="diffscm-serve-")  # removed with the demo
-        self._oracle = cache(self._load_oracle)
+
+    def pipeline(self, name: str):
+        """The served pipeline `name`, loaded once."""
+        with self._loading:
+            return self._pipelines(name)
+
+    def _oracle(self, folder: str):
+        with self._loading:
+            return self._oracles(folder)
 
     def _load_oracle(self, folder: str):
         from ..evaluation import DigitOracle
