@@ -92,8 +92,8 @@ def add_setting_options(parser: argparse.ArgumentParser, dtype: str = "float32")
         default=dtype,
         choices=DTYPES,
         help="Weights' precision; auto: bfloat16 where the device computes it natively (a CPU with AVX512-BF16 or "
-        f"AMX, a GPU that supports it), else float32 (default: {dtype}; the chain's states stay in float64, so BDIA "
-        "stays exact).",
+        f"AMX, a GPU that supports it), else float32 (default: {dtype}; the chain's states stay in float64, so the "
+        "exact integrators stay exact).",
     )
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
 
