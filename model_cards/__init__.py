@@ -106,6 +106,7 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
         num_inference_steps=steps,
         abduction_refinement_steps=refinements,
         integrator=defaults["integrator"],
+        hold_unchanged_parents=defaults["hold_unchanged_parents"] if conditional and len(parents) > 1 else None,
         unet_evaluations=unet_passes(steps, refinements, defaults["integrator"], cfg_passes if conditional else 0),
         missing_code=missing_remote_code(folder),
         shims=installed_code_shims(folder),

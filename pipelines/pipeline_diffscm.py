@@ -96,8 +96,10 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
     The image's mechanism (`pipe.mechanism`) is **classifier-guided** (the paper's: an unconditional eps_theta(x_t, t)
     steered by the noise-aware anti-causal predictors, eps - sqrt(1 - alpha_bar_t) sum_k s_k grad log p(pa_k* | x_t))
     or **conditional** (eps_theta(x_t, t, pa), x = f(pa, u) itself, with classifier-free guidance per parent, the same
-    both ways; anti-causal guidance may act on top). Anti-causal guidance acts on every parent of a sample whose
-    parents change, and on none of one left unchanged, so that do(parents = factual values) returns the input.
+    both ways; anti-causal guidance may act on top). Anti-causal guidance acts on no sample left unchanged, so that
+    do(parents = factual values) returns the input, and on every parent of an intervened one, towards their
+    counterfactual values: it holds the unchanged parents too. A conditional mechanism takes its parents itself, so
+    with `hold_unchanged_parents=False` it guides only the parents that change.
 
     Parameters:
         unet ([`UNet2DModel`]): eps_theta (epsilon prediction); `class_embed_type="identity"` when conditional.
@@ -110,6 +112,9 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         causal_graph (`dict`): the [`~diffscm.scm.CausalGraph`] config (default: one categorical parent -> image).
         guidance_scale, cfg_scale (`float` or `{parent: float}`), num_inference_steps, abduction_refinement_steps,
             explained_classifier_scale: the defaults of every call (anti-causal s: 1 with a predictor, else 0).
+        hold_unchanged_parents (`bool`): a conditional mechanism's anti-causal guidance also holds the parents that
+            an intervention leaves unchanged (a classifier-guided mechanism's always does); False guides only the
+            parents that change.
     """
 
     model_cpu_offload_seq = "classifier->semantic_encoder->parent_embedding->unet"
@@ -130,6 +135,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         abduction_refinement_steps: int = DEFAULTS["abduction_refinement_steps"],
         explained_classifier_scale: float = DEFAULTS["explained_classifier_scale"],
         integrator: str = DEFAULTS["integrator"],
+        hold_unchanged_parents: bool = DEFAULTS["hold_unchanged_parents"],
     ):
         super().__init__()
         if guidance_scale is None:
@@ -154,12 +160,15 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             abduction_refinement_steps=abduction_refinement_steps,
             explained_classifier_scale=explained_classifier_scale,
             integrator=integrator,
+            hold_unchanged_parents=hold_unchanged_parents,
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False)
         self.guidance_scales(guidance_scale)
         self.cfg_scales(cfg_scale)
         check_scale("explained_classifier_scale", explained_classifier_scale)
         self.check_integrator(integrator)
+        if not isinstance(hold_unchanged_parents, bool):
+            raise ValueError(f"`hold_unchanged_parents` must be True or False, got {hold_unchanged_parents!r}.")
         self._interrupt, self._num_timesteps = False, 0
 
     @property
@@ -388,7 +397,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             parent_values: every parent of the image, `{parent: value or one per sample}`, or a class for one
                 categorical parent; None: the factual values.
             guidance_scale: anti-causal s, or `{parent: s}`; it acts only on samples whose parents change, towards
-                all their counterfactual values.
+                all their counterfactual values (a conditional mechanism's with `hold_unchanged_parents=False`: only
+                on the parents that change).
             eta, generator: eta > 0 with `generator`: stochastic DDIM.
             output_type: "pil", "np", "pt" or "latent" (the raw sample in [-1, 1]).
             callback_on_step_end, callback_on_step_end_tensor_inputs: a callback may replace `"sample"` or set
@@ -689,10 +699,15 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
     def prepare_guidance(
         self, scales: dict, cfg_scale: dict, factual: dict, values: dict, explained, explained_gradient: str, guides
     ) -> Guidance:
-        """The guides of one prediction from checked scales: the anti-causal predictor on the samples whose parents
-        change (every parent of those), or the explained classifier on the categorical parent, then `guides`."""
-        intervened = torch.stack([values[name] != factual[name] for name in values]).any(0).float()
-        anticausal = {name: scale * intervened for name, scale in scales.items() if scale and intervened.any()}
+        """The guides of one prediction from checked scales: the anti-causal predictor, or the explained classifier
+        on the categorical parent, then `guides`. The predictor acts only on samples whose parents change, on all
+        their parents, or only on those that change (a conditional mechanism without `hold_unchanged_parents`);
+        measured in docs/guidance-of-unchanged-parents.md."""
+        changed = {name: (values[name] != factual[name]).float() for name in values}
+        intervened = torch.stack(list(changed.values())).amax(0)
+        if self.mechanism == "classifier-guided" or self.config.hold_unchanged_parents:
+            changed = dict.fromkeys(changed, intervened)
+        anticausal = {name: scale * changed[name] for name, scale in scales.items() if scale and changed[name].any()}
         steering = []
         if explained is not None:
             parent = self.single_categorical_parent()

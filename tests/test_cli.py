@@ -127,12 +127,14 @@ def test_an_evaluation_makes_its_settings_the_models_defaults(model_dirs, tmp_pa
     folder = tmp_path / "pipeline"
     shutil.copytree(model_dirs[0], folder)
     argv = ["evaluate", "--model", str(folder), "--oracle", str(oracle_dir), "--num-samples", "2", "--quiet",
-            "--integrator", "bdia", "--num-inference-steps", "3", "--save-defaults",
+            "--integrator", "bdia", "--num-inference-steps", "3", "--no-hold-unchanged-parents", "--save-defaults",
             "--out", str(tmp_path / "e")]  # fmt: skip
     with mock.patch.object(sys, "argv", ["diffscm", *argv]):
         main(argv)
     pipe = DiffSCMPipeline.from_pretrained(folder)
-    assert (pipe.config.integrator, pipe.config.num_inference_steps) == ("bdia", 3)
+    assert (pipe.config.integrator, pipe.config.num_inference_steps, pipe.config.hold_unchanged_parents) == (
+        "bdia", 3, False
+    )  # fmt: skip
     assert pipe.config.guidance_scale == 1.0, "a setting not given keeps its value"
     record = json.loads((folder / "training.json").read_text())
     assert "--save-defaults" in record["defaults_command"] and "integrator` bdia" in (folder / "README.md").read_text()

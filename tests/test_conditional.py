@@ -40,6 +40,25 @@ def test_do_position_moves_the_blob_without_any_anti_causal_guidance(conditional
     assert sum(bool(m) for m in moved) >= 5
 
 
+def test_anti_causal_guidance_holds_the_unchanged_parents_unless_told_not_to(conditional_pipeline, factual_images):
+    images, labels = factual_images
+    factual = {"position": labels, "brightness": torch.full((len(labels),), 0.75)}
+    abduction = conditional_pipeline.abduct(images, factual, num_inference_steps=4)
+    moved = {"position": 1 - labels, "brightness": factual["brightness"]}
+    unguided = conditional_pipeline.intervene(abduction, moved, guidance_scale=0.0)
+    held = conditional_pipeline.intervene(abduction, moved, guidance_scale={"brightness": 5.0, "position": 0.0})
+    assert (held - unguided).abs().amax(dim=(1, 2, 3)).min() > 1e-3, "by default it holds the unchanged brightness"
+    free = DiffSCMPipeline(**conditional_pipeline.components, causal_graph=TINY_GRAPH, hold_unchanged_parents=False)
+    free.set_progress_bar_config(disable=True)
+    left = free.intervene(abduction, moved, guidance_scale={"brightness": 5.0, "position": 0.0})
+    torch.testing.assert_close(left, unguided)  # the mechanism takes the unchanged brightness itself
+    steered = free.intervene(abduction, moved, guidance_scale={"brightness": 0.0, "position": 5.0})
+    assert (steered - unguided).abs().amax(dim=(1, 2, 3)).min() > 1e-3, "the changed position is guided"
+    torch.testing.assert_close(free.intervene(abduction, None), conditional_pipeline.intervene(abduction, None))
+    with pytest.raises(ValueError, match="`hold_unchanged_parents` must be True or False"):
+        DiffSCMPipeline(**conditional_pipeline.components, causal_graph=TINY_GRAPH, hold_unchanged_parents="yes")
+
+
 def test_the_mechanism_alone_draws_what_its_parents_say_from_fresh_noise(conditional_pipeline):
     position = torch.tensor([0, 1] * 6)
     values = {"position": position, "brightness": 0.9}

@@ -24,6 +24,7 @@ DEFAULTS = {  # every call's settings where a folder records none (guidance_scal
     "abduction_refinement_steps": 0,
     "explained_classifier_scale": EXPLAINED_CLASSIFIER_SCALE,
     "integrator": "ddim",
+    "hold_unchanged_parents": True,
 }
 INTEGRATORS = ("ddim", "bdia", "residual")  # DDIM refined by fixed point; BDIA-DDIM; DDIM with abducted residuals
 SETTINGS = tuple(DEFAULTS)

@@ -58,6 +58,13 @@ def add_pipeline_options(
     """--model and the settings of the pipeline's call, each defaulting to the checkpoint's own (--dtype: `dtype`)."""
     parser.add_argument("--model", default=None, help=f"Pipeline folder or Hub id (default: {model_help}).")
     add_setting_options(parser, dtype)
+    parser.add_argument(
+        "--hold-unchanged-parents",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Conditional models: anti-causal guidance also holds the parents that an intervention leaves unchanged "
+        "(default: the model's).",
+    )
 
 
 def add_setting_options(parser: argparse.ArgumentParser, dtype: str = "float32"):
@@ -172,9 +179,15 @@ def pipeline_options(args: argparse.Namespace) -> dict:
     }
 
 
+def config_options(args: argparse.Namespace) -> dict:
+    """The settings given by `add_pipeline_options`' flags that the pipeline takes when it loads, not per call."""
+    return {} if args.hold_unchanged_parents is None else {"hold_unchanged_parents": args.hold_unchanged_parents}
+
+
 def settings_used(pipe, options: dict) -> dict:
     """The settings that a call with `options` runs with: the given ones, the pipeline's config for the rest."""
-    return {key: pipe.config[key] if value is None else value for key, value in options.items()}
+    used = {key: pipe.config[key] if value is None else value for key, value in options.items()}
+    return used | {"hold_unchanged_parents": pipe.config.hold_unchanged_parents}
 
 
 def check_output_dir(path: str, flag: str = "--out") -> str:

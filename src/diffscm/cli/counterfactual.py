@@ -16,6 +16,7 @@ from ..options import (
     add_dataset_options,
     add_pipeline_options,
     check_output_dir,
+    config_options,
     device_and_dtype,
     parse_assignments,
     pipeline_options,
@@ -57,7 +58,7 @@ def counterfactual(args: argparse.Namespace):
     images = [read_image(path) for path in args.images]
     names = unique_stems(args.images)
     check_outputs_free(Path(args.out), args.images, names, args.overwrite)
-    pipe = hub.load_pipeline(args.model, *device_and_dtype(args))
+    pipe = hub.load_pipeline(args.model, *device_and_dtype(args), **config_options(args))
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     request = {"factual_values": parse_assignments(args.factual, "--factual")}
     if args.target is not None:
@@ -102,7 +103,7 @@ def dataset_counterfactuals(args: argparse.Namespace):
     )
     if args.num_images is not None:
         dataset = dataset.select(range(min(args.num_images, len(dataset))))
-    pipe = hub.load_pipeline(args.model, *device_and_dtype(args))
+    pipe = hub.load_pipeline(args.model, *device_and_dtype(args), **config_options(args))
     pipe.set_progress_bar_config(disable=True)
     if args.target is not None:
         parent = pipe.single_categorical_parent()

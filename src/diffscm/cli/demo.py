@@ -9,7 +9,14 @@ import torch
 
 from .. import hub, morphometrics
 from ..data import BUNDLED_MNIST, heldout_rows, load_bundled_mnist, load_image_dataset
-from ..options import add_dataset_options, add_pipeline_options, check_output_dir, device_and_dtype, pipeline_options
+from ..options import (
+    add_dataset_options,
+    add_pipeline_options,
+    check_output_dir,
+    config_options,
+    device_and_dtype,
+    pipeline_options,
+)
 from ..paths import shipped_checkpoint, shipped_data
 from ..tables import markdown_table
 
@@ -56,7 +63,7 @@ def demo(args: argparse.Namespace):
     args.out = args.out or str(Path("diffscm-demo") / (Path(args.model or hub.DEFAULT_MODEL).name + setting))
     check_output_dir(args.out)
     device, dtype = device_and_dtype(args)
-    pipe = hub.load_pipeline(args.model, device, dtype)
+    pipe = hub.load_pipeline(args.model, device, dtype, **config_options(args))
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     if len(pipe.causal_graph.image_parents) > 1 or args.dataset:
         return scm_demo(pipe, args)

@@ -18,6 +18,7 @@ from ..options import (
     add_dataset_options,
     add_pipeline_options,
     check_output_dir,
+    config_options,
     device_and_dtype,
     pipeline_options,
     settings_used,
@@ -173,7 +174,10 @@ def evaluate_scm(args: argparse.Namespace):
         f"{split['num_heldout']:,}{extra})",
         "guidance_scale": pipe.guidance_scales(options["guidance_scale"]),
         "cfg_scale": pipe.cfg_scales(options["cfg_scale"]),
-        **{key: used[key] for key in ("num_inference_steps", "abduction_refinement_steps", "integrator")},
+        **{
+            key: used[key]
+            for key in ("num_inference_steps", "abduction_refinement_steps", "integrator", "hold_unchanged_parents")
+        },
         "unet_evaluations_per_counterfactual": nfe,
         "composition_images": min(args.composition_samples, len(rows)),
         "generation_steps": GENERATION_STEPS,
@@ -329,6 +333,7 @@ def write_report(args: argparse.Namespace, command: str, result: dict, report: s
         print(f"Updated the model card {model}/README.md")
     if args.save_defaults:
         chosen = {key: value for key, value in pipeline_options(args).items() if value is not None}
+        chosen |= config_options(args)
         hub.write_defaults(model, _command_line(command), **chosen)
         print(f"Made {chosen} the defaults of {model}")
 
@@ -338,7 +343,7 @@ def load_for_evaluation(args: argparse.Namespace, model: str):
     check_output_dir(args.out)
     check_save_defaults(args, model)
     device, dtype = device_and_dtype(args)
-    pipe = hub.load_pipeline(model, device, dtype)
+    pipe = hub.load_pipeline(model, device, dtype, **config_options(args))
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
     return pipe, device
 
@@ -347,7 +352,7 @@ def check_save_defaults(args: argparse.Namespace, model: str):
     """--save-defaults, refused before any work unless settings are given and the model is a local folder."""
     if not args.save_defaults:
         return
-    if not any(value is not None for value in pipeline_options(args).values()):
+    if not (any(value is not None for value in pipeline_options(args).values()) or config_options(args)):
         raise ValueError("--save-defaults saves the settings given (--integrator, --num-inference-steps): none was.")
     if not os.path.isfile(os.path.join(model, "model_index.json")):
         raise ValueError(f"--save-defaults needs a local pipeline folder, not {model!r}.")

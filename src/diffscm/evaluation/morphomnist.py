@@ -189,7 +189,8 @@ def report(result: dict) -> str:
     lines = [
         f"{settings['num_images']} held-out Morpho-MNIST digits (after the first "
         f"{settings['skipped_heldout_images']}), {settings['model']} ({settings['mechanism']} mechanism), "
-        f"anti-causal guidance {settings['guidance_scale']}, "
+        f"anti-causal guidance {settings['guidance_scale']}"
+        f"{'' if settings.get('hold_unchanged_parents', True) else ' (only on the parents that change)'}, "
         f"classifier-free guidance {settings['cfg_scale']}, {settings['num_inference_steps']} steps "
         f"({settings.get('integrator', 'ddim')}), {settings['abduction_refinement_steps']} abduction refinement "
         "pass(es) per step "
