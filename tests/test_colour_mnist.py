@@ -1,6 +1,7 @@
 """Colour-MNIST: the colouring, its exact do(hue) ground truth and the shipped imagefolder."""
 
 import csv
+import json
 from pathlib import Path
 
 import datasets
@@ -92,3 +93,18 @@ def test_the_hue_shift_benchmark_bins_by_how_far_the_two_colours_lie_apart():
 
     cosine = rgb_cosine(np.array([0.0, 0.0, 0.0, 1 / 6]), np.array([0.0, 0.5, 1 / 3, 0.0]))
     assert np.allclose(cosine, [1.0, 0.0, 0.0, np.sqrt(0.5)])  # red with red, cyan, green; yellow with red
+
+
+def test_the_small_shift_requests_go_round_the_hue_circle_and_keep_the_digit():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from colour_hue_shift import shifted
+
+    from diffscm.scm import CausalGraph
+
+    index = ROOT / "checkpoints" / "in-progress" / "colour-mnist-conditional" / "model_index.json"
+    graph = CausalGraph.from_config(json.loads(index.read_text())["causal_graph"])
+    factual = {"digit": np.array([3, 7]), "hue": np.array([0.95, 0.2])}
+    request = shifted(graph, factual, 0.1)
+    assert np.allclose(request["hue"], [0.05, 0.3]) and list(request["digit"]) == [3, 7]
