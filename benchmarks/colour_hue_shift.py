@@ -24,7 +24,7 @@ from diffscm import hub
 from diffscm.colour_mnist import colour, measured_hue_error, true_recolouring
 from diffscm.data import heldout_rows, load_image_dataset
 from diffscm.evaluation.protocol import intervention_values
-from diffscm.options import config_options
+from diffscm.options import add_hold_option, config_options
 from diffscm.tables import markdown_table
 
 BINS = ((-1.0, 0.3), (0.3, 0.7), (0.7, 1.0))
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--out", required=True, help="The Markdown table (a JSON beside it).")
     parser.add_argument("--shifts", type=float, nargs="+", default=None, help="Hue shifts (fractions of the circle).")
-    parser.add_argument("--hold-unchanged-parents", action=argparse.BooleanOptionalAction, default=None)
+    add_hold_option(parser)
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error("--num-samples must be >= 1.")

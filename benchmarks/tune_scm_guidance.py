@@ -28,7 +28,7 @@ from diffscm.evaluation import DigitOracle
 from diffscm.evaluation.benchmark_judges import BenchmarkJudges
 from diffscm.evaluation.morphomnist import PARENTS, intervention_requests, judge
 from diffscm.folder_format import INTEGRATORS
-from diffscm.options import config_options
+from diffscm.options import add_hold_option, config_options
 from diffscm.paths import shipped_checkpoint, shipped_data
 from diffscm.tables import markdown_table
 
@@ -46,12 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--refinement", type=int, default=None)
     parser.add_argument("--integrator", default=None, choices=INTEGRATORS, help="Default: the model's.")
-    parser.add_argument(
-        "--hold-unchanged-parents",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Anti-causal guidance also holds the parents an intervention leaves unchanged (default: the model's).",
-    )
+    add_hold_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--save-defaults", action="store_true", help="Write the best setting into the --model folder.")

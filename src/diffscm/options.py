@@ -58,6 +58,11 @@ def add_pipeline_options(
     """--model and the settings of the pipeline's call, each defaulting to the checkpoint's own (--dtype: `dtype`)."""
     parser.add_argument("--model", default=None, help=f"Pipeline folder or Hub id (default: {model_help}).")
     add_setting_options(parser, dtype)
+    add_hold_option(parser)
+
+
+def add_hold_option(parser: argparse.ArgumentParser):
+    """--[no-]hold-unchanged-parents, a loading setting (`config_options`)."""
     parser.add_argument(
         "--hold-unchanged-parents",
         action=argparse.BooleanOptionalAction,
@@ -180,7 +185,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
 
 
 def config_options(args: argparse.Namespace) -> dict:
-    """The settings given by `add_pipeline_options`' flags that the pipeline takes when it loads, not per call."""
+    """The settings given by `add_hold_option`'s flag that the pipeline takes when it loads, not per call."""
     return {} if args.hold_unchanged_parents is None else {"hold_unchanged_parents": args.hold_unchanged_parents}
 
 
