@@ -63,8 +63,10 @@ def main(argv=None):
     images = (pipe.preprocess([row["image"] for row in rows]) + 1) / 2
     abduction = pipe.abduct(images, {name: factual[name] for name in graph.image_parents})
     command = shlex.join(["python", *sys.argv])
-    tabulate = by_shift if args.shifts else by_cosine
-    intro, header, table = tabulate(pipe, abduction, images, factual, args.shifts)
+    if args.shifts:
+        intro, header, table = by_shift(pipe, abduction, images, factual, args.shifts)
+    else:
+        intro, header, table = by_cosine(pipe, abduction, images, factual)
     text = (
         f"{intro} on {len(rows)} held-out images of {args.dataset}, {args.model} (grey levels, 0-255; "
         f"hold_unchanged_parents={pipe.config.hold_unchanged_parents}). `{command}`\n\n"
@@ -77,10 +79,10 @@ def main(argv=None):
     print(text)
 
 
-def by_cosine(pipe, abduction, images: torch.Tensor, factual: dict, shifts=None):
+def by_cosine(pipe, abduction, images: torch.Tensor, factual: dict):
     """The protocol's do(hue) requests, by the cosine between the two hues' RGB colours."""
     expected = intervention_values(pipe.causal_graph, factual, seed=0)["hue"]
-    moved, unchanged, counterfactuals = do_hue(pipe, abduction, images, expected, mean=False)
+    moved, unchanged, counterfactuals = do_hue(pipe, abduction, images, expected)
     cosine = rgb_cosine(factual["hue"], expected["hue"])
     table = []
     for low, high in BINS:
@@ -95,10 +97,10 @@ def by_cosine(pipe, abduction, images: torch.Tensor, factual: dict, shifts=None)
 
 def by_shift(pipe, abduction, images: torch.Tensor, factual: dict, shifts: list[float]):
     """do(hue = factual hue + shift), one row per shift."""
-    table = [
-        [f"{shift:g}", len(images), *do_hue(pipe, abduction, images, shifted(pipe.causal_graph, factual, shift))[:2]]
-        for shift in shifts
-    ]
+    table = []
+    for shift in shifts:
+        moved, unchanged, _ = do_hue(pipe, abduction, images, shifted(pipe.causal_graph, factual, shift))
+        table.append([f"{shift:g}", len(images), moved.mean(), unchanged.mean()])
     return "do(hue = factual hue + shift)", ["hue shift", *COLUMNS], table
 
 
@@ -107,14 +109,14 @@ def shifted(graph, factual: dict, shift: float) -> dict:
     return graph.counterfactual(factual, {"hue": (np.asarray(factual["hue"]) + shift) % 1.0})
 
 
-def do_hue(pipe, abduction, images: torch.Tensor, expected: dict, mean: bool = True):
-    """The counterfactuals' and the unchanged images' L1 to the true recolouring (grey levels; per image unless
-    `mean`), and the counterfactuals."""
+def do_hue(pipe, abduction, images: torch.Tensor, expected: dict):
+    """The counterfactuals' and the unchanged images' L1 to the true recolouring (grey levels, per image), and the
+    counterfactuals."""
     counterfactuals = pipe.intervene(abduction, {name: expected[name] for name in pipe.causal_graph.image_parents})
     truth = true_recolouring(images, expected)
     moved = ((counterfactuals - truth).abs().mean(dim=(1, 2, 3)) * 255).numpy()
     unchanged = ((images - truth).abs().mean(dim=(1, 2, 3)) * 255).numpy()
-    return (moved.mean(), unchanged.mean(), counterfactuals) if mean else (moved, unchanged, counterfactuals)
+    return moved, unchanged, counterfactuals
 
 
 if __name__ == "__main__":

@@ -332,8 +332,7 @@ def write_report(args: argparse.Namespace, command: str, result: dict, report: s
         hub.write_evaluation(model, _command_line(command), report, fidelity)
         print(f"Updated the model card {model}/README.md")
     if args.save_defaults:
-        chosen = {key: value for key, value in pipeline_options(args).items() if value is not None}
-        chosen |= config_options(args)
+        chosen = settings_given(args)
         hub.write_defaults(model, _command_line(command), **chosen)
         print(f"Made {chosen} the defaults of {model}")
 
@@ -352,10 +351,15 @@ def check_save_defaults(args: argparse.Namespace, model: str):
     """--save-defaults, refused before any work unless settings are given and the model is a local folder."""
     if not args.save_defaults:
         return
-    if not (any(value is not None for value in pipeline_options(args).values()) or config_options(args)):
+    if not settings_given(args):
         raise ValueError("--save-defaults saves the settings given (--integrator, --num-inference-steps): none was.")
     if not os.path.isfile(os.path.join(model, "model_index.json")):
         raise ValueError(f"--save-defaults needs a local pipeline folder, not {model!r}.")
+
+
+def settings_given(args: argparse.Namespace) -> dict:
+    """The settings that the command line names (what --save-defaults saves): the call's and the loading ones."""
+    return {key: value for key, value in pipeline_options(args).items() if value is not None} | config_options(args)
 
 
 def _command_line(command: str) -> str:
