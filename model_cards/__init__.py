@@ -61,7 +61,7 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
     index = read_json(folder, "model_index.json")
     unet = read_json(folder / "unet", "config.json")
     scheduler = read_json(folder / "scheduler", "scheduler_config.json")
-    components = ("classifier", "parent_embedding", "semantic_encoder")
+    components = ("classifier", "parent_embedding", "semantic_encoder", "colour_map")
     present = {name: recorded(index, name) and (folder / name).is_dir() for name in components}
     conditional, has_classifier = present["parent_embedding"], present["classifier"]
     graph = causal_graph(index.get("causal_graph"), _parent_specs(folder, has_classifier, conditional))
@@ -97,6 +97,8 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
         semantic_latent_dim=present["semantic_encoder"]
         and read_json(folder / "semantic_encoder", "config.json")["latent_dim"],
         semantic_params=present["semantic_encoder"] and _format_count(_count_params(folder / "semantic_encoder")),
+        colour_reference=present["colour_map"] and _colour_reference(folder / "colour_map", graph),
+        colour_map_params=present["colour_map"] and _format_count(_count_params(folder / "colour_map")),
         resolution=unet["sample_size"],
         channels=unet["in_channels"],
         num_train_timesteps=scheduler.get("num_train_timesteps", 1000),
@@ -119,6 +121,15 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
         predictor_metrics=_predictor_metrics(record) if record else None,
         evaluation=_evaluation_section(folder),
     )
+
+
+def _colour_reference(folder: Path, graph: CausalGraph) -> str:
+    """The colour map's parents at their reference values, e.g. `hue` (reference 0.5) or `color` (reference red)."""
+    shown = []
+    for name, value in read_json(folder, "config.json")["reference"].items():
+        classes = graph.nodes[name].classes
+        shown.append(f"`{name}` (reference {classes[value] if classes else f'{value:g}'})")
+    return ", ".join(shown)
 
 
 def write_oracle_card(oracle_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:

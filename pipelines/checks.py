@@ -154,7 +154,27 @@ def check_semantic_encoder(encoder, unet, parent_embedding):
 MAX_SAMPLE_SIZE = 4096  # larger: an input resized to it would take gigabytes before the first UNet pass
 
 
-def check_components(unet, scheduler, classifier, parent_embedding, graph, semantic_encoder=None):
+def check_colour_map(colour_map, unet, parent_embedding, graph):
+    """A colour map sets some parents of a conditional UNet's image, on the UNet's images."""
+    if parent_embedding is None:
+        raise ValueError(
+            "A `colour_map` holds its parents at reference values for a conditional UNet: it needs a "
+            "`parent_embedding`."
+        )
+    if colour_map.config.num_channels != unet.config.in_channels:
+        raise ValueError(
+            f"The colour map maps {colour_map.config.num_channels} channels; the UNet takes {unet.config.in_channels}."
+        )
+    specs = graph.parent_specs()
+    for name, spec in colour_map.parents.items():
+        if specs.get(name) != spec:
+            raise ValueError(
+                f"The colour map's parent {name!r} ({spec}) is not the causal graph's parent of the image "
+                f"({specs.get(name)})."
+            )
+
+
+def check_components(unet, scheduler, classifier, parent_embedding, graph, semantic_encoder=None, colour_map=None):
     """The components fit each other and the causal graph."""
     size = unet.config.sample_size
     if not isinstance(size, int) or not 1 <= size <= MAX_SAMPLE_SIZE:
@@ -187,6 +207,8 @@ def check_components(unet, scheduler, classifier, parent_embedding, graph, seman
             )
     if semantic_encoder is not None:
         check_semantic_encoder(semantic_encoder, unet, parent_embedding)
+    if colour_map is not None:
+        check_colour_map(colour_map, unet, parent_embedding, graph)
     if classifier is None:
         return
     for name in ("in_channels", "sample_size"):

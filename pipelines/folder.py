@@ -19,6 +19,7 @@ from huggingface_hub import snapshot_download
 
 from diffscm.folder_format import COMPONENTS, RECORDS, SETTINGS, recorded
 from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor
+from diffscm.models.colour_map import ParentColourMap
 from diffscm.models.parent_embedding import ParentEmbedding
 from diffscm.models.semantic_encoder import SemanticEncoder
 
@@ -27,6 +28,7 @@ MODELS = {
     "unet": UNet2DModel,
     "parent_embedding": ParentEmbedding,
     "semantic_encoder": SemanticEncoder,
+    "colour_map": ParentColourMap,
 }  # the classifier's class is recorded
 SCHEDULER = "scheduler"
 DOWNLOAD_KEYWORDS = ("revision", "cache_dir", "token", "local_files_only")

@@ -25,6 +25,7 @@ from diffscm.folder_format import (
 from diffscm.folder_format import causal_graph as folder_causal_graph
 from diffscm.image_processing import PipelineImageInput, preprocess_images
 from diffscm.models.anticausal import AntiCausalClassifier, AntiCausalPredictor  # noqa: F401  (remote code copies direct imports)
+from diffscm.models.colour_map import ParentColourMap  # noqa: F401  (remote code copies direct imports)
 from diffscm.models.explained_classifier import ExplainedClassifier
 from diffscm.models.parent_embedding import ParentEmbedding  # noqa: F401  (remote code copies direct imports)
 from diffscm.models.semantic_encoder import SemanticEncoder  # noqa: F401  (remote code copies direct imports)
@@ -109,6 +110,10 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         parent_embedding ([`ParentEmbedding`], *optional*): the parents as the UNet's class conditioning.
         semantic_encoder ([`SemanticEncoder`], *optional*, conditional only): semantic abduction, z = e(x) read from
             the factual image and added to the parents' conditioning both ways (z ~ N(0, I) for `generate`).
+        colour_map ([`ParentColourMap`], *optional*, conditional only): the parents that act on the image only through
+            its colours, a colour matrix x = A(c) y per pixel; the UNet draws y with those parents at their reference
+            values, abduction maps the factual image there and prediction back under the counterfactual values, and the
+            guides and callbacks see the image at the reference colour.
         causal_graph (`dict`): the [`~diffscm.scm.CausalGraph`] config (default: one categorical parent -> image).
         guidance_scale, cfg_scale (`float` or `{parent: float}`), num_inference_steps, abduction_refinement_steps,
             explained_classifier_scale: the defaults of every call (anti-causal s: 1 with a predictor, else 0).
@@ -117,8 +122,8 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             parents that change.
     """
 
-    model_cpu_offload_seq = "classifier->semantic_encoder->parent_embedding->unet"
-    _optional_components = ["classifier", "parent_embedding", "semantic_encoder"]
+    model_cpu_offload_seq = "classifier->colour_map->semantic_encoder->parent_embedding->unet"
+    _optional_components = ["classifier", "parent_embedding", "semantic_encoder", "colour_map"]
     _callback_tensor_inputs = ["sample"]
 
     def __init__(
@@ -128,6 +133,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         classifier: ModelMixin | None = None,  # ModelMixin: plain diffusers loads a component's remote code twice
         parent_embedding: ModelMixin | None = None,
         semantic_encoder: ModelMixin | None = None,
+        colour_map: ModelMixin | None = None,
         causal_graph: dict | None = None,
         guidance_scale: ScaleInput | None = None,
         cfg_scale: ScaleInput = DEFAULTS["cfg_scale"],
@@ -144,13 +150,16 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             # DDIM (abduction inverts it), never clipped: a clipped step cannot be inverted.
             scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
         self.causal_graph = pipeline_causal_graph(causal_graph, classifier, parent_embedding)
-        check_components(unet, scheduler, classifier, parent_embedding, self.causal_graph, semantic_encoder)
+        check_components(
+            unet, scheduler, classifier, parent_embedding, self.causal_graph, semantic_encoder, colour_map
+        )
         self.register_modules(
             unet=unet,
             scheduler=scheduler,
             classifier=classifier,
             parent_embedding=parent_embedding,
             semantic_encoder=semantic_encoder,
+            colour_map=colour_map,
         )
         self.register_to_config(
             causal_graph=self.causal_graph.to_config(),
@@ -317,8 +326,10 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         below it at one noise estimate, exactly what the prediction undoes. Residual: each step from the noise of the
         state below (refined K times), then the residual x_next - DDIM(x_t -> x_next) at the noise of the state
         reached, which is also where the next step starts."""
-        parents, latent = self.parent_tensors(factual), self.semantic_latent(sample)
-        sample, alphas = sample.to(self.state_dtype), chain.alphas
+        factual_parents = self.parent_tensors(factual)
+        parents = self.reference_colour_values(factual_parents)  # the values the UNet draws the image under
+        sample = self.to_reference_colour(sample.to(self.state_dtype), factual_parents)
+        latent, alphas = self.semantic_latent(sample), chain.alphas
         eps, below = torch.zeros_like(sample), None  # each step starts from the previous step's noise estimate
         residuals = [None] * len(chain) if integrator == "residual" else None
         for k in self.progress_bar(range(len(chain) - 1, -1, -1)):  # x at alphas[k + 1] -> x at alphas[k]
@@ -337,7 +348,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                 residuals[k] = sample - ddim_step(guess, eps, alpha_t, alpha_next)
             sample, below = guess, sample
         check_finite(sample, "The abducted noise", cfg_scales)
-        values = {name: value.cpu().numpy() for name, value in parents.items()}
+        values = {name: value.cpu().numpy() for name, value in factual_parents.items()}
         previous = below if integrator == "bdia" else None
         return Abduction(
             noise=sample,
@@ -368,7 +379,22 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
 
     def semantic_latent(self, sample: torch.Tensor) -> torch.Tensor | None:
         """Semantic abduction: the posterior mean of z for each factual image (None without a semantic encoder)."""
-        return None if self.semantic_encoder is None else self.semantic_encoder(sample)[0].float()
+        return None if self.semantic_encoder is None else self.semantic_encoder(sample.float())[0].float()
+
+    def reference_colour_values(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The parents' values as the UNet and the guides see them: a colour map's parents at their reference."""
+        if self.colour_map is None:
+            return values
+        reference = self.colour_map.config.reference
+        return {name: torch.full_like(v, reference[name]) if name in reference else v for name, v in values.items()}
+
+    def to_reference_colour(self, sample: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A factual image under its parents' `values` -> at the colour map's reference colour (itself without one)."""
+        return sample if self.colour_map is None else self.colour_map.to_reference(sample, values)
+
+    def from_reference_colour(self, sample: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The image at the reference colour -> under the parents' `values` (itself without a colour map)."""
+        return sample if self.colour_map is None else self.colour_map(sample, values)
 
     @torch.no_grad()
     def intervene(
@@ -466,13 +492,15 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         residuals: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The prediction of [`intervene`] from checked values: down `chain` from `noise` under `values` (and the
-        semantic `latent`, if any) by DDIM steps; with BDIA, the samples whose parents stay take BDIA's steps instead,
-        the first landing on `previous` (the abducted state after u), so that they come back exactly, one UNet pass
-        per step either way. Measured on the shipped MNIST pipeline, 64 held-out digits: BDIA steps for the changed
-        samples too flipped 0.922 / 0.828 / 0.344 of them at 25 / 15 / 10 steps (their pair carries the factual
-        trajectory), DDIM steps 1.000 at each. With the residual integrator every sample's DDIM step adds the
-        abducted `residuals` of that step, so that those whose parents stay land on their abducted states."""
+        semantic `latent`, if any) by DDIM steps, then through the colour map, if any; with BDIA, the samples whose
+        parents stay take BDIA's steps instead, the first landing on `previous` (the abducted state after u), so that
+        they come back exactly, one UNet pass per step either way. Measured on the shipped MNIST pipeline, 64 held-out
+        digits: BDIA steps for the changed samples too flipped 0.922 / 0.828 / 0.344 of them at 25 / 15 / 10 steps
+        (their pair carries the factual trajectory), DDIM steps 1.000 at each. With the residual integrator every
+        sample's DDIM step adds the abducted `residuals` of that step, so that those whose parents stay land on their
+        abducted states."""
         sample, above = noise.to(self._execution_device, self.state_dtype), None
+        colours, values = values, self.reference_colour_values(values)
         changed = guidance.changed.view(-1, 1, 1, 1) > 0 if guidance.any_changed else None
         self._num_timesteps, self._interrupt = len(chain), False
         for i, (t, alpha_t, alpha_next) in enumerate(self.progress_bar(chain.steps)):
@@ -500,6 +528,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                         f"`callback_on_step_end` must return a dict of tensors (callback_kwargs), got {returned!r}."
                     )
                 sample = returned.pop("sample", sample)
+        sample = self.from_reference_colour(sample, colours)
         scales = {"guides": [type(guide).__name__ for guide in guidance.guides], "cfg": guidance.cfg_scale}
         check_finite(sample, "The counterfactual", scales, after_callback=callback_on_step_end is not None)
         return sample.float()
@@ -702,7 +731,9 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         """The guides of one prediction from checked scales: the anti-causal predictor, or the explained classifier
         on the categorical parent, then `guides`. The predictor acts only on samples whose parents change, on all
         their parents, or only on those that change (a conditional mechanism without `hold_unchanged_parents`);
-        measured in docs/guidance-of-unchanged-parents.md."""
+        measured in docs/guidance-of-unchanged-parents.md. A colour map's parents count at their reference values:
+        the diffusion never sees them change."""
+        factual, values = self.reference_colour_values(factual), self.reference_colour_values(values)
         changed = {name: (values[name] != factual[name]).float() for name in values}
         intervened = torch.stack(list(changed.values())).amax(0)
         if self.mechanism == "classifier-guided" or self.config.hold_unchanged_parents:

@@ -128,6 +128,24 @@ def test_an_intervention_by_class_name_in_python_and_on_the_command_line(shapes_
     assert (tmp_path / "cf" / "0000_do_colorblue.png").is_file() and "color=blue" in result.stdout
 
 
+def test_a_colour_map_named_by_class_recolours_on_the_command_line(shapes_pipeline, tmp_path):
+    folder, shapes = shapes_pipeline
+    launch(
+        "train_colour_map.py", "--pipeline", folder, "--dataset_name", shapes, "--colour_parents", "color",
+        "--reference", "color=red", "--output_dir", tmp_path / "run", "--pipeline_output_dir", tmp_path / "mapped",
+        "--max_train_steps", "2", "--report_to", "none",
+    )  # fmt: skip
+    pipe = DiffSCMPipeline.from_pretrained(tmp_path / "mapped")
+    assert pipe.colour_map.config.reference == {"color": 0} and pipe.colour_map.config.num_channels == 3
+    result = diffscm(
+        "counterfactual", shapes / "0000.png", "--intervention", "color=blue", "--out", tmp_path / "cf",
+        model=tmp_path / "mapped",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "cf" / "0000_do_colorblue.png").is_file()
+    assert "`color` (reference red)" in (tmp_path / "mapped" / "README.md").read_text()
+
+
 def test_a_data_set_of_your_own_gets_counterfactuals_with_class_names(shapes_pipeline, tmp_path):
     folder, shapes = shapes_pipeline
     result = diffscm(

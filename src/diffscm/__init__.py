@@ -15,6 +15,7 @@ _EXPORTS = {
     "ExplainedClassifier": ".models",
     "ParentEmbedding": ".models",
     "SemanticEncoder": ".models",
+    "ParentColourMap": ".models",
     "DiffSCMPipeline": ".pipelines",
     "DiffSCMPipelineOutput": ".pipelines",
     "CausalGraph": ".scm",

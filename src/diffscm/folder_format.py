@@ -13,7 +13,7 @@ from huggingface_hub import HfApi
 
 from diffscm.scm import CausalGraph
 
-COMPONENTS = ("unet", "scheduler", "classifier", "parent_embedding", "semantic_encoder")
+COMPONENTS = ("unet", "scheduler", "classifier", "parent_embedding", "semantic_encoder", "colour_map")
 PREDICTOR_CLASSES = ("AntiCausalClassifier", "AntiCausalPredictor")
 EXPLAINED_CLASSIFIER_SCALE = 8.0  # measured: docs/evaluation-mnist-vit-conditional (the ViT flips 0.995 at 8)
 DEFAULTS = {  # every call's settings where a folder records none (guidance_scale: see `default_guidance_scale`)

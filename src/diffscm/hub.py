@@ -166,7 +166,7 @@ def _saved_dtypes(folder: Path) -> dict:
     from safetensors import safe_open
 
     dtypes = {"default": torch.float32}
-    for component in ("unet", "classifier", "parent_embedding", "semantic_encoder"):
+    for component in ("unet", "classifier", "parent_embedding", "semantic_encoder", "colour_map"):
         for weights in sorted((folder / component).glob("*.safetensors"))[:1]:
             with safe_open(weights, framework="pt") as f:
                 saved = {f.get_slice(name).get_dtype() for name in f.keys()}

@@ -4,6 +4,7 @@ from .anticausal import (
     AntiCausalPredictor,
     AntiCausalPredictorOutput,
 )
+from .colour_map import ParentColourMap
 from .explained_classifier import ExplainedClassifier
 from .parent_embedding import ParentEmbedding
 from .semantic_encoder import SemanticEncoder
@@ -14,6 +15,7 @@ __all__ = [
     "AntiCausalPredictor",
     "AntiCausalPredictorOutput",
     "ExplainedClassifier",
+    "ParentColourMap",
     "ParentEmbedding",
     "SemanticEncoder",
 ]

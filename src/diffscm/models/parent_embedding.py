@@ -41,7 +41,7 @@ class ParentEmbedding(ModelMixin, ConfigMixin):
         zero_init: bool = True,
     ):
         super().__init__()
-        _check_specs(parents)
+        check_parent_specs(parents)
         self.embeddings = nn.ModuleDict()
         self.null = nn.ParameterDict()
         for name, spec in parents.items():
@@ -88,14 +88,10 @@ class ParentEmbedding(ModelMixin, ConfigMixin):
             else:
                 low, high = spec["range"]
                 scaled = ((value.float() - low) / (high - low))[:, None]
-                embedded = self.embeddings[name](self._features(scaled).to(self.dtype))
+                features = sinusoidal_features(scaled, self.config.num_frequencies)
+                embedded = self.embeddings[name](features.to(self.dtype))
                 total = total + torch.where(drop[:, None], self.null[name], embedded)
         return total
-
-    def _features(self, scaled: torch.Tensor) -> torch.Tensor:
-        """`(B, 1)` values in [0, 1] -> the value and its sines and cosines at 2^k periods over the range."""
-        angles = scaled * torch.pi * 2.0 ** torch.arange(self.config.num_frequencies, device=scaled.device)
-        return torch.cat([scaled, torch.sin(angles), torch.cos(angles)], dim=1)
 
     def _null(self, name: str, size: int) -> torch.Tensor:
         if self.config.parents[name]["type"] == "categorical":
@@ -104,7 +100,13 @@ class ParentEmbedding(ModelMixin, ConfigMixin):
         return self.null[name].expand(size, -1)
 
 
-def _check_specs(parents: dict | None):
+def sinusoidal_features(scaled: torch.Tensor, num_frequencies: int) -> torch.Tensor:
+    """`(B, 1)` values in [0, 1] -> the value and its sines and cosines at 2^k periods over the range."""
+    angles = scaled * torch.pi * 2.0 ** torch.arange(num_frequencies, device=scaled.device)
+    return torch.cat([scaled, torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def check_parent_specs(parents: dict | None):
     if not parents:
         raise ValueError("`parents` must name at least one parent of the image.")
     for name, spec in parents.items():
