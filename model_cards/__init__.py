@@ -118,6 +118,8 @@ def render_model_card(pipeline_dir: str | os.PathLike, repo_id: str | None = Non
         defaults_command=(record or {}).get("defaults_command"),
         unet_seconds_per_step=(record or {}).get("unet_seconds_per_step"),
         classifier_seconds_per_step=(record or {}).get("classifier_seconds_per_step"),
+        colour_map_metrics=(record or {}).get("colour_map_metrics"),
+        colour_map_seconds_per_step=(record or {}).get("colour_map_seconds_per_step"),
         predictor_metrics=_predictor_metrics(record) if record else None,
         evaluation=_evaluation_section(folder),
     )

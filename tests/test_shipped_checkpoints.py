@@ -117,7 +117,14 @@ def test_shipped_morphomnist_interventions_move_the_measured_variables(morpho_pi
 
 
 @pytest.mark.parametrize(
-    "name", ["diffscm-mnist", "diffscm-mnist-conditional", "diffscm-morphomnist", "diffscm-morphomnist-conditional"]
+    "name",
+    [
+        "diffscm-mnist",
+        "diffscm-mnist-conditional",
+        "diffscm-morphomnist",
+        "diffscm-morphomnist-conditional",
+        "diffscm-colour-mnist",
+    ],
 )
 def test_every_cards_python_snippet_runs_as_written_on_its_folder(name, tmp_path, monkeypatch):
     card = (CHECKPOINTS / name / "README.md").read_text()
@@ -131,13 +138,36 @@ def test_every_cards_python_snippet_runs_as_written_on_its_folder(name, tmp_path
     assert shims and f"trust_remote_code=True)`: its code files ({shims})" in card  # not the line without diffscm
 
 
-@pytest.mark.parametrize("name", ["diffscm-mnist", "diffscm-morphomnist-conditional"])
+@pytest.mark.parametrize("name", ["diffscm-mnist", "diffscm-morphomnist-conditional", "diffscm-colour-mnist"])
 def test_plain_diffusers_loads_a_shipped_folder_through_the_installed_diffscm(name):
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(CHECKPOINTS / name, trust_remote_code=True)
     assert type(pipe) is DiffSCMPipeline and type(pipe.classifier).__module__ == "diffscm.models.anticausal"
     assert missing_remote_code(CHECKPOINTS / name) == installed_code_shims(CHECKPOINTS / name)  # an upload stages code
+
+
+def test_shipped_colour_mnist_recolours_under_do_hue_and_keeps_its_targets_recorded():
+    from diffscm.colour_mnist import true_recolouring
+    from diffscm.data import heldout_rows, load_image_dataset
+    from diffscm.evaluation.protocol import intervention_values
+
+    folder = CHECKPOINTS / "diffscm-colour-mnist"
+    pipe = DiffSCMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    rows = heldout_rows(
+        str(folder), load_image_dataset(dataset_name=str(CHECKPOINTS.parent / "data" / "colour-mnist")), 6
+    )
+    factual = pipe.causal_graph.row_values(rows)
+    images = (pipe.preprocess([row["image"] for row in rows]) + 1) / 2
+    expected = intervention_values(pipe.causal_graph, factual, seed=0)["hue"]
+    out = pipe(images, intervention={"hue": expected["hue"]}, factual_values=factual, output_type="pt")
+    truth = true_recolouring(images, expected)
+    assert (out.images - truth).abs().mean() < (images - truth).abs().mean() / 3
+    evaluation = (folder / "evaluation.md").read_text()
+    assert (
+        "L1 to the true counterfactual" in evaluation and "train_colour_map.py" in (folder / "README.md").read_text()
+    )
 
 
 @pytest.mark.parametrize("folder", sorted(path.parent for path in CHECKPOINTS.glob("*/README.md")))
