@@ -30,6 +30,7 @@ from ..tables import markdown_table
 DEFAULT_MODELS = {
     "MNIST: digit -> image": "diffscm-mnist-conditional",
     "Morpho-MNIST: thickness -> intensity -> image <- digit": "diffscm-morphomnist-conditional",
+    "Colour-MNIST: digit -> hue -> image": "diffscm-colour-mnist",
 }
 MAX_UPLOAD = "5mb"  # a digit is a few KB
 MAX_PIXELS = 4096 * 4096  # refused from the header, before decoding: a small PNG can hold 13000 x 13000 pixels
