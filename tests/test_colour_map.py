@@ -152,6 +152,9 @@ def test_train_colour_map_fits_a_map_that_the_unet_at_the_reference_reads_better
     write_blobs(tmp_path / "blobs", 320, seed=5)
     common = ["--pipeline", str(tmp_path / "conditional"), "--dataset_name", str(tmp_path / "blobs")]
     run = [*common, "--colour_parents", "brightness", "--output_dir", str(tmp_path / "run"), "--report_to", "none"]
+    missing = [*run, "--reference", "brightness=0.7", "--pipeline", str(tmp_path / "nothing")]
+    refused = launch("train_colour_map.py", *missing, check=False)
+    assert refused.returncode != 0 and "is not a pipeline folder (it has no model_index.json)" in refused.stderr
     refused = launch("train_colour_map.py", *run, "--reference", "brightness=0.2", check=False)
     assert refused.returncode != 0 and "reference value of 'brightness', 0.2, is outside" in refused.stderr
     refused = launch("train_colour_map.py", *run, "--reference", "level=0", check=False)

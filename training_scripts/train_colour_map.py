@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.set_defaults(num_channels=None, resolution=None, learning_rate=5e-4, lr_warmup_steps=0)
     args = parser.parse_args(argv)
     training.check_training_args(args)
+    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
+        parser.error(f"--pipeline {args.pipeline!r} is not a pipeline folder (it has no model_index.json).")
     args.pipeline_output_dir = args.pipeline_output_dir or os.path.join(args.output_dir, "pipeline")
     if args.identity_weight < 0:
         parser.error("--identity_weight must be >= 0.")
