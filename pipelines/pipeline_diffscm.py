@@ -392,9 +392,18 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         """A factual image under its parents' `values` -> at the colour map's reference colour (itself without one)."""
         return sample if self.colour_map is None else self.colour_map.to_reference(sample, values)
 
-    def from_reference_colour(self, sample: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The image at the reference colour -> under the parents' `values` (itself without a colour map)."""
-        return sample if self.colour_map is None else self.colour_map(sample, values)
+    def from_reference_colour(
+        self, sample: torch.Tensor, values: dict[str, torch.Tensor], drawn: torch.Tensor | bool | None = None
+    ) -> torch.Tensor:
+        """The image at the reference colour -> under the parents' `values` (itself without a colour map). The
+        samples that the diffusion drew anew (`drawn`: True, or a `(B, 1, 1, 1)` mask) are first clipped to the image
+        range, since the colour map would carry their over- and undershoots (a little below black in one channel)
+        into visible colours; the others come back exactly."""
+        if self.colour_map is None:
+            return sample
+        if drawn is not None:
+            sample = torch.where(torch.as_tensor(drawn, device=sample.device), sample.clamp(-1, 1), sample)
+        return self.colour_map(sample, values)
 
     @torch.no_grad()
     def intervene(
@@ -490,6 +499,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs=("sample",),
         latent: torch.Tensor | None = None,
         residuals: torch.Tensor | None = None,
+        drawn: bool = False,
     ) -> torch.Tensor:
         """The prediction of [`intervene`] from checked values: down `chain` from `noise` under `values` (and the
         semantic `latent`, if any) by DDIM steps, then through the colour map, if any; with BDIA, the samples whose
@@ -498,7 +508,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
         digits: BDIA steps for the changed samples too flipped 0.922 / 0.828 / 0.344 of them at 25 / 15 / 10 steps
         (their pair carries the factual trajectory), DDIM steps 1.000 at each. With the residual integrator every
         sample's DDIM step adds the abducted `residuals` of that step, so that those whose parents stay land on their
-        abducted states."""
+        abducted states. `drawn`: every sample is drawn anew (`generate`), not only those whose parents change."""
         sample, above = noise.to(self._execution_device, self.state_dtype), None
         colours, values = values, self.reference_colour_values(values)
         changed = guidance.changed.view(-1, 1, 1, 1) > 0 if guidance.any_changed else None
@@ -528,7 +538,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
                         f"`callback_on_step_end` must return a dict of tensors (callback_kwargs), got {returned!r}."
                     )
                 sample = returned.pop("sample", sample)
-        sample = self.from_reference_colour(sample, colours)
+        sample = self.from_reference_colour(sample, colours, True if drawn else changed)
         scales = {"guides": [type(guide).__name__ for guide in guidance.guides], "cfg": guidance.cfg_scale}
         check_finite(sample, "The counterfactual", scales, after_callback=callback_on_step_end is not None)
         return sample.float()
@@ -701,7 +711,7 @@ class DiffSCMPipeline(ParentValuesMixin, DiffusionPipeline):
             latent_shape = (num_images, self.semantic_encoder.config.latent_dim)
             latent = randn_tensor(latent_shape, generator, self._execution_device, torch.float32)
         guidance = Guidance(self.cfg_scales(cfg_scale))
-        sample = self._predict(noise, chain, values, guidance, integrator, latent=latent)
+        sample = self._predict(noise, chain, values, guidance, integrator, latent=latent, drawn=True)
         return self.postprocess(sample, output_type)
 
     def guided_noise(
