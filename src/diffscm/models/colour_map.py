@@ -73,9 +73,7 @@ class ParentColourMap(ModelMixin, ConfigMixin):
             if spec["type"] == "categorical":
                 features.append(nn.functional.one_hot(value.long(), spec["num_classes"]).float())
             else:
-                low, high = spec["range"]
-                scaled = ((value.float() - low) / (high - low))[:, None]
-                features.append(sinusoidal_features(scaled, self.config.num_frequencies))
+                features.append(sinusoidal_features(value, spec["range"], self.config.num_frequencies))
         return self.net(torch.cat(features, dim=1).to(self.dtype)).float()
 
     def forward(self, sample: torch.Tensor, values: dict) -> torch.Tensor:

@@ -86,9 +86,7 @@ class ParentEmbedding(ModelMixin, ConfigMixin):
                 index = torch.where(drop, spec["num_classes"], value.long())
                 total = total + self.embeddings[name](index)
             else:
-                low, high = spec["range"]
-                scaled = ((value.float() - low) / (high - low))[:, None]
-                features = sinusoidal_features(scaled, self.config.num_frequencies)
+                features = sinusoidal_features(value, spec["range"], self.config.num_frequencies)
                 embedded = self.embeddings[name](features.to(self.dtype))
                 total = total + torch.where(drop[:, None], self.null[name], embedded)
         return total
@@ -100,8 +98,11 @@ class ParentEmbedding(ModelMixin, ConfigMixin):
         return self.null[name].expand(size, -1)
 
 
-def sinusoidal_features(scaled: torch.Tensor, num_frequencies: int) -> torch.Tensor:
-    """`(B, 1)` values in [0, 1] -> the value and its sines and cosines at 2^k periods over the range."""
+def sinusoidal_features(value: torch.Tensor, value_range, num_frequencies: int) -> torch.Tensor:
+    """`(B,)` continuous values -> `(B, 2 n + 1)`: each scaled to [0, 1] over `value_range`, and its sines and cosines
+    at 2^k periods over the range."""
+    low, high = value_range
+    scaled = ((value.float() - low) / (high - low))[:, None]
     angles = scaled * torch.pi * 2.0 ** torch.arange(num_frequencies, device=scaled.device)
     return torch.cat([scaled, torch.sin(angles), torch.cos(angles)], dim=1)
 
