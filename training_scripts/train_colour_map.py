@@ -108,8 +108,7 @@ def noise_loss(pipe: DiffSCMPipeline, clean: torch.Tensor, values: dict, generat
     timesteps = timesteps.to(clean.device)
     noisy = scheduler.add_noise(clean, noise, timesteps)
     output = pipe.unet(noisy, timesteps, class_labels=pipe.parent_embedding(values)).sample.float()
-    epsilon = scheduler.config.prediction_type == "epsilon"
-    target = noise if epsilon else scheduler.get_velocity(clean, noise, timesteps)
+    target = training.noise_target(scheduler, clean, noise, timesteps)
     return ((output - target.float()) ** 2).mean(dim=(1, 2, 3))
 
 

@@ -226,7 +226,7 @@ def weighted_loss(predicted, clean, noise, noise_scheduler, timesteps, snr_gamma
     """The MSE against the noise (or, for v-prediction, the velocity), each image weighted by min(SNR_t, gamma) /
     SNR_t (or / (SNR_t + 1)), uniform when gamma is 0."""
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-    target = noise_scheduler.get_velocity(clean, noise, timesteps) if v_prediction else noise
+    target = training.noise_target(noise_scheduler, clean, noise, timesteps)
     per_image = F.mse_loss(predicted.float(), target, reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:
         snr = compute_snr(noise_scheduler, timesteps)

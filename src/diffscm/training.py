@@ -285,6 +285,13 @@ def load_graph(args: argparse.Namespace, split) -> tuple[CausalGraph | None, dic
     return graph.fit(node_values(graph, split["train"]), node_values(graph, split["heldout"]))
 
 
+def noise_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What a UNet of `scheduler`'s prediction type learns to output: the noise, or the velocity v."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    return noise
+
+
 def batch_values(batch: dict) -> dict[str, torch.Tensor]:
     """The variables' values of a batch from `make_dataloader(..., values=...)`, keyed by variable."""
     return {key.removeprefix("value/"): value for key, value in batch.items() if key.startswith("value/")}
